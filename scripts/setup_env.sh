@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project environment in .venv: the pinned torch set, every third-party
+# dependency from constraints.txt, and the five mmr distributions as editable installs.
+# Idempotent: a stamp of constraints.txt and every pyproject.toml skips the work when nothing changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${MMR_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+stamp_now() {
+  cat constraints.txt shared/pyproject.toml packages/*/pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1
+}
+
+if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.mmr-stamp" ] && [ "$(cat "$VENV/.mmr-stamp")" = "$(stamp_now)" ]; then
+  echo "[setup] reusing $VENV (up to date)"
+  exit 0
+fi
+
+start=$(date +%s)
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# torch first and alone: its wheel is the large one and every other package must see it already.
+echo "[setup] installing the pinned torch set (torch, torchvision, torchaudio)"
+"${PIP[@]}" install -c constraints.txt torch torchvision torchaudio
+echo "[setup] installing third-party dependencies and the mmr distributions (editable)"
+MMR_CORE_REQUIREMENT=mmr-core "${PIP[@]}" install -c constraints.txt \
+  -e ./shared -e ./packages/imagebind -e ./packages/medvlm -e ./packages/mmcot -e ./packages/llava \
+  pytest pytest-timeout nox ruff hatchling
+"$VENV/bin/python" - <<'PY'
+import torch, torchvision, torchaudio  # noqa: F401  (fails loudly if the pinned set is broken)
+import mmr_core, mmr_imagebind, mmr_llava, mmr_medvlm, mmr_mmcot  # noqa: F401
+print(f"[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, torchaudio {torchaudio.__version__}")
+PY
+stamp_now > "$VENV/.mmr-stamp"
+echo "[setup] done in $(( $(date +%s) - start )) s; size $(du -sh "$VENV" | cut -f1)"
