@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's first command: create the environment if needed (idempotent), then run the main job,
+# every miniature reproduction, into one report. Arguments go to scripts/reproduce.py,
+# e.g. `bash scripts/reproduce.sh --only imagebind`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup_env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+exec "$ROOT/.venv/bin/python" scripts/reproduce.py "$@"
