@@ -1,0 +1,147 @@
+"""Model tests: shapes, parity with an official-style reference, checkpoint layouts, masking."""
+
+import pytest
+import torch
+
+from mmr_mmcot.model import VISION_SHAPES, MMCoTConfig, MMCoTModel, build_model, zero_image_features
+from mmr_mmcot.reference import OfficialStyleMMCoT
+
+
+def _reference(cfg: MMCoTConfig, seed: int = 0) -> OfficialStyleMMCoT:
+    torch.manual_seed(seed)
+    t5cfg = cfg.t5_config()
+    ref = OfficialStyleMMCoT(t5cfg, cfg.patch_dim, t5cfg.scale_decoder_outputs)
+    with torch.no_grad():  # larger-than-default weights so greedy decoding produces varied tokens
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    return ref.eval()
+
+
+def _batch(seed: int = 1, batch: int = 3, length: int = 10, cfg: MMCoTConfig | None = None):
+    g = torch.Generator().manual_seed(seed)
+    cfg = cfg or MMCoTConfig.from_name("tiny")
+    ids = torch.randint(2, cfg.vocab_size, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0
+    images = torch.randn(batch, cfg.patch_num, cfg.patch_dim, generator=g)
+    labels = torch.randint(2, cfg.vocab_size, (batch, 7), generator=g)
+    labels[2, 4:] = -100
+    return ids, mask, images, labels
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("layout", ["top-level", "encoder-prefixed"])
+def test_parity_with_official_style_reference(tie, layout):
+    cfg = MMCoTConfig.from_name("tiny", fusion_mask=False, dropout_rate=0.0, tie_word_embeddings=tie)
+    ref = _reference(cfg)
+    state = ref.state_dict()
+    if layout == "encoder-prefixed":
+        state = {
+            (f"encoder.{k}" if k.split(".")[0] in {"image_dense", "mha_layer", "gate_dense"} else k): v
+            for k, v in state.items()
+        }
+    model = MMCoTModel(cfg)
+    model.load_official_state_dict(state)
+    model.eval()
+    ids, mask, images, labels = _batch()
+    ours = model(ids, mask, images, labels=labels)
+    theirs = ref(ids, images, mask, ref.shift_right(labels))
+    torch.testing.assert_close(ours.logits, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.loss, ref.loss(ids, images, mask, labels), rtol=1e-5, atol=1e-5)
+    generated = model.generate(ids, mask, images, max_new_tokens=12)
+    greedy = ref.greedy(ids, images, mask, max_new_tokens=12)
+    assert generated.shape[1] > 2
+    assert torch.equal(generated, greedy)
+
+
+def test_generation_uses_vision_features_at_every_step():
+    cfg = MMCoTConfig.from_name("tiny", dropout_rate=0.0)
+    model = MMCoTModel(cfg)
+    model.load_official_state_dict(_reference(cfg).state_dict())
+    model.eval()
+    ids, mask, images, _ = _batch()
+    a = model.generate(ids, mask, images, max_new_tokens=10)
+    b = model.generate(ids, mask, torch.randn_like(images) * 3, max_new_tokens=10)
+    assert not torch.equal(a, b)
+
+
+def test_masked_fusion_equals_unmasked_when_nothing_is_padded():
+    cfg = MMCoTConfig.from_name("tiny", dropout_rate=0.0)
+    masked = MMCoTModel(cfg).eval()
+    unmasked = MMCoTModel(MMCoTConfig.from_name("tiny", dropout_rate=0.0, fusion_mask=False)).eval()
+    unmasked.load_state_dict(masked.state_dict())
+    ids, _, images, labels = _batch()
+    full = torch.ones_like(ids)
+    img_mask = torch.ones(images.shape[:2])
+    a = masked(ids, full, images, image_mask=img_mask, labels=labels).logits
+    b = unmasked(ids, full, images, labels=labels).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_masked_fusion_leaves_imageless_rows_text_only():
+    cfg = MMCoTConfig.from_name("tiny", dropout_rate=0.0)
+    model = MMCoTModel(cfg).eval()
+    ids, mask, images, _ = _batch()
+    no_image = torch.zeros(images.shape[:2])
+    fused = model.encode(ids, mask, images, image_mask=no_image).last_hidden_state
+    text = model.t5.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(fused, text)
+    # The official (unmasked) fusion changes text states even for an all-zero image.
+    official = MMCoTModel(MMCoTConfig.from_name("tiny", dropout_rate=0.0, fusion_mask=False)).eval()
+    official.load_state_dict(model.state_dict())
+    zeros = zero_image_features(cfg, ids.shape[0])
+    assert not torch.allclose(official.encode(ids, mask, zeros).last_hidden_state, text)
+
+
+def test_named_configs_and_feature_shapes():
+    assert {"unifiedqa-t5-base", "flan-t5-large", "flan-alpaca-base", "flan-alpaca-large", "tiny"} <= set(
+        MMCoTConfig.names()
+    )
+    for vision, shape in VISION_SHAPES.items():
+        cfg = MMCoTConfig.from_name("flan-alpaca-base", vision=vision)
+        assert (cfg.patch_num, cfg.patch_dim) == shape
+        assert cfg.d_model == 768 and cfg.feed_forward_proj == "gated-gelu"
+    large = MMCoTConfig.from_name("unifiedqa-t5-large")
+    assert large.d_model == 1024 and large.num_layers == 24 and large.tie_word_embeddings
+    with pytest.raises(ValueError, match="unknown MMCoT size"):
+        MMCoTConfig.from_name("t5-xxl")
+    with pytest.raises(ValueError, match="unknown vision"):
+        MMCoTConfig(vision="sam")
+
+
+def test_vision_shape_is_checked():
+    model = build_model("tiny")
+    ids, mask, images, _ = _batch()
+    with pytest.raises(ValueError, match=r"image_features must have shape \(batch, 8, 16\)"):
+        model(ids, mask, images[:, :4])
+
+
+def test_bad_checkpoints_get_clear_errors():
+    cfg = MMCoTConfig.from_name("tiny", fusion_mask=False)
+    state = _reference(cfg).state_dict()
+    model = MMCoTModel(cfg)
+    plain = {k: v for k, v in state.items() if not k.startswith(("image_dense", "mha_layer", "gate_dense"))}
+    with pytest.raises(ValueError, match="not an official Multimodal-CoT checkpoint"):
+        model.load_official_state_dict(plain)
+    mixed = dict(state)
+    mixed["encoder.gate_dense.bias"] = mixed.pop("gate_dense.bias")
+    with pytest.raises(ValueError, match="mixes"):
+        model.load_official_state_dict(mixed)
+    wrong = MMCoTModel(MMCoTConfig.from_name("tiny", patch_dim=32))
+    with pytest.raises(ValueError, match="image_dense.weight"):
+        wrong.load_official_state_dict(state)
+    truncated = {k: v for k, v in state.items() if "block.1" not in k}
+    with pytest.raises(ValueError, match="missing"):
+        model.load_official_state_dict(truncated)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = build_model("tiny", dropout_rate=0.0).eval()
+    model.save(tmp_path / "ckpt")
+    again = MMCoTModel.load(tmp_path / "ckpt").eval()
+    ids, mask, images, labels = _batch()
+    torch.testing.assert_close(
+        model(ids, mask, images, labels=labels).logits, again(ids, mask, images, labels=labels).logits
+    )
+    assert again.t5.lm_head.weight.data_ptr() != again.t5.shared.weight.data_ptr()
