@@ -1,0 +1,367 @@
+"""Load and save LLaVA checkpoints in the original layout and the Hugging Face ``llava`` layout.
+
+Original layout (haotian-liu/LLaVA): ``config.json`` is the language model config plus ``mm_*`` fields
+(``mm_vision_tower``, ``mm_projector_type``, ``mm_vision_select_layer``, ``mm_vision_select_feature``,
+``mm_hidden_size``, ``mm_use_im_start_end``, ...); weights use the language model's own key names plus
+``model.mm_projector.*`` and ``model.vision_tower.vision_tower.vision_model.*``. Stage 1 saves only
+``mm_projector.bin``.
+
+Hugging Face layout (``LlavaForConditionalGeneration``): ``config.json`` has ``model_type: llava`` with
+``vision_config``/``text_config``; weights are ``model.vision_tower.*``, ``model.multi_modal_projector.
+linear_{1,2}.*``, ``model.language_model.*`` and ``lm_head.weight`` (older files use
+``language_model.model.*``/``vision_tower.vision_model.*``, which are accepted too).
+
+Which layout a folder holds is decided by its ``config.json`` alone, never by the folder name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmr_llava.model import KNOWN_VISION_TOWERS, LlavaConfig, LlavaModel
+
+_VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size", "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
+_CONFIG_NOISE = ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype",
+                 "auto_map", "use_cache")
+# Fields of the original layout's config.json that are not language-model settings.
+_ORIGINAL_EXTRA = ("image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length",
+                   "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower", "mm_vision_tower_lr",
+                   "use_mm_proj", "mm_projector_lr")
+
+
+def detect_layout(config_json: dict[str, Any]) -> str:
+    """``hf`` or ``original``, from the contents of a config.json."""
+    if config_json.get("model_type") == "llava" or "text_config" in config_json:
+        return "hf"
+    if any(k in config_json for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
+        return "original"
+    raise ValueError("config.json is neither a Hugging Face llava config (model_type 'llava') nor an original "
+                     "LLaVA config (mm_vision_tower / mm_projector_type / mm_hidden_size fields)")
+
+
+# -- configs -----------------------------------------------------------------------------------
+
+def _vision_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in _VISION_KEYS if k in d}
+
+
+def _text_dict(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if k not in _CONFIG_NOISE}
+    out["model_type"] = model_type
+    return out
+
+
+def config_to_original(cfg: LlavaConfig) -> dict[str, Any]:
+    """The original layout's config.json for a model."""
+    text = dict(cfg.text)
+    family = text.pop("model_type")
+    out = dict(text)
+    out.update(
+        architectures=[f"Llava{family.capitalize()}ForCausalLM"], model_type=f"llava_{family}",
+        mm_vision_tower=cfg.vision_tower_name, mm_hidden_size=cfg.vision["hidden_size"],
+        mm_projector_type=cfg.projector_type, mm_vision_select_layer=cfg.vision_select_layer,
+        mm_vision_select_feature=cfg.vision_select_feature, mm_use_im_start_end=cfg.mm_use_im_start_end,
+        mm_use_im_patch_token=False, mm_patch_merge_type="flat", image_aspect_ratio="pad", use_mm_proj=True,
+        # Ours, so that a checkpoint is self-contained offline (the original relies on the Hub name).
+        mmr_vision_config=dict(cfg.vision), mmr_image_token_index=cfg.image_token_index,
+    )
+    return out
+
+
+def config_from_original(d: dict[str, Any], where: str = "config.json") -> LlavaConfig:
+    """A LlavaConfig from an original-layout config.json."""
+    tower = d.get("mm_vision_tower") or d.get("vision_tower")
+    if "mmr_vision_config" in d:
+        vision = dict(d["mmr_vision_config"])
+    elif tower in KNOWN_VISION_TOWERS:
+        vision = dict(KNOWN_VISION_TOWERS[tower])
+    else:
+        try:
+            from transformers import AutoConfig
+
+            vc = AutoConfig.from_pretrained(tower)
+            vision = _vision_dict(getattr(vc, "vision_config", vc).to_dict())
+        except Exception as err:  # noqa: BLE001 - re-raised with the name that failed
+            raise ValueError(f"{where}: cannot resolve vision tower '{tower}' offline; known towers: "
+                             f"{sorted(KNOWN_VISION_TOWERS)} (or add an 'mmr_vision_config' entry)") from err
+    family = str(d.get("model_type", "llava_llama")).removeprefix("llava_")
+    family = {"qwen": "qwen2", "": "llama"}.get(family, family)
+    text = {k: v for k, v in d.items() if not k.startswith(("mm_", "mmr_")) and k not in _ORIGINAL_EXTRA}
+    text = _text_dict(text, family)
+    return LlavaConfig(
+        vision=vision, text=text, projector_type=d.get("mm_projector_type", "linear"),
+        vision_select_layer=int(d.get("mm_vision_select_layer", -2)),
+        vision_select_feature=d.get("mm_vision_select_feature", "patch"),
+        image_token_index=int(d.get("mmr_image_token_index", text.get("vocab_size", 32000))),
+        vision_tower_name=str(tower), mm_use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
+    )
+
+
+def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
+    """The Hugging Face ``llava`` config.json for a model (2-layer GELU MLP projector only)."""
+    if cfg.projector_type != "mlp2x_gelu":
+        raise ValueError(f"the Hugging Face llava layout only holds an mlp2x_gelu projector, not "
+                         f"'{cfg.projector_type}'; keep this model in the original layout")
+    import transformers
+
+    from mmr_llava.model import build_text_config
+
+    hf = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**cfg.vision), text_config=build_text_config(cfg.text),
+        image_token_index=cfg.image_token_index, projector_hidden_act="gelu",
+        vision_feature_layer=cfg.vision_select_layer,
+        vision_feature_select_strategy="default" if cfg.vision_select_feature == "patch" else "full",
+        image_seq_length=cfg.num_patches, tie_word_embeddings=bool(cfg.text.get("tie_word_embeddings", False)),
+    )
+    out = hf.to_dict()
+    out["architectures"] = ["LlavaForConditionalGeneration"]
+    return out
+
+
+def config_from_hf(d: dict[str, Any]) -> LlavaConfig:
+    """A LlavaConfig from a Hugging Face ``llava`` config.json."""
+    text = d["text_config"]
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer!r}: only a single layer is supported")
+    return LlavaConfig(
+        vision=_vision_dict(d["vision_config"]), text=_text_dict(text, text.get("model_type", "llama")),
+        projector_type="mlp2x_gelu", vision_select_layer=layer,
+        vision_select_feature="patch" if d.get("vision_feature_select_strategy", "default") == "default"
+        else "cls_patch",
+        image_token_index=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+        vision_tower_name=str(d["vision_config"].get("_name_or_path") or "openai/clip-vit-large-patch14-336"),
+    )
+
+
+# -- state dict key maps ---------------------------------------------------------------------------
+
+def _lm_prefix(model: LlavaModel) -> str:
+    return model.language_model.base_model_prefix  # "model" for LLaMA/Mistral/Qwen2
+
+
+def to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our module names -> the original layout's names."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("vision_tower."):
+            out["model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_tower.")] = v
+        elif k.startswith("projector."):
+            out["model.mm_projector." + k.removeprefix("projector.")] = v
+        elif k.startswith("language_model."):
+            out[k.removeprefix("language_model.")] = v
+        else:
+            raise KeyError(f"unexpected parameter '{k}'")
+    return out
+
+
+def from_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original layout's names -> ours."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("model.vision_tower.vision_tower."):
+            rest = k.removeprefix("model.vision_tower.vision_tower.")
+            out["vision_tower." + rest.removeprefix("vision_model.")] = v
+        elif k.startswith("model.mm_projector."):
+            out["projector." + k.removeprefix("model.mm_projector.")] = v
+        else:
+            out["language_model." + k] = v
+    return out
+
+
+_HF_PROJ = {"projector.0.": "model.multi_modal_projector.linear_1.", "projector.2.": "model.multi_modal_projector.linear_2."}
+
+
+def to_hf_keys(state: dict[str, torch.Tensor], lm_prefix: str = "model") -> dict[str, torch.Tensor]:
+    """Our module names -> the Hugging Face llava names of the installed transformers."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("vision_tower."):
+            out["model." + k] = v
+        elif k.startswith("projector."):
+            head = k[: len("projector.0.")]
+            if head not in _HF_PROJ:
+                raise KeyError(f"projector parameter '{k}' has no place in the Hugging Face llava layout")
+            out[_HF_PROJ[head] + k[len(head):]] = v
+        elif k.startswith(f"language_model.{lm_prefix}."):
+            out["model.language_model." + k.removeprefix(f"language_model.{lm_prefix}.")] = v
+        elif k.startswith("language_model."):
+            out[k.removeprefix("language_model.")] = v  # lm_head
+        else:
+            raise KeyError(f"unexpected parameter '{k}'")
+    return out
+
+
+def from_hf_keys(state: dict[str, torch.Tensor], lm_prefix: str = "model") -> dict[str, torch.Tensor]:
+    """Hugging Face llava names (current or pre-v5 on-disk) -> ours."""
+    out = {}
+    for k, v in state.items():
+        # Pre-v5 files: vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*,
+        # language_model.lm_head.*
+        k = re.sub(r"^vision_tower\.vision_model\.", "model.vision_tower.", k)
+        k = re.sub(r"^multi_modal_projector\.", "model.multi_modal_projector.", k)
+        k = re.sub(r"^language_model\.model\.", "model.language_model.", k)
+        k = re.sub(r"^language_model\.lm_head\.", "lm_head.", k)
+        if k.startswith("model.vision_tower."):
+            out["vision_tower." + k.removeprefix("model.vision_tower.").removeprefix("vision_model.")] = v
+        elif k.startswith("model.multi_modal_projector.linear_1."):
+            out["projector.0." + k.removeprefix("model.multi_modal_projector.linear_1.")] = v
+        elif k.startswith("model.multi_modal_projector.linear_2."):
+            out["projector.2." + k.removeprefix("model.multi_modal_projector.linear_2.")] = v
+        elif k.startswith("model.language_model."):
+            out[f"language_model.{lm_prefix}." + k.removeprefix("model.language_model.")] = v
+        elif k.startswith("lm_head."):
+            out["language_model." + k] = v
+        else:
+            raise KeyError(f"unexpected key '{k}' in a Hugging Face llava checkpoint")
+    return out
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)) if f.suffix == ".safetensors"
+                     else torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
+    # safetensors refuses shared storage (tied embeddings): store independent copies.
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def load_state(model: LlavaModel, state: dict[str, torch.Tensor], strict: bool = True, where: str = "") -> None:
+    """Load our-named weights; missing/unexpected keys are an error that names them."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    tied = getattr(model.language_model.config, "tie_word_embeddings", False)
+    if tied:
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if unexpected or (strict and missing):
+        raise KeyError(f"{where}: checkpoint does not match the model; missing {missing[:8]} "
+                       f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{where}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "original") -> Path:
+    """Write config.json and model.safetensors in the ``original`` or ``hf`` layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if layout == "original":
+        cfg, weights = config_to_original(model.config), to_original_keys(state)
+    elif layout == "hf":
+        cfg, weights = config_to_hf(model.config), to_hf_keys(state, _lm_prefix(model))
+    else:
+        raise ValueError(f"layout must be 'original' or 'hf', got '{layout}'")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    _write_weights(weights, folder)
+    return folder
+
+
+def read_config(folder: str | Path) -> tuple[LlavaConfig, str]:
+    """The model config of a checkpoint folder and its layout (``original`` or ``hf``)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    d = json.loads(path.read_text())
+    layout = detect_layout(d)
+    return (config_from_hf(d) if layout == "hf" else config_from_original(d, str(path))), layout
+
+
+def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> LlavaModel:
+    """Build a model from a checkpoint folder of either layout (decided by its config.json)."""
+    folder = Path(folder)
+    cfg, layout = read_config(folder)
+    model = LlavaModel(cfg, attn_implementation=attn_implementation)
+    raw = _read_weights(folder)
+    state = from_hf_keys(raw, _lm_prefix(model)) if layout == "hf" else from_original_keys(raw)
+    load_state(model, state, where=str(folder))
+    return model
+
+
+def save_projector(model: LlavaModel, path: str | Path) -> Path:
+    """Stage-1 output: ``mm_projector.bin`` with ``model.mm_projector.*`` keys."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model.mm_projector." + k: v.detach().cpu().clone() for k, v in model.projector.state_dict().items()}
+    torch.save(state, path)
+    return path
+
+
+def load_projector(model: LlavaModel, path: str | Path) -> None:
+    """Load ``mm_projector.bin`` into the projector, also when ZeRO-3 has partitioned its parameters.
+
+    Keys may carry any prefix ending in ``mm_projector.`` (the original's stage-1 file) or
+    ``multi_modal_projector.linear_{1,2}.`` (a Hugging Face checkpoint's projector).
+    """
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = {}
+    for k, v in raw.items():
+        if "mm_projector." in k:
+            state[k.split("mm_projector.", 1)[1]] = v
+        elif "multi_modal_projector.linear_1." in k:
+            state["0." + k.split("linear_1.", 1)[1]] = v
+        elif "multi_modal_projector.linear_2." in k:
+            state["2." + k.split("linear_2.", 1)[1]] = v
+    own = dict(model.projector.named_parameters())
+    if set(state) != set(own):
+        raise KeyError(f"{path}: projector keys {sorted(state)} do not match the model's {sorted(own)} "
+                       f"(projector_type '{model.config.projector_type}')")
+    params = list(own.values())
+    if any(hasattr(p, "ds_id") for p in params):
+        # ZeRO-3: each rank holds a shard; gather, write on rank 0, and let DeepSpeed re-partition.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                _copy_into(own, state, path)
+    else:
+        _copy_into(own, state, path)
+
+
+def _copy_into(own: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], path: Any) -> None:
+    with torch.no_grad():
+        for k, p in own.items():
+            if p.shape != state[k].shape:
+                raise ValueError(f"{path}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[k].to(p.dtype))
+
+
+def convert(src: str | Path, dst: str | Path, layout: str) -> Path:
+    """Rewrite a checkpoint folder in the other layout (``original`` or ``hf``)."""
+    return save_pretrained(load_pretrained(src), dst, layout=layout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mmr-llava-convert",
+                                     description="Convert a LLaVA checkpoint between the original and the "
+                                                 "Hugging Face llava layouts.")
+    parser.add_argument("src", help="checkpoint folder (layout read from its config.json)")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--to", choices=["original", "hf"], required=True)
+    args = parser.parse_args(argv)
+    out = convert(args.src, args.dst, args.to)
+    print(f"wrote {args.to} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()

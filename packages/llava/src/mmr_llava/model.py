@@ -1,0 +1,323 @@
+"""LLaVA (Liu et al. 2023): a CLIP vision tower, a projector and a causal language model.
+
+The image is encoded by a (frozen) CLIP vision transformer; the hidden states of one layer (-2 by
+default), without the CLS token, go through a projector (``linear`` or ``mlp{N}x_gelu``) into the word
+embedding space of the language model. Each image occupies ``num_patches`` image-token positions in
+``input_ids`` (the same expanded form that ``transformers.LlavaForConditionalGeneration`` uses), and
+the projected patch features are written into exactly those positions. Images of a batch are given in
+order of appearance, so a sample may hold several images or none; text-only batches never run the
+vision tower.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+IGNORE_INDEX = -100
+
+# CLIP ViT-L/14 at 224 and 336 pixels (the towers LLaVA v1 and v1.5 use).
+_CLIP_L14 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+_LLAMA_7B = dict(
+    model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+_LLAMA_13B = dict(_LLAMA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=40, num_key_value_heads=40)
+
+KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14": dict(_CLIP_L14, image_size=224),
+    "openai/clip-vit-large-patch14-336": dict(_CLIP_L14, image_size=336),
+}
+
+
+@dataclass
+class LlavaConfig:
+    """Sizes and choices of a LLaVA model.
+
+    Attributes:
+        vision: Keyword arguments of ``transformers.CLIPVisionConfig``.
+        text: Keyword arguments of the language model config; ``model_type`` picks the family
+            (``llama``, ``mistral``, ``qwen2``, ...).
+        projector_type: ``linear`` or ``mlp{N}x_gelu`` (N linear layers with GELU between).
+        vision_select_layer: Which hidden state of the vision tower feeds the projector.
+        vision_select_feature: ``patch`` (drop CLS, the LLaVA default) or ``cls_patch``.
+        image_token_index: Token id that marks one image-patch position in ``input_ids``. It may lie
+            outside the vocabulary (it is never embedded).
+        vision_tower_name: Hub name written to ``mm_vision_tower`` in the original checkpoint layout.
+        freeze_vision: Keep the vision tower frozen (LLaVA never trains it).
+        mm_use_im_start_end: Recorded for checkpoint compatibility; not used by our tokenization.
+    """
+
+    vision: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] = field(default_factory=dict)
+    projector_type: str = "mlp2x_gelu"
+    vision_select_layer: int = -2
+    vision_select_feature: str = "patch"
+    image_token_index: int = 32000
+    vision_tower_name: str = "openai/clip-vit-large-patch14-336"
+    freeze_vision: bool = True
+    mm_use_im_start_end: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        """Number of image-token positions one image occupies."""
+        n = (self.vision["image_size"] // self.vision["patch_size"]) ** 2
+        return n + 1 if self.vision_select_feature == "cls_patch" else n
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vision["image_size"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlavaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown LlavaConfig keys {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**copy.deepcopy(d))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> LlavaConfig:
+        """A named size: ``llava-v1.5-7b``, ``llava-v1.5-13b``, ``llava-v1-7b``, ``tiny`` or ``tiny-qwen2``."""
+        if name not in NAMED_CONFIGS:
+            raise KeyError(f"unknown LLaVA config '{name}'; known: {sorted(NAMED_CONFIGS)}")
+        d = copy.deepcopy(NAMED_CONFIGS[name])
+        d.update(overrides)
+        return cls(**d)
+
+
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=32, patch_size=8, projection_dim=32)
+_TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "llava-v1.5-7b": dict(vision=KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"],
+                          text=dict(_LLAMA_7B, max_position_embeddings=4096), projector_type="mlp2x_gelu"),
+    "llava-v1.5-13b": dict(vision=KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"],
+                           text=dict(_LLAMA_13B, max_position_embeddings=4096), projector_type="mlp2x_gelu"),
+    "llava-v1-7b": dict(vision=KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14"],
+                        text=dict(_LLAMA_7B, max_position_embeddings=2048), projector_type="linear",
+                        vision_tower_name="openai/clip-vit-large-patch14"),
+    # Test sizes: 16 patches of an 32x32 image, a 2-layer LM; image token = last vocabulary id.
+    "tiny": dict(vision=_TINY_VISION, text=_TINY_TEXT, projector_type="mlp2x_gelu", image_token_index=255,
+                 vision_tower_name="tiny-clip"),
+    "tiny-qwen2": dict(vision=_TINY_VISION, projector_type="mlp2x_gelu", image_token_index=255,
+                       vision_tower_name="tiny-clip",
+                       text=dict(_TINY_TEXT, model_type="qwen2", tie_word_embeddings=True)),
+}
+
+
+def build_projector(projector_type: str, vision_hidden: int, text_hidden: int) -> nn.Module:
+    """``linear`` or ``mlp{N}x_gelu`` (indices 0, 2, 4, ... hold the linears, as in the original)."""
+    if projector_type == "linear":
+        return nn.Linear(vision_hidden, text_hidden)
+    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"unknown projector_type '{projector_type}'; use 'linear' or 'mlp<N>x_gelu'")
+    layers: list[nn.Module] = [nn.Linear(vision_hidden, text_hidden)]
+    for _ in range(int(match.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(text_hidden, text_hidden)]
+    return nn.Sequential(*layers)
+
+
+def build_text_config(text: dict[str, Any]):
+    """A transformers config for the language model from plain keyword arguments."""
+    kwargs = dict(text)
+    if "model_type" not in kwargs:
+        raise ValueError("LlavaConfig.text needs a 'model_type' (llama, mistral, qwen2, ...)")
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+class LlavaModel(nn.Module):
+    """Vision tower + projector + causal LM.
+
+    Args:
+        config: The model sizes and choices.
+        attn_implementation: ``sdpa`` (default, works on V100), ``eager`` or ``flash_attention_2``.
+    """
+
+    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionModel(CLIPVisionConfig(**config.vision))
+        text_config = build_text_config(config.text)
+        text_config._attn_implementation = attn_implementation
+        self.language_model = AutoModelForCausalLM.from_config(text_config)
+        self.projector = build_projector(config.projector_type, config.vision["hidden_size"],
+                                         text_config.hidden_size)
+        if config.freeze_vision:
+            self.vision_tower.requires_grad_(False)
+
+    # -- pieces -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.language_model.get_input_embeddings().num_embeddings
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected patch features, shape ``(num_images, num_patches, text_hidden)``."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
+            feats = out.hidden_states[self.config.vision_select_layer]
+        if self.config.vision_select_feature == "patch":
+            feats = feats[:, 1:]
+        elif self.config.vision_select_feature != "cls_patch":
+            raise ValueError(f"unknown vision_select_feature '{self.config.vision_select_feature}'")
+        return self.projector(feats.to(self.projector_dtype))
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Word embeddings with image features written at the image-token positions."""
+        image_mask = input_ids == self.config.image_token_index
+        # The image token may lie outside the vocabulary: embed a harmless id there instead.
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        n_tokens = int(image_mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = n_images * self.config.num_patches
+        if n_tokens != expected:
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but "
+                f"{n_images} image(s) x {self.config.num_patches} patches = {expected} are needed")
+        if n_images == 0:
+            return embeds
+        feats = self.encode_images(pixel_values).to(embeds.dtype)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+
+    # -- forward / loss -----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> dict[str, Any]:
+        """Logits (and the mean next-token loss over labels != -100 when ``labels`` is given).
+
+        Args:
+            input_ids: ``(B, T)`` token ids with ``num_patches`` image tokens per image.
+            pixel_values: ``(num_images, 3, H, W)`` in order of appearance, or None for text only.
+            attention_mask: ``(B, T)`` 1 for real tokens.
+            labels: ``(B, T)`` targets aligned with ``input_ids`` (shifted inside), -100 = ignored.
+            position_ids: Explicit positions (packed sequences, left padding).
+            cache: A key/value cache from a previous call (generation).
+            use_cache: Return the cache.
+
+        Returns:
+            A dict with ``logits``, ``loss`` (or None) and ``cache``.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        if labels is not None and self.training and pixel_values is None:
+            # Text-only step: tie the projector in with a zero so every rank's backward touches the
+            # same parameters (DDP/ZeRO gradient reduction), without running the vision tower.
+            embeds = embeds + 0.0 * sum(p.sum() for p in self.projector.parameters()).to(embeds.dtype)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(out.logits, labels)
+        return {"logits": out.logits, "loss": loss, "cache": out.get("cache") if use_cache else None}
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy (``temperature=0``) or nucleus sampling with a key/value cache.
+
+        Batches must be left-padded (positions are computed from ``attention_mask``).
+
+        Returns:
+            ``(B, new_tokens)`` generated ids; finished rows are filled with ``pad_token_id``.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("batched generation needs left padding (last column of attention_mask is 0)")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.forward(input_ids, pixel_values, attention_mask, position_ids=position_ids, use_cache=True)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            logits = out["logits"][:, -1].float()
+            nxt = _pick(logits, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            new.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            done |= torch.tensor([int(t) in eos for t in nxt], device=nxt.device)
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((nxt.shape[0], 1))], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self.forward(nxt[:, None], None, attention_mask, position_ids=position_ids,
+                               cache=out["cache"], use_cache=True)
+        return torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of token t+1 given tokens <= t over targets that are not -100."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        # No supervised token: a zero that still depends on the graph, not a NaN.
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def build_model(config: LlavaConfig | str, attn_implementation: str = "sdpa", seed: int | None = None) -> LlavaModel:
+    """A LLaVA model with random weights from a config or a config name."""
+    if isinstance(config, str):
+        config = LlavaConfig.from_name(config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlavaModel(config, attn_implementation=attn_implementation)
