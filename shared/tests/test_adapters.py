@@ -13,7 +13,13 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny_vit():
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=3,
+        num_heads=2,
         num_classes=0,
     )
 

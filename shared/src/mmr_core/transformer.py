@@ -161,9 +161,7 @@ class Attention(nn.Module):
         if attn_mask is None:
             mask = torch.zeros(n_q, n_q, dtype=x.dtype, device=x.device)
         elif attn_mask.dtype == torch.bool:
-            mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~attn_mask, float("-inf")
-            )
+            mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
         else:
             mask = attn_mask.to(x.dtype)
         if causal:

@@ -1,0 +1,146 @@
+"""Load the official ``imagebind_huge.pth`` and our own safetensors files, strictly.
+
+The official checkpoint is a flat state dict whose names our model reproduces exactly, so loading is a
+strict ``load_state_dict`` restricted to the modalities the model was built with. Keys of modalities that
+were not built are skipped (that is the point of modality-only loading); anything else missing or
+unexpected raises :class:`CheckpointMismatchError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import MODALITIES, ImageBind, ImageBindConfig
+
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose keys or shapes do not match the model."""
+
+    def __init__(self, missing: list[str], unexpected: list[str], shape_mismatch: list[str], source: str) -> None:
+        self.missing, self.unexpected, self.shape_mismatch = missing, unexpected, shape_mismatch
+
+        def show(title: str, keys: list[str]) -> str:
+            head = "\n    ".join(keys[:20])
+            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+            return f"\n  {title} ({len(keys)}):\n    {head}{more}" if keys else ""
+
+        super().__init__(
+            f"checkpoint {source} does not match the model:"
+            + show("missing keys", missing)
+            + show("unexpected keys", unexpected)
+            + show("shape mismatches", shape_mismatch)
+        )
+
+
+def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
+    # Re-saved checkpoints are often wrapped ({"model": ...}) or carry a DataParallel "module." prefix.
+    while isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in _WRAPPER_KEYS:
+        state = state[next(iter(state))]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"expected a state dict, got {type(state).__name__}")
+    out = {}
+    for k, v in state.items():
+        out[k[len("module.") :] if k.startswith("module.") else k] = v
+    return out
+
+
+def _modality_of(key: str) -> str | None:
+    parts = key.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in MODALITIES else None
+
+
+def load_state_dict_strict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "<state dict>", assign: bool = False
+) -> None:
+    """Load ``state`` into ``model``; skip keys of modalities the model lacks, fail on any other mismatch.
+
+    Args:
+        model: An :class:`ImageBind` (or any module; then no modality filtering applies).
+        state: The state dict.
+        source: Where it came from, for the error message.
+        assign: Assign the tensors instead of copying (for models built on the meta device).
+
+    Raises:
+        CheckpointMismatchError: Missing, unexpected (outside skipped modalities) or mis-shaped keys.
+    """
+    state = _unwrap(state)
+    built = set(getattr(model, "modalities", MODALITIES))
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k in own or _modality_of(k) not in MODALITIES or _modality_of(k) in built}
+    missing = sorted(set(own) - set(kept))
+    unexpected = sorted(set(kept) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(kept[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(kept) & set(own)
+        if tuple(kept[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(missing, unexpected, shapes, source)
+    model.load_state_dict(kept, strict=True, assign=assign)
+
+
+def load_official_checkpoint(model: ImageBind, path: str | Path, assign: bool = False) -> ImageBind:
+    """Load the official ``imagebind_huge.pth`` (or a state dict in its layout) into ``model``."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    load_state_dict_strict(model, state, str(path), assign=assign)
+    return model
+
+
+def save_safetensors(model: ImageBind, path: str | Path) -> None:
+    """Save the weights and the config (as JSON metadata) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"imagebind_config": json.dumps(model.config.to_dict())})
+
+
+def load_safetensors(model: ImageBind, path: str | Path, assign: bool = False) -> ImageBind:
+    """Load weights saved by :func:`save_safetensors` (or any safetensors file in the official layout)."""
+    from safetensors.torch import load_file
+
+    load_state_dict_strict(model, load_file(str(path)), str(path), assign=assign)
+    return model
+
+
+def config_from_safetensors(path: str | Path) -> ImageBindConfig | None:
+    """The config stored by :func:`save_safetensors`, or None for files without one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get("imagebind_config")
+    return ImageBindConfig(**json.loads(meta)) if meta else None
+
+
+def load_imagebind(
+    path: str | Path,
+    config: str | ImageBindConfig | None = None,
+    modalities: tuple[str, ...] | list[str] | None = None,
+) -> ImageBind:
+    """Build only ``modalities`` on the meta device and fill them from a checkpoint (low peak memory).
+
+    Args:
+        path: ``.pth``/``.pt`` in the official layout, or ``.safetensors``.
+        config: Named config or config object; default: the one stored in a safetensors file, else
+            ``imagebind_huge``.
+        modalities: Encoders to build (default: all of the config's).
+    """
+    path = Path(path)
+    is_st = path.suffix == ".safetensors"
+    if config is None:
+        config = (config_from_safetensors(path) if is_st else None) or ImageBindConfig.from_name("imagebind_huge")
+    elif isinstance(config, str):
+        config = ImageBindConfig.from_name(config)
+    with torch.device("meta"):
+        model = ImageBind(config, modalities)
+    if is_st:
+        load_safetensors(model, path, assign=True)
+    else:
+        load_official_checkpoint(model, path, assign=True)
+    return model.eval()

@@ -1,0 +1,476 @@
+"""ImageBind (Girdhar et al., 2023): six modality encoders that map into one embedding space.
+
+Every modality runs the same four stages, each held in a ``ModuleDict`` keyed by modality name:
+
+1. ``modality_preprocessors``: a patch/token stem, a class token and learned positional embeddings;
+2. ``modality_trunks``: a :class:`mmr_core.transformer.Transformer`;
+3. ``modality_heads``: LayerNorm, pooling (class token, or the end-of-text token for text), projection;
+4. ``modality_postprocessors``: L2 normalisation and, except for vision, a logit scale.
+
+Module and parameter names equal those of the official ``imagebind_huge.pth`` checkpoint, naming quirks
+included (the vision stem is ``rgbt_stem.proj.1`` because its index 0 is the image-to-video repeat, the audio
+and thermal stems are also called ``rgbt_stem``, the IMU head's projection sits at index 3 after its dropout),
+so that checkpoint loads with ``strict=True`` and no renaming. Only the modalities asked for are built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmr_core.transformer import Transformer, TransformerConfig, count_parameters
+
+MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")
+
+
+@dataclass
+class ImageBindConfig:
+    """Sizes of every ImageBind modality encoder (defaults: ``imagebind_huge``).
+
+    The ``<modality>_embed_dim / _num_blocks / _num_heads`` fields size the trunks; the other fields fix
+    the input geometry (image size, patch kernels, mel bins, text context, IMU length) and the fixed logit
+    scales of the postprocessors.
+    """
+
+    name: str = "imagebind_huge"
+    out_embed_dim: int = 1024
+    # Vision: images are repeated to ``vision_frames`` frames and cut by a Conv3d into 2x14x14 patches.
+    vision_embed_dim: int = 1280
+    vision_num_blocks: int = 32
+    vision_num_heads: int = 16
+    vision_image_size: int = 224
+    vision_frames: int = 2
+    vision_kernel: tuple[int, int, int] = (2, 14, 14)
+    # Text: a causal CLIP text tower pooled at the end-of-text token.
+    text_embed_dim: int = 1024
+    text_num_blocks: int = 24
+    text_num_heads: int = 16
+    text_context_length: int = 77
+    text_vocab_size: int = 49408
+    text_logit_scale_init: float = 1 / 0.07
+    # Audio: a 1 x mel x frames log-mel "image", overlapping 16x16 patches with stride 10.
+    audio_embed_dim: int = 768
+    audio_num_blocks: int = 12
+    audio_num_heads: int = 12
+    audio_num_mel_bins: int = 128
+    audio_target_len: int = 204
+    audio_kernel_size: int = 16
+    audio_stride: int = 10
+    audio_drop_path: float = 0.1
+    audio_logit_scale: float = 20.0
+    # Depth (disparity) and thermal: one-channel images, 16x16 patches.
+    depth_embed_dim: int = 384
+    depth_num_blocks: int = 12
+    depth_num_heads: int = 8
+    depth_image_size: int = 224
+    depth_kernel_size: int = 16
+    depth_drop_path: float = 0.0
+    depth_logit_scale: float = 5.0
+    thermal_embed_dim: int = 768
+    thermal_num_blocks: int = 12
+    thermal_num_heads: int = 12
+    thermal_image_size: int = 224
+    thermal_kernel_size: int = 16
+    thermal_drop_path: float = 0.0
+    thermal_logit_scale: float = 10.0
+    # IMU: 6 channels (accelerometer + gyroscope) x 2000 samples, cut into windows of 8 samples.
+    imu_embed_dim: int = 512
+    imu_num_blocks: int = 6
+    imu_num_heads: int = 8
+    imu_channels: int = 6
+    imu_length: int = 2000
+    imu_kernel_size: int = 8
+    imu_drop_path: float = 0.7
+    imu_head_dropout: float = 0.5
+    imu_logit_scale: float = 5.0
+    max_logit_scale: float = 100.0
+    modalities: tuple[str, ...] = field(default=MODALITIES)
+
+    def __post_init__(self) -> None:
+        self.vision_kernel = tuple(self.vision_kernel)
+        self.modalities = tuple(self.modalities)
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ImageBindConfig:
+        """A named size (``imagebind_huge`` or ``tiny``), with optional field overrides."""
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown ImageBind config {name!r}; known: {sorted(NAMED_CONFIGS)}")
+        return cls(name=name, **{**NAMED_CONFIGS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def trunk_config(self, modality: str) -> TransformerConfig:
+        """The trunk of one modality: pre-LayerNorm for vision only, key/value bias for the non-CLIP ones."""
+        return TransformerConfig(
+            embed_dim=getattr(self, f"{modality}_embed_dim"),
+            num_blocks=getattr(self, f"{modality}_num_blocks"),
+            num_heads=getattr(self, f"{modality}_num_heads"),
+            pre_norm=modality == "vision",
+            add_bias_kv=modality in ("audio", "depth", "thermal", "imu"),
+            drop_path_rate=getattr(self, f"{modality}_drop_path", 0.0),
+            causal=modality == "text",
+            norm_eps=1e-6,
+        )
+
+
+NAMED_CONFIGS: dict[str, dict] = {
+    "imagebind_huge": {},
+    # A few-thousand-parameter model with the same structure, for tests and parity fixtures.
+    "tiny": dict(
+        out_embed_dim=16,
+        vision_embed_dim=16, vision_num_blocks=2, vision_num_heads=2, vision_image_size=32, vision_kernel=(2, 8, 8),
+        text_embed_dim=16, text_num_blocks=2, text_num_heads=2, text_context_length=8, text_vocab_size=64,
+        audio_embed_dim=16, audio_num_blocks=2, audio_num_heads=2, audio_num_mel_bins=32, audio_target_len=40,
+        audio_kernel_size=8, audio_stride=6,
+        depth_embed_dim=8, depth_num_blocks=2, depth_num_heads=2, depth_image_size=32, depth_kernel_size=8,
+        thermal_embed_dim=16, thermal_num_blocks=2, thermal_num_heads=2, thermal_image_size=32, thermal_kernel_size=8,
+        imu_embed_dim=16, imu_num_blocks=2, imu_num_heads=2, imu_length=64,
+    ),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessors
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RepeatToFrames(nn.Module):
+    """``(B, C, H, W)`` images -> ``(B, C, T, H, W)`` videos by repeating the frame ``frames`` times."""
+
+    def __init__(self, frames: int) -> None:
+        super().__init__()
+        self.frames = frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            x = x.unsqueeze(2)
+        if x.ndim != 5:
+            raise ValueError(f"vision input must be (B, C, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
+        return x.repeat(1, 1, self.frames, 1, 1) if x.shape[2] == 1 else x
+
+
+class PatchStem(nn.Module):
+    """Convolutional (or linear) patchifier, flattened to tokens, with an optional LayerNorm."""
+
+    def __init__(self, proj: nn.Module, norm_layer: nn.Module | None = None) -> None:
+        super().__init__()
+        self.proj = proj
+        self.norm_layer = norm_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).flatten(2).transpose(1, 2)  # B C (T) H W -> B (T H W) C
+        return self.norm_layer(x) if self.norm_layer is not None else x
+
+
+class PosEmbedding(nn.Module):
+    """Learned positional embedding over ``[CLS] + patches`` (``pos_embedding_helper.pos_embed``)."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+
+    def forward(self, num_patches: int) -> torch.Tensor:
+        pos = self.pos_embed
+        n = pos.shape[1] - 1
+        if num_patches == n:
+            return pos
+        # Another input resolution: bicubic interpolation of the square patch grid (the class slot is kept).
+        old, new = math.isqrt(n), math.isqrt(num_patches)
+        if old * old != n or new * new != num_patches:
+            raise ValueError(f"cannot interpolate {n} positional embeddings to {num_patches} (non-square grid)")
+        grid = pos[:, 1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic").permute(0, 2, 3, 1).reshape(1, new * new, -1)
+        return torch.cat([pos[:, :1], grid.to(pos.dtype)], dim=1)
+
+
+class PatchPreprocessor(nn.Module):
+    """Stem + class token + positional embedding for vision, audio, depth and thermal.
+
+    Args:
+        stem: The patchifier.
+        stem_name: Attribute name of the stem (``rgbt_stem`` or ``depth_stem``, as in the checkpoint).
+        num_patches: Patches of the nominal input size.
+        dim: Token width.
+    """
+
+    def __init__(self, stem: PatchStem, stem_name: str, num_patches: int, dim: int) -> None:
+        super().__init__()
+        self.stem_name = stem_name
+        setattr(self, stem_name, stem)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
+        self.pos_embedding_helper = PosEmbedding(num_patches + 1, dim)
+        with torch.no_grad():  # OpenCLIP-style initialisation
+            scale = dim**-0.5
+            self.cls_token.normal_().mul_(scale)
+            self.pos_embedding_helper.pos_embed.normal_().mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        tokens = getattr(self, self.stem_name)(x)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        tokens = tokens + self.pos_embedding_helper(tokens.shape[1] - 1)
+        return {"tokens": tokens}
+
+
+class TextPreprocessor(nn.Module):
+    """Token + positional embeddings; the head pools at the end-of-text token (the largest id)."""
+
+    def __init__(self, vocab_size: int, context_length: int, dim: int) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Parameter(torch.empty(1, context_length, dim))
+        # Stored in the official checkpoint; the trunk applies the same causal mask itself.
+        self.register_buffer("mask", torch.full((context_length, context_length), float("-inf")).triu(1))
+        with torch.no_grad():
+            self.token_embedding.weight.normal_(std=0.02)
+            self.pos_embed.normal_(std=0.01)
+
+    def forward(self, text: torch.Tensor) -> dict:
+        if text.ndim != 2 or text.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"text must be (B, L) integer token ids, got {tuple(text.shape)} {text.dtype}")
+        if text.shape[1] > self.pos_embed.shape[1]:
+            raise ValueError(f"text has {text.shape[1]} tokens, context length is {self.pos_embed.shape[1]}")
+        tokens = self.token_embedding(text) + self.pos_embed[:, : text.shape[1]]
+        # The end-of-text token has the largest id of the vocabulary, so argmax finds it.
+        return {"tokens": tokens, "seq_len": text.argmax(dim=-1)}
+
+
+class IMUPreprocessor(nn.Module):
+    """IMU ``(B, 6, T)`` -> windows of ``kernel`` samples (all channels) -> linear stem + CLS + positions."""
+
+    def __init__(self, channels: int, length: int, kernel: int, dim: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.channels = channels
+        self.pos_embed = nn.Parameter(torch.empty(1, length // kernel + 1, dim))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
+        self.imu_stem = PatchStem(nn.Linear(channels * kernel, dim, bias=False), nn.LayerNorm(dim))
+        with torch.no_grad():
+            self.pos_embed.normal_(std=0.01)
+            self.cls_token.normal_().mul_(dim**-0.5)
+
+    def forward(self, imu: torch.Tensor) -> dict:
+        n = self.pos_embed.shape[1] - 1
+        if imu.ndim != 3 or imu.shape[1] != self.channels or imu.shape[2] != n * self.kernel:
+            raise ValueError(f"IMU input must be (B, {self.channels}, {n * self.kernel}), got {tuple(imu.shape)}")
+        # (B, C, T) -> (B, T/k, C*k): each token holds one window of every channel, channel-major.
+        windows = imu.unfold(-1, self.kernel, self.kernel).permute(0, 2, 1, 3).flatten(2)
+        tokens = self.imu_stem.norm_layer(self.imu_stem.proj(windows))
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return {"tokens": tokens + self.pos_embed}
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
+
+
+def build_preprocessor(cfg: ImageBindConfig, modality: str) -> nn.Module:
+    """The stem of one modality, with the official module names."""
+    if modality == "vision":
+        d, k = cfg.vision_embed_dim, cfg.vision_kernel
+        conv = nn.Conv3d(3, d, kernel_size=k, stride=k, bias=False)
+        stem = PatchStem(nn.Sequential(RepeatToFrames(cfg.vision_frames), conv))
+        n = _conv_out(cfg.vision_frames, k[0], k[0]) * _conv_out(cfg.vision_image_size, k[1], k[1]) ** 2
+        return PatchPreprocessor(stem, "rgbt_stem", n, d)
+    if modality == "text":
+        return TextPreprocessor(cfg.text_vocab_size, cfg.text_context_length, cfg.text_embed_dim)
+    if modality == "audio":
+        d, k, s = cfg.audio_embed_dim, cfg.audio_kernel_size, cfg.audio_stride
+        stem = PatchStem(nn.Conv2d(1, d, kernel_size=k, stride=s, bias=False), nn.LayerNorm(d))
+        n = _conv_out(cfg.audio_num_mel_bins, k, s) * _conv_out(cfg.audio_target_len, k, s)
+        return PatchPreprocessor(stem, "rgbt_stem", n, d)
+    if modality in ("depth", "thermal"):
+        d, k = getattr(cfg, f"{modality}_embed_dim"), getattr(cfg, f"{modality}_kernel_size")
+        stem = PatchStem(nn.Conv2d(1, d, kernel_size=k, stride=k, bias=False), nn.LayerNorm(d))
+        n = _conv_out(getattr(cfg, f"{modality}_image_size"), k, k) ** 2
+        return PatchPreprocessor(stem, "depth_stem" if modality == "depth" else "rgbt_stem", n, d)
+    if modality == "imu":
+        return IMUPreprocessor(cfg.imu_channels, cfg.imu_length, cfg.imu_kernel_size, cfg.imu_embed_dim)
+    raise ValueError(f"unknown modality {modality!r}; choose from {MODALITIES}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heads and postprocessors
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SelectCLS(nn.Module):
+    """The class token: ``x[:, 0]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class TextHead(nn.Module):
+    """LayerNorm + projection of the end-of-text token (``proj.0`` / ``proj.1`` in the checkpoint)."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, out_dim, bias=False))
+
+    def forward(self, x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), seq_len])
+
+
+def build_head(cfg: ImageBindConfig, modality: str) -> nn.Module:
+    d = getattr(cfg, f"{modality}_embed_dim")
+    if modality == "text":
+        return TextHead(d, cfg.out_embed_dim)
+    layers = [nn.LayerNorm(d, eps=1e-6), SelectCLS()]
+    if modality == "imu":
+        layers.append(nn.Dropout(cfg.imu_head_dropout))
+    layers.append(nn.Linear(d, cfg.out_embed_dim, bias=False))
+    return nn.Sequential(*layers)
+
+
+class L2Normalize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1, p=2)
+
+
+class LogitScale(nn.Module):
+    """Multiply by ``min(exp(log_logit_scale), max_scale)``; learnable (text) or a fixed buffer."""
+
+    def __init__(self, init: float, learnable: bool, max_scale: float = 100.0) -> None:
+        super().__init__()
+        self.max_scale = max_scale
+        value = torch.full((), math.log(init))
+        if learnable:
+            self.log_logit_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_logit_scale", value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clip(self.log_logit_scale.exp(), max=self.max_scale) * x
+
+
+def build_postprocessor(cfg: ImageBindConfig, modality: str) -> nn.Module:
+    if modality == "vision":
+        return L2Normalize()
+    if modality == "text":
+        return nn.Sequential(L2Normalize(), LogitScale(cfg.text_logit_scale_init, True, cfg.max_logit_scale))
+    scale = getattr(cfg, f"{modality}_logit_scale")
+    return nn.Sequential(L2Normalize(), LogitScale(scale, False, cfg.max_logit_scale))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ImageBind(nn.Module):
+    """ImageBind with only the requested modality encoders.
+
+    Args:
+        config: Sizes; ``config.modalities`` lists the encoders to build unless ``modalities`` is given.
+        modalities: Encoders to build (default: ``config.modalities``).
+    """
+
+    def __init__(self, config: ImageBindConfig, modalities: tuple[str, ...] | list[str] | None = None) -> None:
+        super().__init__()
+        if modalities is not None:
+            config = replace(config, modalities=tuple(modalities))
+        self.config = config
+        mods = config.modalities
+        self.modality_preprocessors = nn.ModuleDict({m: build_preprocessor(config, m) for m in mods})
+        self.modality_trunks = nn.ModuleDict({m: Transformer(config.trunk_config(m)) for m in mods})
+        self.modality_heads = nn.ModuleDict({m: build_head(config, m) for m in mods})
+        self.modality_postprocessors = nn.ModuleDict({m: build_postprocessor(config, m) for m in mods})
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.config.modalities
+
+    def _check(self, modality: str) -> None:
+        if modality not in self.modality_trunks:
+            raise KeyError(f"modality {modality!r} was not built; this model has {list(self.modality_trunks)}")
+
+    def encode(self, modality: str, x: torch.Tensor, postprocess: bool = True) -> torch.Tensor:
+        """Embed one modality.
+
+        Inputs of 5 or more dimensions are several clips per sample, ``(B, S, ...)`` (audio ``(B, S, 1, M, T)``,
+        video ``(B, S, 3, T, H, W)``): every clip is embedded and postprocessed (normalised and scaled), then
+        the clips are averaged, as the official implementation does. A single video clip must therefore be
+        given as ``(B, 1, 3, T, H, W)``.
+
+        Args:
+            modality: One of the built modalities.
+            x: Model-ready input (see :mod:`mmr_imagebind.data`).
+            postprocess: Apply normalisation and logit scale; ``False`` returns the raw head projection (for
+                training recipes that use their own temperature). Clips are averaged either way.
+
+        Returns:
+            ``(B, out_embed_dim)`` embeddings.
+        """
+        self._check(modality)
+        multi_clip = x.ndim >= 5
+        if multi_clip:
+            b, s = x.shape[:2]
+            x = x.reshape(b * s, *x.shape[2:])
+        pre = self.modality_preprocessors[modality](x)
+        tokens = self.modality_trunks[modality](pre["tokens"])
+        if modality == "text":
+            out = self.modality_heads[modality](tokens, pre["seq_len"])
+        else:
+            out = self.modality_heads[modality](tokens)
+        if postprocess:
+            out = self.modality_postprocessors[modality](out)
+        if multi_clip:
+            out = out.reshape(b, s, -1).mean(dim=1)
+        return out
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embed a dict ``{modality: input}`` -> ``{modality: embedding}`` (postprocessed)."""
+        return {m: self.encode(m, x) for m, x in inputs.items() if x is not None}
+
+    def logit_scale(self, modality: str) -> torch.Tensor:
+        """The scale the postprocessor multiplies by (1 for vision)."""
+        self._check(modality)
+        post = self.modality_postprocessors[modality]
+        if isinstance(post, L2Normalize):
+            return torch.ones(())
+        return post[1].log_logit_scale.exp().clamp(max=post[1].max_scale)
+
+
+def build_imagebind(
+    name_or_config: str | ImageBindConfig = "imagebind_huge",
+    modalities: tuple[str, ...] | list[str] | None = None,
+    device: str | torch.device | None = None,
+) -> ImageBind:
+    """Build a randomly initialised ImageBind (use ``device="meta"`` to size it without memory)."""
+    cfg = ImageBindConfig.from_name(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if device is None:
+        return ImageBind(cfg, modalities)
+    with torch.device(device):
+        return ImageBind(cfg, modalities)
+
+
+def parameter_counts(model: ImageBind) -> dict[str, int]:
+    """Parameters per modality (preprocessor + trunk + head + postprocessor)."""
+    out = {}
+    for m in model.modalities:
+        parts = (
+            model.modality_preprocessors,
+            model.modality_trunks,
+            model.modality_heads,
+            model.modality_postprocessors,
+        )
+        out[m] = sum(count_parameters(p[m]) for p in parts)
+    return out
+
+
+__all__ = [
+    "MODALITIES",
+    "ImageBind",
+    "ImageBindConfig",
+    "NAMED_CONFIGS",
+    "build_imagebind",
+    "parameter_counts",
+]

@@ -1,0 +1,153 @@
+"""ImageBind model: parity with the official implementation, official key set, modality-only building."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmr_imagebind.checkpoint import (
+    CheckpointMismatchError,
+    config_from_safetensors,
+    load_imagebind,
+    load_official_checkpoint,
+    load_state_dict_strict,
+    save_safetensors,
+)
+from mmr_imagebind.model import MODALITIES, ImageBind, ImageBindConfig, build_imagebind, parameter_counts
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    raw = load_file(str(FIXTURES / "parity_tiny.safetensors"))
+    split = {"state": {}, "input": {}, "output": {}}
+    for k, v in raw.items():
+        group, name = k.split(".", 1)
+        split[group][name] = v
+    return split
+
+
+@pytest.fixture(scope="module")
+def tiny_model(parity):
+    model = ImageBind(ImageBindConfig.from_name("tiny")).eval()
+    load_state_dict_strict(model, parity["state"], "parity fixture")
+    return model
+
+
+@pytest.mark.parametrize("name", ["vision", "vision_video", "text", "audio", "audio_single", "depth", "thermal", "imu"])
+def test_parity_with_official_outputs(parity, tiny_model, name: str) -> None:
+    modality = name.split("_")[0]
+    with torch.no_grad():
+        ours = tiny_model.encode(modality, parity["input"][name])
+    torch.testing.assert_close(ours, parity["output"][name], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_dict_and_multi_clip_average(parity, tiny_model) -> None:
+    audio = parity["input"]["audio"]
+    with torch.no_grad():
+        out = tiny_model({"audio": audio, "text": parity["input"]["text"]})
+        per_clip = torch.stack([tiny_model.encode("audio", audio[:, i]) for i in range(audio.shape[1])], 1)
+    assert set(out) == {"audio", "text"}
+    # Clips are averaged after normalisation and the fixed audio scale of 20.
+    torch.testing.assert_close(out["audio"], per_clip.mean(1))
+    torch.testing.assert_close(per_clip.norm(dim=-1), torch.full(per_clip.shape[:2], 20.0))
+
+
+def test_modality_only_model_loads_fixture_subset(parity) -> None:
+    model = ImageBind(ImageBindConfig.from_name("tiny"), modalities=["audio"]).eval()
+    load_state_dict_strict(model, parity["state"])
+    assert list(model.modality_trunks) == ["audio"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode("audio", parity["input"]["audio"]), parity["output"]["audio"])
+    with pytest.raises(KeyError, match="not built"):
+        model.encode("vision", parity["input"]["vision"])
+
+
+def test_official_pth_and_safetensors_roundtrip(parity, tiny_model, tmp_path: Path) -> None:
+    pth = tmp_path / "official_layout.pth"
+    torch.save(dict(parity["state"]), pth)
+    model = load_official_checkpoint(ImageBind(ImageBindConfig.from_name("tiny")), pth).eval()
+    st = tmp_path / "ours.safetensors"
+    save_safetensors(model, st)
+    assert config_from_safetensors(st).name == "tiny"
+    loaded = load_imagebind(st, modalities=("text", "imu"))
+    assert loaded.modalities == ("text", "imu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode("imu", parity["input"]["imu"]), parity["output"]["imu"])
+    # A wrapped, DataParallel-style re-save of the official file loads too (meta build, assign).
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in parity["state"].items()}}, wrapped)
+    loaded = load_imagebind(wrapped, config="tiny", modalities=("text",))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode("text", parity["input"]["text"]), parity["output"]["text"])
+
+
+def test_mismatch_error_names_keys(parity) -> None:
+    state = dict(parity["state"])
+    del state["modality_trunks.audio.blocks.0.attn.bias_k"]
+    state["modality_heads.audio.9.weight"] = torch.zeros(1)
+    state["modality_heads.vision.2.weight"] = torch.zeros(3, 3)
+    model = ImageBind(ImageBindConfig.from_name("tiny"))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_state_dict_strict(model, state, "broken.pth")
+    msg = str(err.value)
+    assert "modality_trunks.audio.blocks.0.attn.bias_k" in msg and "missing keys (1)" in msg
+    assert "modality_heads.audio.9.weight" in msg and "unexpected keys (1)" in msg
+    assert "modality_heads.vision.2.weight: checkpoint (3, 3)" in msg
+
+
+def test_imagebind_huge_matches_official_key_set_on_meta() -> None:
+    with gzip.open(FIXTURES / "imagebind_huge_keys.json.gz", "rt") as f:
+        official = json.load(f)
+    model = build_imagebind("imagebind_huge", device="meta")
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official["keys"]
+    assert {k for k, _ in model.named_parameters()} == set(official["parameters"])
+    counts = parameter_counts(model)
+    expected = {m: 0 for m in MODALITIES}
+    for k in official["parameters"]:
+        expected[k.split(".")[1]] += int(torch.Size(official["keys"][k]).numel())
+    assert counts == expected
+    # Published sizes: a ViT-H vision tower (~632M) and the OpenCLIP ViT-H text tower (~354M); ~1.2B in all.
+    assert 630e6 < counts["vision"] < 635e6 and 350e6 < counts["text"] < 357e6
+    assert 1.19e9 < sum(counts.values()) < 1.21e9
+
+
+def test_modality_only_build_is_small() -> None:
+    audio_only = build_imagebind("imagebind_huge", modalities=["audio"], device="meta")
+    assert parameter_counts(audio_only) == {"audio": 86235648}
+    assert all(k.split(".")[1] == "audio" for k in audio_only.state_dict())
+
+
+def test_input_errors(tiny_model) -> None:
+    with pytest.raises(ValueError, match="IMU input must be"):
+        tiny_model.encode("imu", torch.randn(2, 6, 63))
+    with pytest.raises(ValueError, match="text must be"):
+        tiny_model.encode("text", torch.randn(2, 8))
+    with pytest.raises(ValueError, match="unknown modalities"):
+        ImageBindConfig.from_name("tiny", modalities=("smell",))
+    with pytest.raises(ValueError, match="unknown ImageBind config"):
+        ImageBindConfig.from_name("imagebind_giant")
+
+
+def test_other_resolution_interpolates_positions(tiny_model) -> None:
+    with torch.no_grad():
+        out = tiny_model.encode("vision", torch.randn(2, 3, 48, 48))
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+
+
+def test_postprocess_off_and_logit_scales(tiny_model) -> None:
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        raw = tiny_model.encode("thermal", x, postprocess=False)
+        post = tiny_model.encode("thermal", x)
+    torch.testing.assert_close(post, torch.nn.functional.normalize(raw, dim=-1) * 10.0)
+    assert tiny_model.logit_scale("vision").item() == 1.0
+    assert tiny_model.logit_scale("depth").item() == pytest.approx(5.0)
+    assert tiny_model.modality_postprocessors["text"][1].log_logit_scale.requires_grad
