@@ -41,7 +41,7 @@ def write_shards(
     Each sample becomes the members ``<key>.jpg|png``, ``.flac|wav|ogg``, ``.depth.png|depth.npy``,
     ``.thermal.png``, ``.imu.npy``, ``.txt``, ``.cls``, ``.json`` (see
     :func:`mmr_core.data.manifest.encode_sample` for the accepted values). Files are stored byte for
-    byte; in-memory arrays are encoded losslessly.
+    byte; in-memory arrays are encoded losslessly. The same input gives byte-identical shards.
 
     Args:
         samples: A JSON Lines manifest path, or an iterable of sample dicts (each with a unique ``"key"``).
@@ -97,8 +97,10 @@ def write_shards(
                 raise ValueError(f"duplicate sample key {key!r}")
             seen.add(key)
             if writer is None:  # opened lazily so that an empty input leaves no empty shard behind
+                # an integer mtime keeps tarfile from adding a 1 KB pax header to every member, and a
+                # fixed one makes the shards byte-for-byte reproducible
                 writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False,
-                                         post=lambda fname: result.append(Path(fname)))
+                                         mtime=0, post=lambda fname: result.append(Path(fname)))
             writer.write(encoded)
             result.num_samples += 1
     finally:
