@@ -1,0 +1,163 @@
+"""The CLIP byte-pair-encoding tokenizer that ImageBind's text encoder expects.
+
+The merges file is CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (MIT licence, shipped by the official ImageBind,
+OpenAI CLIP and OpenCLIP repositories). It is not bundled here; :func:`find_bpe_vocab` looks for it in this
+order: the ``path`` argument, the ``MMR_IMAGEBIND_BPE`` environment variable, an installed ``open_clip``
+package. Token ids: 256 byte symbols, the same with an end-of-word mark ``</w>``, one id per merge, then
+``<|startoftext|>`` and ``<|endoftext|>`` (49406 and 49407 with the full file).
+
+Sequences are ``[SOT] + tokens + [EOT]`` padded with 0 to the context length (77); a text that is too long
+is cut so that the end-of-text token is always kept (the text head pools at that token).
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import regex
+import torch
+
+ENV_VAR = "MMR_IMAGEBIND_BPE"
+VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+# The CLIP pre-tokenizer: special tokens, English contractions, letter runs, single digits, other symbols.
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+def find_bpe_vocab(path: str | os.PathLike | None = None) -> Path:
+    """Locate CLIP's BPE merges file.
+
+    Raises:
+        FileNotFoundError: With the places searched and how to provide the file.
+    """
+    candidates: list[Path] = []
+    if path is not None:
+        candidates.append(Path(path))
+    if os.environ.get(ENV_VAR):
+        candidates.append(Path(os.environ[ENV_VAR]))
+    try:  # OpenCLIP ships the same file inside its package.
+        import open_clip  # type: ignore[import-not-found]
+
+        candidates.append(Path(open_clip.__file__).parent / VOCAB_FILENAME)
+    except ImportError:
+        pass
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"CLIP BPE vocabulary {VOCAB_FILENAME} not found (looked at: {[str(c) for c in candidates] or 'nothing'}). "
+        f"Pass its path, set {ENV_VAR}=/path/to/{VOCAB_FILENAME}, or `pip install open_clip_torch`; the file is "
+        "in the official ImageBind repository under imagebind/bpe/."
+    )
+
+
+@lru_cache
+def byte_symbols() -> dict[int, str]:
+    """A reversible map from the 256 byte values to printable unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the others (controls, space, ...) to code points from 256 on,
+    in byte order, so that BPE never sees whitespace or control characters. Ids follow the dict order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in keep]
+    # Insertion order fixes the token ids: the printable bytes first, then the remapped ones.
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+def clean_text(text: str) -> str:
+    """Repair mojibake (ftfy), unescape HTML twice, collapse whitespace, lower-case."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer.
+
+    Args:
+        bpe_path: The gzipped merges file (first line is a header); see :func:`find_bpe_vocab`.
+        context_length: Output length (77 for ImageBind).
+        vocab_size: Size of the text embedding table; the merges used are the first
+            ``vocab_size - 512 - 2`` lines (48894 for CLIP's 49408).
+    """
+
+    def __init__(
+        self, bpe_path: str | os.PathLike | None = None, context_length: int = 77, vocab_size: int = 49408
+    ) -> None:
+        path = find_bpe_vocab(bpe_path)
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # Kept exactly as CLIP slices them (a short file's trailing empty line counts as a merge there too).
+        merges = [tuple(line.split()) for line in lines[1 : vocab_size - 512 - 2 + 1]]
+        symbols = list(byte_symbols().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.sot_id = self.encoder["<|startoftext|>"]
+        self.eot_id = self.encoder["<|endoftext|>"]
+        self.context_length = context_length
+        self._cache: dict[str, list[str]] = {}
+
+    def _bpe(self, word: str) -> list[str]:
+        """Greedily apply the lowest-ranked merge until none applies."""
+        if word in self._cache:
+            return self._cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            ranked = [(self.ranks.get(pair, float("inf")), pair) for pair in zip(parts, parts[1:])]
+            rank, best = min(ranked, key=lambda t: t[0])
+            if rank == float("inf"):
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self._cache[word] = parts
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without start/end tokens."""
+        table = byte_symbols()
+        ids: list[int] = []
+        for piece in _PATTERN.findall(clean_text(text)):
+            if piece in ("<|startoftext|>", "<|endoftext|>"):
+                ids.append(self.encoder[piece])
+                continue
+            word = "".join(table[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[p] for p in self._bpe(word))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens are kept, end-of-word marks become spaces)."""
+        reverse = {v: k for k, v in byte_symbols().items()}
+        # Special tokens and the end-of-word mark are printable ASCII, so they survive the byte round trip.
+        raw = bytearray(reverse[c] for c in "".join(self.decoder[i] for i in ids))
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ")
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        """``(N, context_length)`` int64 ids; ``(context_length,)`` for a single string."""
+        n = context_length or self.context_length
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        out = torch.zeros(len(batch), n, dtype=torch.long)
+        for row, text in enumerate(batch):
+            # Truncate the body, never the end-of-text token: the text head pools there.
+            ids = ([self.sot_id] + self.encode(text))[: n - 1] + [self.eot_id]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out[0] if single else out
