@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import logging
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -412,3 +413,55 @@ def test_skip_counts_are_summed_over_dataloader_workers(tmp_path):
     assert pipe.skips.counts() == {"decode_image": 4, "missing_shard": 1} and pipe.skips.num_delivered == 4
     clone = copy.deepcopy(pipe)  # a plain copy gets a snapshot of the counts, not an error
     assert clone.skips.counts() == pipe.skips.counts()
+
+
+# -- real processes ------------------------------------------------------------------------------------------
+def _dist_worker(rank: int, store: str, shards: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        pipe = build_pipeline(shards, seed=7, shuffle_buffer=4)  # rank and world size from torch.distributed
+        keys = [s["__key__"] for s in make_loader(pipe, num_workers=2)]
+        Path(out).write_text(json.dumps(keys))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_split_from_torch_distributed(tmp_path):
+    import multiprocessing as mp
+
+    shards = [str(p) for p in _small_shards(tmp_path, n=24, maxcount=3)]
+    ctx = mp.get_context("fork")  # no re-import of torch: keeps the test to about a second
+    procs = [ctx.Process(target=_dist_worker, args=(r, str(tmp_path / "store"), shards, str(tmp_path / f"{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    k0, k1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert k0 and k1 and not set(k0) & set(k1) and sorted(k0 + k1) == [f"k{i:04d}" for i in range(24)]
+    ref = build_pipeline(shards, seed=7, shuffle_buffer=4, rank=0, world_size=2)
+    assert sorted(k0) == sorted(s["__key__"] for s in ref)
+
+
+def test_cli_as_a_module_with_progress_bar(tmp_path):
+    import subprocess
+    import sys
+
+    sf.write(tmp_path / "a.ogg", np.sin(np.linspace(0, 100, 8000)).astype(np.float32), 8000, format="OGG")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"key": "a", "audio": "a.ogg", "label": 1}) + "\n"
+                        + json.dumps({"key": "b", "text": "only text"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "mmr_core.data.write_shards", "--manifest", str(manifest),
+                           "--out", str(tmp_path / "out"), "--prefix", "cli"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MMR_NO_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 samples into 1 shards" in proc.stdout and "writing cli shards" in proc.stderr  # tqdm bar
+    got = {s["__key__"]: s for s in build_pipeline(str(tmp_path / "out"), shuffle=False)}
+    ref, sr = sf.read(tmp_path / "a.ogg", dtype="float32")
+    assert got["a"]["sample_rate"] == sr == 8000 and torch.equal(got["a"]["audio"][0], torch.from_numpy(ref))
+    assert got["b"]["text"] == "only text" and "audio" not in got["b"]

@@ -23,6 +23,12 @@ Reading, for (image, audio) pairs on 2 ranks with 4 workers each::
             ...
         print(pipe.skips.summary())   # skipped corrupt samples, summed over the workers
 
+The pipeline is an ``IterableDataset`` that batches itself: give it to a DataLoader with
+``batch_size=None`` (that is what :func:`make_loader` does), not to a sampler-based loader such as
+``deepspeed.initialize(training_data=...)``. Without ``resampled=True`` ranks may receive different
+sample counts; a DDP/DeepSpeed loop should use ``resampled=True, epoch_samples=N`` so that every rank
+runs the same number of steps.
+
 Decoded fields and conversions are listed in :mod:`mmr_core.data.decoders`; the stage order and the
 seeding rules in :mod:`mmr_core.data.pipeline`; skip reasons in :data:`SKIP_REASONS`.
 """
