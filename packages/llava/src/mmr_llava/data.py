@@ -1,0 +1,287 @@
+"""LLaVA training data: the JSON format, image preprocessing, truncation, collation, WebDataset shards.
+
+A record of the LLaVA JSON format::
+
+    {"id": "000001", "image": "coco/000001.jpg",            # or "images": [...], or neither (text only)
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Every ``<image>`` placeholder takes one image in order; a record with one image and no placeholder gets
+``<image>\\n`` in front of its first question (as the original data loader does). Images may be file
+paths (relative to ``image_folder``), PIL images, or ``(3, H, W)`` tensors in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from mmr_llava.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_with_labels
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DataError(ValueError):
+    """A record of the LLaVA JSON data is malformed (the message names the record)."""
+
+
+# -- images ------------------------------------------------------------------------------------------
+
+def to_tensor_image(image: Any) -> torch.Tensor:
+    """PIL image / HWC uint8 array / CHW tensor -> float32 (3, H, W) in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        img = image.float()
+        if img.dtype == torch.uint8 or img.max() > 1.5:
+            img = img / 255.0
+        if img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(f"image tensor must be (3, H, W), got {tuple(img.shape)}")
+        return img
+    if hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image array must be (H, W, 3), got {arr.shape}")
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def preprocess_image(image: Any, size: int, pad_to_square: bool = True) -> torch.Tensor:
+    """LLaVA-1.5 style: pad to a square with the mean colour, resize, CLIP-normalize."""
+    img = to_tensor_image(image)
+    _, h, w = img.shape
+    if pad_to_square and h != w:
+        side = max(h, w)
+        canvas = torch.tensor(CLIP_MEAN).view(3, 1, 1).expand(3, side, side).clone()
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[:, top: top + h, left: left + w] = img
+        img = canvas
+    img = F.interpolate(img[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    return (img - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def load_image(ref: Any, image_folder: str | Path | None, record_id: str) -> Any:
+    if isinstance(ref, str | Path):
+        from PIL import Image
+
+        path = Path(image_folder or ".") / ref
+        if not path.is_file():
+            raise DataError(f"record {record_id}: image file {path} not found")
+        return Image.open(path).convert("RGB")
+    return ref
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+def record_images(record: dict[str, Any]) -> list[Any]:
+    if "image" in record and "images" in record:
+        raise DataError(f"record {record.get('id', '?')}: has both 'image' and 'images'")
+    if "images" in record:
+        return list(record["images"])
+    return [record["image"]] if record.get("image") is not None else []
+
+
+def normalize_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
+    """Check placeholders against images; add the single-image placeholder when it is missing."""
+    rid = record.get("id", "?")
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DataError(f"record {rid}: 'conversations' must be a non-empty list")
+    convs = [dict(c) for c in convs]
+    n_img = len(record_images(record))
+    n_ph = sum(c["value"].count(IMAGE_PLACEHOLDER) for c in convs)
+    if n_img == 1 and n_ph == 0:
+        convs[0]["value"] = IMAGE_PLACEHOLDER + "\n" + convs[0]["value"]
+    elif n_ph != n_img:
+        raise DataError(f"record {rid}: {n_ph} '<image>' placeholder(s) but {n_img} image(s)")
+    if any(IMAGE_PLACEHOLDER in c["value"] for c in convs if c.get("from") in ("gpt", "assistant")):
+        raise DataError(f"record {rid}: '<image>' inside an assistant answer")
+    return convs
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int | None,
+             num_patches: int, record_id: str = "?", mode: str = "drop_images") -> tuple[list, list, int]:
+    """Cut a sample to ``max_length`` tokens keeping labels aligned and image blocks whole.
+
+    Args:
+        mode: ``drop_images``: a cut inside an image block moves back to the block start and the images
+            after the cut are dropped; ``error``: any cut through an image is a DataError.
+
+    Returns:
+        ``(ids, labels, images_kept)``.
+    """
+    n_images = 0 if image_token_id is None else ids.count(image_token_id) // max(num_patches, 1)
+    if len(ids) <= max_length:
+        return ids, labels, n_images
+    cut = max_length
+    if image_token_id is not None:
+        start = cut
+        while start > 0 and ids[start - 1] == image_token_id and ids[start] == image_token_id:
+            start -= 1
+        if start != cut:
+            if mode == "error":
+                raise DataError(f"record {record_id}: max_length={max_length} cuts through an image")
+            cut = start
+    ids, labels = ids[:cut], labels[:cut]
+    kept = 0 if image_token_id is None else ids.count(image_token_id) // max(num_patches, 1)
+    return ids, labels, kept
+
+
+class LlavaDataset(Dataset):
+    """Tokenized LLaVA JSON records.
+
+    Args:
+        records: A JSON file (list of records) or the list itself.
+        tokenizer: A fast tokenizer prepared with :func:`mmr_llava.conversation.prepare_tokenizer`.
+        template: Conversation template name.
+        image_token_id: Id of ``<image>`` (``LlavaConfig.image_token_index``).
+        num_patches: Image positions per image.
+        image_size: Vision tower input size.
+        image_folder: Folder that image paths are relative to.
+        max_length: Longest sequence in tokens (truncated beyond).
+        on_mismatch: ``error`` or ``warn`` (see :func:`tokenize_with_labels`).
+    """
+
+    def __init__(self, records: str | Path | list[dict[str, Any]], tokenizer, template: str, image_token_id: int,
+                 num_patches: int, image_size: int, image_folder: str | Path | None = None,
+                 max_length: int = 2048, on_mismatch: str = "error"):
+        if isinstance(records, str | Path):
+            records = json.loads(Path(records).read_text())
+        if not isinstance(records, list):
+            raise DataError("LLaVA data must be a JSON list of records")
+        self.records = records
+        self.tokenizer, self.template = tokenizer, template
+        self.image_token_id, self.num_patches, self.image_size = image_token_id, num_patches, image_size
+        self.image_folder, self.max_length, self.on_mismatch = image_folder, max_length, on_mismatch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Rough lengths (words + patches), negative for text-only records (group-by-modality sampling)."""
+        out = []
+        for r in self.records:
+            words = sum(len(c["value"].split()) for c in r["conversations"])
+            n_img = len(record_images(r))
+            out.append(words + n_img * self.num_patches if n_img else -words)
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return encode_record(self.records[i], self.tokenizer, self.template, self.image_token_id,
+                             self.num_patches, self.image_size, self.image_folder, self.max_length,
+                             self.on_mismatch)
+
+
+def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_id: int, num_patches: int,
+                  image_size: int, image_folder: str | Path | None = None, max_length: int = 2048,
+                  on_mismatch: str = "error") -> dict[str, Any]:
+    """One record -> ``{"input_ids", "labels", "pixel_values" (N, 3, S, S) or None}``."""
+    rid = str(record.get("id", "?"))
+    convs = normalize_conversations(record)
+    enc = tokenize_with_labels(tokenizer, template, convs, image_token_id=image_token_id,
+                               num_patches=num_patches, on_mismatch=on_mismatch)
+    ids, labels, kept = truncate(enc["input_ids"], enc["labels"], max_length, image_token_id, num_patches, rid)
+    refs = record_images(record)
+    if template == "plain" and refs:
+        refs = refs[: max(1, convs[0]["value"].count(IMAGE_PLACEHOLDER))]
+    refs = refs[:kept]
+    pixels = None
+    if refs:
+        pixels = torch.stack([preprocess_image(load_image(r, image_folder, rid), image_size) for r in refs])
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixels}
+
+
+@dataclass
+class Collator:
+    """Pad a list of encoded samples; images of the batch are concatenated in order of appearance.
+
+    Attributes:
+        pad_token_id: Id used for padding.
+        padding_side: ``right`` for training, ``left`` for batched generation.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got '{self.padding_side}'")
+        width = max(len(s["input_ids"]) for s in samples)
+        ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            sl = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            ids[i, sl] = s["input_ids"]
+            mask[i, sl] = 1
+            if "labels" in s:
+                labels[i, sl] = s["labels"]
+        pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "pixel_values": torch.cat(pix) if pix else None}
+
+
+class ModalityLengthGroupedSampler(Sampler[int]):
+    """Batches that hold only image records or only text records, each of similar length.
+
+    Mixing a text-only sample into an image batch costs nothing here (no dummy image), but grouping keeps
+    padding low and gives every rank the same kind of step.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, seed: int = 0):
+        self.lengths, self.batch_size, self.world_size, self.seed = list(lengths), batch_size, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed + self.epoch)
+        mega = self.batch_size * self.world_size
+        batches: list[list[int]] = []
+        for sign in (1, -1):
+            idx = [i for i, n in enumerate(self.lengths) if (n > 0) == (sign > 0)]
+            rng.shuffle(idx)
+            for j in range(0, len(idx), mega * 8):
+                chunk = sorted(idx[j: j + mega * 8], key=lambda i: -abs(self.lengths[i]))
+                batches += [chunk[k: k + mega] for k in range(0, len(chunk), mega)]
+        rng.shuffle(batches)
+        return iter([i for b in batches for i in b])
+
+
+def webdataset_pipeline(urls: Any, tokenizer, template: str, image_token_id: int, num_patches: int,
+                        image_size: int, max_length: int = 2048, batch_size: int | None = None, **kwargs: Any):
+    """LLaVA samples from WebDataset shards (``.json`` holds the record, ``.jpg/.png`` its image).
+
+    Shards are written with :func:`mmr_core.data.write_shards` from samples
+    ``{"key": id, "image": path_or_array, "json": record}``.
+    """
+    from mmr_core.data import build_pipeline
+
+    def transform(sample: dict[str, Any]) -> dict[str, Any]:
+        record = dict(sample["json"])
+        record.pop("images", None)
+        if "image" in sample:
+            record["image"] = sample["image"]
+        else:
+            record.pop("image", None)
+        return encode_record(record, tokenizer, template, image_token_id, num_patches, image_size,
+                             max_length=max_length)
+
+    pad = tokenizer.pad_token_id
+    return build_pipeline(urls, fields=("json",), transform=transform, batch_size=batch_size,
+                          collate_fn=Collator(pad if pad is not None else 0), **kwargs)

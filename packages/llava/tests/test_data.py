@@ -1,0 +1,124 @@
+"""LLaVA JSON records, truncation, padding sides, grouping sampler, WebDataset shards."""
+
+import json
+
+import pytest
+import torch
+
+from mmr_llava import conversation as conv
+from mmr_llava import data
+from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
+
+TEXTS = ["what is in the image?", "a red cube and a blue ball.", "how many objects?", "there are 2 objects."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = train_tiny_tokenizer(TEXTS * 5 + [conv.render("v1", [("user", "x"), ("assistant", "y")])[0]], 200)
+    return t
+
+
+def _img(seed):
+    return torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(seed))
+
+
+RECORDS = [
+    {"id": "one", "image": _img(0), "conversations": [
+        {"from": "human", "value": "what is in the image?"}, {"from": "gpt", "value": "a red cube and a blue ball."}]},
+    {"id": "two", "images": [_img(1), _img(2)], "conversations": [
+        {"from": "human", "value": "<image> and <image>: how many objects?"},
+        {"from": "gpt", "value": "there are 2 objects."}]},
+    {"id": "text", "conversations": [
+        {"from": "human", "value": "how many objects?"}, {"from": "gpt", "value": "there are 2 objects."}]},
+]
+
+
+def _ds(tok, **kw):
+    image_id = conv.prepare_tokenizer(tok, "v1")
+    return data.LlavaDataset(RECORDS, tok, "v1", image_id, num_patches=4, image_size=16, **kw), image_id
+
+
+def test_records_images_and_labels(tok):
+    ds, image_id = _ds(tok)
+    one, two, text = ds[0], ds[1], ds[2]
+    assert one["pixel_values"].shape == (1, 3, 16, 16) and (one["input_ids"] == image_id).sum() == 4
+    assert two["pixel_values"].shape == (2, 3, 16, 16) and (two["input_ids"] == image_id).sum() == 8
+    assert text["pixel_values"] is None and (text["input_ids"] == image_id).sum() == 0
+    sup = text["input_ids"][text["labels"] != -100].tolist()
+    assert tok.decode(sup).replace(" ", "") == "thereare2objects.</s>"
+    # the missing placeholder of a single-image record goes in front of the first question
+    assert tok.decode(one["input_ids"].tolist()).count("what is in the image?") == 1
+    assert ds.modality_lengths[2] < 0 < ds.modality_lengths[0]
+
+
+def test_placeholder_mismatch_is_named(tok):
+    bad = dict(RECORDS[1], id="bad", images=[_img(1)])
+    ds, _ = _ds(tok)
+    ds.records = [bad]
+    with pytest.raises(data.DataError, match="record bad: 2 '<image>' placeholder"):
+        ds[0]
+
+
+def test_truncation_keeps_images_whole_and_labels_aligned():
+    img = 9
+    ids = [1, 5, img, img, img, img, 6, 7, img, img, img, img, 8, 2]
+    labels = [-100] * 12 + [8, 2]
+    out_ids, out_labels, kept = data.truncate(ids, labels, 10, img, 4)
+    assert out_ids == ids[:8] and out_labels == labels[:8] and kept == 1
+    out_ids, _, kept = data.truncate(ids, labels, 12, img, 4)
+    assert kept == 2 and len(out_ids) == 12
+    with pytest.raises(data.DataError, match="cuts through an image"):
+        data.truncate(ids, labels, 10, img, 4, record_id="r", mode="error")
+
+
+def test_truncated_dataset_drops_cut_images(tok):
+    full, image_id = _ds(tok)
+    positions = (full[1]["input_ids"] == image_id).nonzero().flatten().tolist()
+    cut = positions[4] + 2  # inside the second image block
+    ds, _ = _ds(tok, max_length=cut)
+    item = ds[1]
+    assert len(item["input_ids"]) == positions[4] == len(item["labels"])
+    assert item["pixel_values"].shape[0] == 1 and int((item["input_ids"] == image_id).sum()) == 4
+    torch.testing.assert_close(item["pixel_values"][0], full[1]["pixel_values"][0])
+
+
+def test_collator_padding_sides(tok):
+    ds, _ = _ds(tok)
+    items = [ds[0], ds[2]]
+    right = data.Collator(tok.pad_token_id, "right")(items)
+    left = data.Collator(tok.pad_token_id, "left")(items)
+    n = len(items[1]["input_ids"])
+    assert right["attention_mask"][1, :n].all() and not right["attention_mask"][1, n:].any()
+    assert left["attention_mask"][1, -n:].all() and not left["attention_mask"][1, :-n].any()
+    assert (right["labels"][right["attention_mask"] == 0] == -100).all()
+    assert right["pixel_values"].shape[0] == 1
+    assert torch.equal(left["input_ids"][1, -n:], items[1]["input_ids"])
+
+
+def test_grouped_sampler_separates_modalities():
+    lengths = [10, -5, 12, -7, 30, -2, 8, -9]
+    s = data.ModalityLengthGroupedSampler(lengths, batch_size=2)
+    order = list(s)
+    assert sorted(order) == list(range(8))
+    for k in range(0, 8, 2):
+        assert (lengths[order[k]] > 0) == (lengths[order[k + 1]] > 0)
+
+
+def test_webdataset_shards(tok, tmp_path):
+    pytest.importorskip("mmr_core.data")
+    from mmr_core.data import write_shards
+
+    image_id = conv.prepare_tokenizer(tok, "v1")
+    samples = []
+    for i, r in enumerate(RECORDS[:1] + RECORDS[2:]):
+        rec = {k: v for k, v in r.items() if k not in ("image", "images")}
+        s = {"key": f"s{i}", "json": rec}
+        if "image" in r:
+            s["image"] = (r["image"] * 255).byte().permute(1, 2, 0).numpy()
+        samples.append(s)
+    write_shards(samples, tmp_path, prefix="llava", show_progress=False)
+    pipe = data.webdataset_pipeline(str(tmp_path / "llava-000000.tar"), tok, "v1", image_id, 4, 16,
+                                    batch_size=2, shuffle=False)
+    batch = next(iter(pipe))
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 16, 16)
+    assert json.dumps(RECORDS[2]["conversations"])  # records stay JSON-serialisable
