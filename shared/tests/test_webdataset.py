@@ -403,13 +403,18 @@ def test_skip_limits_raise_a_clear_error(tmp_path):
     assert ok.summary() == "skipped 3 of 5 (60.00%): decode_image=3"
 
 
-def test_skip_counts_are_summed_over_dataloader_workers(tmp_path):
+# spawn re-imports torch in each worker (10+ s on 2 busy cores), so that case is slow
+@pytest.mark.parametrize("start_method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_skip_counts_and_epoch_cross_dataloader_workers(tmp_path, start_method):
     urls = [_write_raw_shard(tmp_path / f"w-{i:06d}.tar", [_good(2 * i), {"__key__": f"bad{i}", "jpg": b"x"}])
             for i in range(4)]
     urls.append(str(tmp_path / "w-000099.tar"))  # missing
-    pipe = build_pipeline(urls, shuffle=False, skip_counter=SkipCounter(max_fraction=None))
-    keys = sorted(s["__key__"] for s in make_loader(pipe, num_workers=2))
-    assert keys == ["g000", "g002", "g004", "g006"]
+    pipe = build_pipeline(urls, seed=4, skip_counter=SkipCounter(max_fraction=None))
+    pipe.set_epoch(2)
+    keys = [s["__key__"] for s in make_loader(pipe, num_workers=2, multiprocessing_context=start_method)]
+    assert sorted(keys) == ["g000", "g002", "g004", "g006"]
+    ref = build_pipeline(urls, seed=4, epoch=2, skip_counter=SkipCounter(max_fraction=None))
+    assert keys == [s["__key__"] for s in make_loader(ref, num_workers=2)]  # the epoch reached the workers
     assert pipe.skips.counts() == {"decode_image": 4, "missing_shard": 1} and pipe.skips.num_delivered == 4
     clone = copy.deepcopy(pipe)  # a plain copy gets a snapshot of the counts, not an error
     assert clone.skips.counts() == pipe.skips.counts()

@@ -104,8 +104,8 @@ class _State:
     ctx: _Context = field(default_factory=_Context)
 
     def __post_init__(self):
-        if self.epoch is None:
-            self.epoch = mp.Value("q", 0)
+        if self.epoch is None:  # spawn-context lock: usable by fork, forkserver and spawn workers
+            self.epoch = mp.get_context("spawn").Value("q", 0)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -116,7 +116,7 @@ class _State:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if isinstance(self.epoch, int):
-            self.epoch = mp.Value("q", self.epoch)
+            self.epoch = mp.get_context("spawn").Value("q", self.epoch)
 
     def begin_pass(self, pass_: int) -> _Context:
         from mmr_core.utils import get_rank, get_world_size

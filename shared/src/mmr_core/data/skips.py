@@ -45,7 +45,8 @@ class _SharedInts:
     """
 
     def __init__(self, n: int, values: list[int] | None = None):
-        self._arr = mp.Array("q", values if values is not None else [0] * n)
+        # a lock from the spawn context may travel to fork, forkserver and spawn DataLoader workers alike
+        self._arr = mp.get_context("spawn").Array("q", values if values is not None else [0] * n)
 
     def add(self, i: int, k: int = 1) -> None:
         with self._arr.get_lock():
@@ -69,7 +70,7 @@ class _SharedInts:
         if "arr" in state:
             self._arr = state["arr"]
         else:
-            self._arr = mp.Array("q", state["snapshot"])
+            self._arr = mp.get_context("spawn").Array("q", state["snapshot"])
 
 
 class SkipCounter:
