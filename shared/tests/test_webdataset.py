@@ -470,3 +470,11 @@ def test_cli_as_a_module_with_progress_bar(tmp_path):
     ref, sr = sf.read(tmp_path / "a.ogg", dtype="float32")
     assert got["a"]["sample_rate"] == sr == 8000 and torch.equal(got["a"]["audio"][0], torch.from_numpy(ref))
     assert got["b"]["text"] == "only text" and "audio" not in got["b"]
+
+
+def test_endless_stream_of_missing_shards_stops_with_a_clear_error(tmp_path):
+    pipe = build_pipeline([str(tmp_path / "gone-000000.tar")], resampled=True, epoch_samples=10,
+                          skip_counter=SkipCounter(max_fraction=None))  # limits off: the guard still stops it
+    with pytest.raises(TooManySkipsError, match=r"100 shards in a row failed.*gone-000000\.tar"):
+        _keys(pipe)
+    assert pipe.skips.counts() == {"missing_shard": 100}

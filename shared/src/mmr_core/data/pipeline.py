@@ -5,8 +5,8 @@ Stage order of :func:`build_pipeline` (a :class:`webdataset.DataPipeline`)::
     shard urls --shuffle(seed, epoch)--> split by rank --> split by DataLoader worker
         (or, resampled: draw shards with replacement, seeded by (seed, epoch, rank, worker))
     --> read tar members, group by key  (missing / truncated shard: counted skip)
-    --> decode per modality + transform  (bad member: counted skip of that sample)
-    --> shuffle buffer seeded by (seed, epoch, rank, worker) --> batch + collate
+    --> shuffle buffer of encoded samples, seeded by (seed, epoch, rank, worker)
+    --> decode per modality + transform  (bad member: counted skip of that sample) --> batch + collate
 
 Determinism: the shard order of an epoch depends only on ``(seed, epoch)``, so all ranks agree on it and
 their shard subsets are disjoint; the sample buffer is seeded from ``(seed, epoch, rank, worker)``.
@@ -23,7 +23,7 @@ import os
 import random
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import context as mp_context
 from pathlib import Path
@@ -35,7 +35,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from mmr_core.data.decoders import DecodeError, DecodeOptions, collate, decode_sample
-from mmr_core.data.skips import SkipCounter
+from mmr_core.data.skips import SkipCounter, TooManySkipsError
 from mmr_core.utils import get_logger
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
@@ -178,23 +178,34 @@ def _has_end_marker(path: str, offset: int) -> bool:
 class _TarReader:
     """Stage: open each shard and group its members into raw samples; shard failures are counted skips."""
 
+    #: Shards in a row that may fail before the run stops (an endless resampled stream of missing
+    #: shards would otherwise log forever when the skip limits are off).
+    max_consecutive_failures = 100
+
     def __init__(self, skips: SkipCounter):
         self.skips = skips
 
     def __call__(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        failures = 0
         for item in src:
             url = item["url"]
             try:
                 stream = gopen(url, "rb")
             except OSError as e:  # a missing or unreachable shard skips only itself
                 self.skips.skip("missing_shard", url, None, e)
-                continue
-            try:
-                yield from self._samples(url, stream)
-            finally:
-                stream.close()
+                ok = False
+            else:
+                try:
+                    ok = yield from self._samples(url, stream)
+                finally:
+                    stream.close()
+            failures = 0 if ok else failures + 1
+            if failures >= self.max_consecutive_failures:
+                raise TooManySkipsError(f"{failures} shards in a row failed to read, the last {url}; "
+                                        f"{self.skips.summary()}")
 
-    def _samples(self, url: str, stream) -> Iterator[dict[str, Any]]:
+    def _samples(self, url: str, stream) -> Generator[dict[str, Any], None, bool]:
+        """Yield the samples of one shard; return False if the shard was broken (and skipped)."""
         current: dict[str, Any] | None = None
         try:
             tf = tarfile.open(fileobj=stream, mode="r|*")
@@ -224,9 +235,10 @@ class _TarReader:
             # a broken tar loses the rest of its shard, nothing more
             key = current["__key__"] if current is not None else None
             self.skips.skip("corrupt_shard", url, key, e)
-            return
+            return False
         if current is not None:
             yield current
+        return True
 
 
 class _Decoder:
@@ -394,10 +406,12 @@ def build_pipeline(
     stages: list[Any] = [
         _ShardSource(shard_urls, state, shuffle=shuffle, resampled=resampled),
         _TarReader(skips),
-        _Decoder(skips, DecodeOptions(image=image, mono=mono, depth_scale=depth_scale), fields, transform, as_tuple),
     ]
-    if shuffle and shuffle_buffer > 1:
+    if shuffle and shuffle_buffer > 1:  # before decoding: the buffer holds compact encoded bytes
         stages.append(_Shuffle(state, shuffle_buffer))
+    stages.append(
+        _Decoder(skips, DecodeOptions(image=image, mono=mono, depth_scale=depth_scale), fields, transform, as_tuple)
+    )
     if batch_size is not None:
         stages.append(wds.filters.batched(batch_size, collation_fn=collate_fn, partial=partial))
     pipe = MultimodalPipeline(*stages, state=state, skips=skips, urls=shard_urls)
