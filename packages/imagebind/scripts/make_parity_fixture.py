@@ -13,6 +13,11 @@ It writes:
   multi-clip audio and video) and the official outputs (``eval()``, fp32, CPU).
 * ``imagebind_huge_keys.json.gz``: every state-dict key and shape of the official ``imagebind_huge``, built on
   the meta device (no memory, no download).
+* ``transforms/``: a small PNG and two WAV files (synthetic, written by this script) and the official
+  ``load_and_transform_vision_data`` / ``load_and_transform_audio_data`` outputs for them (subsampled on a
+  grid to stay small). Needs pytorchvideo's ``clip_sampling.py`` (``--pytorchvideo``, the unpacked
+  pytorchvideo 0.1.5 sdist, which is pure stdlib); the rest of pytorchvideo is stubbed, and
+  ``torchaudio.load`` is replaced by a soundfile reader because torchcodec does not work here.
 * ``tokenizer_parity.json``: a small synthetic BPE merges list and the official ``SimpleTokenizer`` ids for a
   set of strings (plus, when the checkout ships ``bpe_simple_vocab_16e6.txt.gz``, the ids under the real
   vocabulary).
@@ -185,8 +190,9 @@ def make_huge_keys(ib, out: Path) -> None:
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}
     params = {k for k, _ in model.named_parameters()}
     data = {"keys": keys, "parameters": sorted(params)}
-    with gzip.open(out / "imagebind_huge_keys.json.gz", "wt") as f:
-        json.dump(data, f)
+    # mtime=0 keeps the file byte-identical across runs.
+    with gzip.GzipFile(out / "imagebind_huge_keys.json.gz", "wb", mtime=0) as f:
+        f.write(json.dumps(data).encode())
     print(f"wrote {out / 'imagebind_huge_keys.json.gz'} ({len(keys)} keys)")
 
 
@@ -223,10 +229,77 @@ def make_tokenizer_fixture(mp, root: Path, out: Path) -> None:
     print(f"wrote {out / 'tokenizer_parity.json'}")
 
 
+def make_transform_fixture(root: Path, pytorchvideo_root: Path, out: Path) -> None:
+    import importlib.util
+
+    import numpy as np
+    import soundfile as sf
+    import torchaudio
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    # Minimal stand-ins for what imagebind/data.py imports but the image and audio loaders do not use,
+    # plus pytorchvideo's real (stdlib-only) clip sampler.
+    spec = importlib.util.spec_from_file_location(
+        "pytorchvideo.data.clip_sampling", pytorchvideo_root / "pytorchvideo" / "data" / "clip_sampling.py"
+    )
+    clip_sampling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clip_sampling)
+    stubs = {
+        "pkg_resources": {},
+        "pytorchvideo": {},
+        "pytorchvideo.transforms": {},
+        "pytorchvideo.data": {"clip_sampling": clip_sampling},
+        "pytorchvideo.data.encoded_video": {"EncodedVideo": None},
+    }
+    for name, attrs in stubs.items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules.setdefault(name, mod)
+    sys.modules["pytorchvideo"].transforms = sys.modules["pytorchvideo.transforms"]
+    sys.modules["pytorchvideo.data.clip_sampling"] = clip_sampling
+    from imagebind import data as official_data
+
+    def soundfile_load(path):
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        return torch.from_numpy(np.ascontiguousarray(wav.T)), sr
+
+    torchaudio.load = soundfile_load
+
+    tdir = out / "transforms"
+    tdir.mkdir(exist_ok=True)
+    rng = np.random.default_rng(SEED)
+    yy, xx = np.mgrid[0:30, 0:40]
+    img = np.stack([xx * 6, yy * 8, (xx + yy) * 3], -1) + rng.integers(0, 30, (30, 40, 3))
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(tdir / "image.png")
+    t = np.arange(int(8000 * 2.7)) / 8000
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 1250 * t)], 1)
+    stereo += 0.05 * rng.standard_normal(stereo.shape)
+    sf.write(tdir / "stereo_8k.wav", stereo.astype(np.float32), 8000, subtype="PCM_16")
+    short = 0.4 * np.sin(2 * np.pi * 300 * np.arange(8000) / 16000) + 0.02 * rng.standard_normal(8000)
+    sf.write(tdir / "short_16k.wav", short.astype(np.float32), 16000, subtype="PCM_16")
+
+    vision = official_data.load_and_transform_vision_data([str(tdir / "image.png")], "cpu")
+    audio = official_data.load_and_transform_audio_data(
+        [str(tdir / "stereo_8k.wav"), str(tdir / "short_16k.wav")], "cpu"
+    )
+    tensors = {
+        "vision_grid": vision[:, :, ::8, ::8].contiguous(),
+        "vision_mean": vision.mean(dim=(2, 3)),
+        "audio_grid": audio[..., ::4, ::4].contiguous(),
+        "audio_mean": audio.mean(dim=(2, 3, 4)),
+    }
+    save_file(tensors, str(tdir / "official_outputs.safetensors"))
+    print(f"wrote {tdir} (vision {tuple(vision.shape)}, audio {tuple(audio.shape)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("official_root", type=Path, help="checkout of facebookresearch/ImageBind")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+    parser.add_argument(
+        "--pytorchvideo", type=Path, default=None, help="unpacked pytorchvideo-0.1.5 sdist (for transforms/)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +307,8 @@ def main() -> None:
     make_model_fixture(ib, mp, args.out)
     make_huge_keys(ib, args.out)
     make_tokenizer_fixture(mp, args.official_root.resolve(), args.out)
+    if args.pytorchvideo is not None:
+        make_transform_fixture(args.official_root.resolve(), args.pytorchvideo.resolve(), args.out)
 
 
 if __name__ == "__main__":

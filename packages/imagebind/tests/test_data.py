@@ -1,0 +1,155 @@
+"""Transforms for the six modalities: official parity (vision, audio) and the handling of odd inputs."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmr_imagebind import data as D
+
+TDIR = Path(__file__).parent / "fixtures" / "transforms"
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_file(str(TDIR / "official_outputs.safetensors"))
+
+
+def test_vision_matches_official(official) -> None:
+    x = D.load_and_transform_vision([TDIR / "image.png"])
+    assert x.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(x[:, :, ::8, ::8], official["vision_grid"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.mean(dim=(2, 3)), official["vision_mean"], rtol=1e-5, atol=1e-5)
+
+
+def test_audio_matches_official(official) -> None:
+    x = D.load_and_transform_audio([TDIR / "stereo_8k.wav", TDIR / "short_16k.wav"])
+    assert x.shape == (2, 3, 1, 128, 204)
+    torch.testing.assert_close(x[..., ::4, ::4], official["audio_grid"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.mean(dim=(2, 3, 4)), official["audio_mean"], rtol=1e-6, atol=1e-6)
+
+
+def test_clip_timepoints_follow_pytorchvideo_sampler() -> None:
+    # Starts at i * (duration - clip) / clips, as ConstantClipsPerVideoSampler places them.
+    assert D.clip_timepoints(8.0, 2, 3) == [(Fraction(0), Fraction(2)), (Fraction(2), Fraction(4)), (4, 6)]
+    short = D.clip_timepoints(0.5, 2, 3)
+    assert short == [(0, 2)] * 3
+
+
+def test_image_modes(tmp_path: Path) -> None:
+    rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    base = D.load_and_transform_vision([Image.fromarray(rgb)])
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "c.jpg")
+    assert D.load_image(tmp_path / "c.jpg").mode == "RGB"
+    gray = Image.fromarray(rgb[..., 0])
+    g = D.load_and_transform_vision([gray])
+    assert g.shape == base.shape
+    # Grayscale becomes three equal channels before normalisation.
+    unnorm = g[0] * torch.tensor(D.CLIP_STD).view(3, 1, 1) + torch.tensor(D.CLIP_MEAN).view(3, 1, 1)
+    torch.testing.assert_close(unnorm[0], unnorm[1], atol=1e-5, rtol=0)
+    sixteen = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    sixteen.save(tmp_path / "g16.png")
+    img16 = D.load_image(tmp_path / "g16.png")
+    # 65535 * (v / 255) scaled back to v, not clipped to white.
+    np.testing.assert_array_equal(np.asarray(img16)[..., 0], rgb[..., 0])
+    rgba = Image.fromarray(np.concatenate([rgb, np.full((40, 50, 1), 7, np.uint8)], -1), "RGBA")
+    np.testing.assert_array_equal(np.asarray(D.load_image(rgba)), rgb)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        D.load_image(tmp_path / "bad.png")
+
+
+def test_audio_edge_cases(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        silent = D.transform_audio(torch.zeros(1, 16000 * 3), 16000, name="silence.wav")
+    assert torch.isfinite(silent).all() and silent.shape == (3, 1, 128, 204)
+    assert "silent" in caplog.text
+    tiny = D.transform_audio(torch.randn(100), 16000)  # shorter than one 25 ms frame: padded, not a crash
+    assert tiny.shape == (3, 1, 128, 204) and torch.isfinite(tiny).all()
+    with pytest.raises(ValueError, match="non-empty"):
+        D.transform_audio(torch.zeros(1, 0), 16000)
+    with pytest.raises(ValueError, match="NaN"):
+        D.transform_audio(torch.tensor([[0.0, float("nan")] * 800]), 16000, name="broken.wav")
+    (tmp_path / "x.wav").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="x.wav"):
+        D.load_audio(tmp_path / "x.wav")
+    # Eight seconds of audio: three 2 s clips at 0, 2 and 4 s, each a different filterbank.
+    wav = torch.from_numpy(np.random.default_rng(0).standard_normal(16000 * 8).astype(np.float32))
+    wav[: 16000 * 2] *= 0.01
+    clips = D.transform_audio(wav, 16000)
+    assert clips[0].mean() < clips[1].mean()
+    sf.write(tmp_path / "a.flac", wav.numpy() * 0.1, 16000)
+    assert D.load_and_transform_audio([tmp_path / "a.flac"]).shape == (1, 3, 1, 128, 204)
+
+
+def test_video_clips_and_crops() -> None:
+    fps = 10
+    frames = torch.zeros(100, 60, 80, 3, dtype=torch.uint8)
+    for i in range(100):
+        frames[i] = i  # the frame index is its brightness
+    out = D.transform_video(frames, fps, size=48)
+    assert out.shape == (15, 3, 2, 48, 48)  # 5 clips x 3 crops, 2 frames each
+    mean, std = D.CLIP_MEAN[0], D.CLIP_STD[0]
+    first_frames = [round(float(out[c * 3, 0, 0, 0, 0]) * std * 255 + mean * 255) for c in range(5)]
+    # Clip starts at 0, 1.6, 3.2, 4.8, 6.4 s -> first frames 0, 16, 32, 48, 64.
+    assert first_frames == [0, 16, 32, 48, 64]
+    with pytest.raises(ValueError, match="frames must be"):
+        D.transform_video(torch.zeros(10, 3, 20, 20), fps)
+
+
+def test_depth_png_and_disparity(tmp_path: Path) -> None:
+    mm = np.full((30, 40), 2000, np.uint16)
+    mm[0, 0] = 0  # no reading
+    Image.fromarray(mm).save(tmp_path / "d16.png")
+    metres = D.read_depth_png(tmp_path / "d16.png")
+    assert metres[1, 1] == pytest.approx(2.0)
+    disp = D.depth_to_disparity(metres, focal_length_px=520.0, baseline_m=0.075)
+    assert disp[1, 1].item() == pytest.approx(0.075 * 520 / 2.0)
+    assert disp[0, 0].item() == pytest.approx(0.075 * 520 / 50.0)  # missing -> far
+    rotated = ((mm.astype(np.uint32) << 3) | (mm.astype(np.uint32) >> 13)).astype(np.uint16)
+    Image.fromarray(rotated).save(tmp_path / "sun.png")
+    np.testing.assert_allclose(D.read_depth_png(tmp_path / "sun.png", sunrgbd=True), metres)
+    Image.fromarray((mm // 20).astype(np.uint8)).save(tmp_path / "d8.png")
+    with pytest.raises(ValueError, match="8-bit"):
+        D.read_depth_png(tmp_path / "d8.png")
+    np.testing.assert_allclose(D.read_depth_png(tmp_path / "d8.png", depth_scale=0.02)[1, 1], 2.0)
+    (tmp_path / "intrinsics.txt").write_text("518.8 0 325.5\n0 519.4 253.7\n0 0 1\n")
+    f = D.read_intrinsics_focal(tmp_path / "intrinsics.txt")
+    batch = D.load_and_transform_depth([tmp_path / "d16.png"], [f])
+    assert batch.shape == (1, 1, 224, 224)
+    expected = (0.075 * 518.8 / 2.0 - D.DEPTH_MEAN) / D.DEPTH_STD
+    assert batch[0, 0, 112, 112].item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="focal lengths"):
+        D.load_and_transform_depth([tmp_path / "d16.png"], [])
+
+
+def test_thermal_one_channel(tmp_path: Path) -> None:
+    gray = (np.arange(60 * 80) % 255).reshape(60, 80).astype(np.uint8)
+    Image.fromarray(np.repeat(gray[..., None], 3, -1)).save(tmp_path / "t.jpg")
+    x = D.load_and_transform_thermal([tmp_path / "t.jpg"])
+    assert x.shape == (1, 1, 224, 224) and 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_imu_shapes() -> None:
+    sig = np.random.default_rng(0).standard_normal((6, 2000)).astype(np.float32)
+    torch.testing.assert_close(D.transform_imu(sig), torch.from_numpy(sig))
+    torch.testing.assert_close(D.transform_imu(sig.T), torch.from_numpy(sig))  # (T, 6) is transposed
+    with pytest.raises(ValueError, match="1999 samples"):
+        D.transform_imu(sig[:, :1999])
+    padded = D.transform_imu(sig[:, :1500], fit_length=True)
+    assert padded.shape == (6, 2000) and padded[:, 1500:].abs().sum() == 0
+    long = np.concatenate([sig, sig], 1)
+    torch.testing.assert_close(D.transform_imu(long, fit_length=True), torch.from_numpy(long[:, 1000:3000]))
+    with pytest.raises(ValueError, match=r"\(6, T\)"):
+        D.transform_imu(np.zeros((3, 2000)))
+    with pytest.raises(ValueError, match="NaN"):
+        D.transform_imu(np.full((6, 2000), np.nan))
