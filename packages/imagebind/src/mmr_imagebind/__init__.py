@@ -1,3 +1,27 @@
 """ImageBind (Girdhar et al. 2023): one embedding space for six modalities."""
 
+from .checkpoint import (
+    CheckpointMismatchError,
+    load_imagebind,
+    load_official_checkpoint,
+    load_safetensors,
+    save_safetensors,
+)
+from .model import MODALITIES, ImageBind, ImageBindConfig, build_imagebind, parameter_counts
+from .tokenizer import CLIPTokenizer
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "MODALITIES",
+    "CLIPTokenizer",
+    "CheckpointMismatchError",
+    "ImageBind",
+    "ImageBindConfig",
+    "build_imagebind",
+    "load_imagebind",
+    "load_official_checkpoint",
+    "load_safetensors",
+    "parameter_counts",
+    "save_safetensors",
+]
