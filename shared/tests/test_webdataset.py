@@ -478,3 +478,21 @@ def test_endless_stream_of_missing_shards_stops_with_a_clear_error(tmp_path):
     with pytest.raises(TooManySkipsError, match=r"100 shards in a row failed.*gone-000000\.tar"):
         _keys(pipe)
     assert pipe.skips.counts() == {"missing_shard": 100}
+
+
+def test_package_attribute_stays_callable_after_importing_the_cli_module(tmp_path):
+    import mmr_core.data
+    import mmr_core.data.write_shards  # noqa: F401  (rebinds the package attribute to the module)
+
+    shards = mmr_core.data.write_shards([{"key": "x", "text": "t"}], tmp_path, show_progress=False)
+    assert [p.name for p in shards] == ["shard-000000.tar"]
+
+
+def test_rank_from_launcher_environment(tmp_path, monkeypatch):
+    shards = _small_shards(tmp_path, n=8, maxcount=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    pipe = build_pipeline(shards, seed=0)
+    loader = make_loader(pipe)
+    assert (pipe.state.rank, pipe.state.world_size) == (1, 2)
+    assert sorted(s["__key__"] for s in loader) == sorted(_keys(build_pipeline(shards, seed=0, rank=1, world_size=2)))

@@ -36,7 +36,7 @@ from webdataset.tariterators import base_plus_ext
 
 from mmr_core.data.decoders import DecodeError, DecodeOptions, collate, decode_sample
 from mmr_core.data.skips import SkipCounter, TooManySkipsError
-from mmr_core.utils import get_logger
+from mmr_core.utils import get_logger, get_rank, get_world_size
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
 
@@ -118,13 +118,16 @@ class _State:
         if isinstance(self.epoch, int):
             self.epoch = mp.get_context("spawn").Value("q", self.epoch)
 
-    def begin_pass(self, pass_: int) -> _Context:
-        from mmr_core.utils import get_rank, get_world_size
+    def resolve_rank(self) -> tuple[int, int]:
+        """Explicit rank, else torch.distributed, else the launcher's RANK/WORLD_SIZE, else (0, 1)."""
+        if self.rank is not None:
+            return self.rank, self.world_size
+        return get_rank(), get_world_size()
 
+    def begin_pass(self, pass_: int) -> _Context:
         epoch = int(self.epoch.value)
         info = torch.utils.data.get_worker_info()
-        rank = self.rank if self.rank is not None else get_rank()
-        world = self.world_size if self.world_size is not None else get_world_size()
+        rank, world = self.resolve_rank()
         self.ctx = _Context(epoch, pass_, rank, world, info.id if info else 0, info.num_workers if info else 1)
         return self.ctx
 
@@ -401,6 +404,9 @@ def build_pipeline(
     if rank is not None and not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
     skips = skip_counter if skip_counter is not None else SkipCounter()
+    if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # fixed now: a spawned DataLoader worker has no process group to ask
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     state = _State(seed=seed, rank=rank, world_size=world_size)
     state.epoch.value = epoch
     stages: list[Any] = [
@@ -429,4 +435,8 @@ def make_loader(pipeline: MultimodalPipeline, num_workers: int = 0, **kwargs) ->
         **kwargs: Passed to :class:`torch.utils.data.DataLoader` (``pin_memory``, ``persistent_workers``,
             ``prefetch_factor``, ...).
     """
+    state = getattr(pipeline, "state", None)
+    if isinstance(state, _State) and state.rank is None:
+        # resolve in this process, before starting workers that may have no process group to ask
+        state.rank, state.world_size = state.resolve_rank()
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, **kwargs)
