@@ -496,3 +496,11 @@ def test_rank_from_launcher_environment(tmp_path, monkeypatch):
     loader = make_loader(pipe)
     assert (pipe.state.rank, pipe.state.world_size) == (1, 2)
     assert sorted(s["__key__"] for s in loader) == sorted(_keys(build_pipeline(shards, seed=0, rank=1, world_size=2)))
+
+
+def test_maxsize_starts_new_shards(tmp_path):
+    rng = np.random.default_rng(5)
+    samples = [{"key": f"z{i}", "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)} for i in range(6)]
+    shards = write_shards(samples, tmp_path, maxcount=100, maxsize=5000, show_progress=False)  # ~3 KB each
+    assert 2 <= len(shards) <= 6 and shards.num_samples == 6
+    assert sorted(_keys(build_pipeline(shards, shuffle=False))) == [f"z{i}" for i in range(6)]
