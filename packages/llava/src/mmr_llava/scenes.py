@@ -1,0 +1,175 @@
+"""Synthetic scenes with captions and normalized boxes, and a rule-based instruction generator.
+
+Each scene is a small image with 1-3 coloured shapes. Like the COCO context the paper gives GPT-4, a
+scene comes with captions and ``name: [x1, y1, x2, y2]`` boxes in [0, 1]. :func:`rule_based_instructions`
+turns that context into the paper's three response types (conversation, detailed description, complex
+reasoning) without a language model; :mod:`mmr_llava.instruct` does the same through a chat endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
+                                            "yellow": (235, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+# Table 8 / Table 9 of the paper (instructions for brief and detailed descriptions), a subset.
+BRIEF_INSTRUCTIONS = [
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+]
+DETAILED_INSTRUCTIONS = [
+    "Describe the following image in detail", "Provide a detailed description of the given image",
+    "Give an elaborate explanation of the image you see", "Share a comprehensive rundown of the presented image",
+]
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    box: tuple[float, float, float, float]  # normalized x1, y1, x2, y2
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def side(self) -> str:
+        cx = (self.box[0] + self.box[2]) / 2
+        return "left" if cx < 0.5 else "right"
+
+
+@dataclass
+class Scene:
+    objects: list[SceneObject]
+    image: np.ndarray = field(repr=False)  # (H, W, 3) uint8
+
+    def captions(self) -> list[str]:
+        names = [o.name for o in self.objects]
+        listing = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        n = len(self.objects)
+        return [f"a {listing}." if n == 1 else f"{NUMBER_WORDS[n]} shapes: {listing}.",
+                f"a picture with {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'} on a white background."]
+
+    def boxes(self) -> list[str]:
+        return [f"{o.name}: [{', '.join(f'{v:.3f}' for v in o.box)}]" for o in self.objects]
+
+
+def make_scene(rng: random.Random, size: int = 32) -> Scene:
+    """A white canvas with 1-3 non-overlapping shapes (one per horizontal third)."""
+    img = np.full((size, size, 3), 255, dtype=np.uint8)
+    n = rng.randint(1, 3)
+    slots = rng.sample(range(3), n)
+    objects = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for slot in sorted(slots):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        w = size // 3
+        s = rng.randint(w // 2 + 1, w - 1)
+        x1 = slot * w + rng.randint(0, w - s)
+        y1 = rng.randint(0, size - s)
+        cx, cy, r = x1 + s / 2, y1 + s / 2, s / 2
+        if shape == "square":
+            m = (xx >= x1) & (xx < x1 + s) & (yy >= y1) & (yy < y1 + s)
+        elif shape == "circle":
+            m = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+        else:
+            m = (yy >= y1) & (yy < y1 + s) & (np.abs(xx + 0.5 - cx) <= (yy + 1 - y1) / 2)
+        img[m] = COLORS[color]
+        objects.append(SceneObject(shape, color, (x1 / size, y1 / size, (x1 + s) / size, (y1 + s) / size)))
+    return Scene(objects, img)
+
+
+def _conversation(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    objs = scene.objects
+    qa = [("How many shapes are in the image?", f"There {'is' if len(objs) == 1 else 'are'} "
+           f"{NUMBER_WORDS[len(objs)]} {'shape' if len(objs) == 1 else 'shapes'}.")]
+    o = rng.choice(objs)
+    qa.append((f"What color is the {o.shape}?", f"The {o.shape} is {o.color}."))
+    o = rng.choice(objs)
+    qa.append((f"Where is the {o.name}?", f"The {o.name} is on the {o.side}."))
+    absent = [c for c in COLORS if c not in {x.color for x in objs}]
+    if absent:
+        c = rng.choice(absent)
+        qa.append((f"Is there a {c} shape?", f"No, there is no {c} shape."))
+    rng.shuffle(qa)
+    return qa[: rng.randint(2, len(qa))]
+
+
+def _detail(scene: Scene) -> str:
+    parts = [f"a {o.name} on the {o.side}" for o in scene.objects]
+    return "The image shows " + "; ".join(parts) + " on a white background."
+
+
+def _complex(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    objs = sorted(scene.objects, key=lambda o: o.box[0])
+    if len(objs) >= 2:
+        a, b = objs[0], objs[-1]
+        return (f"Which shape is further left, the {a.shape} or the {b.shape}?" if a.shape != b.shape else
+                f"Which is further left, the {a.color} one or the {b.color} one?",
+                f"The {a.name} is further left than the {b.name}.")
+    o = objs[0]
+    return ("What would you see if the shape was removed?", f"Without the {o.name} the image would be empty.")
+
+
+def rule_based_instructions(scene: Scene, image: str, scene_id: str, rng: random.Random,
+                            types: tuple[str, ...] = ("conversation", "detail", "complex")) -> list[dict[str, Any]]:
+    """LLaVA JSON records of the requested response types for one scene."""
+    out = []
+    if "conversation" in types:
+        turns = _conversation(scene, rng)
+        convs = []
+        for i, (q, a) in enumerate(turns):
+            convs += [{"from": "human", "value": ("<image>\n" + q) if i == 0 else q}, {"from": "gpt", "value": a}]
+        out.append({"id": f"{scene_id}-conv", "image": image, "type": "conversation", "conversations": convs})
+    if "detail" in types:
+        out.append({"id": f"{scene_id}-detail", "image": image, "type": "detail", "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(DETAILED_INSTRUCTIONS)},
+            {"from": "gpt", "value": _detail(scene)}]})
+    if "complex" in types:
+        q, a = _complex(scene, rng)
+        out.append({"id": f"{scene_id}-complex", "image": image, "type": "complex", "conversations": [
+            {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+    return out
+
+
+def caption_record(scene: Scene, image: str, scene_id: str, rng: random.Random) -> dict[str, Any]:
+    """Stage-1 record: brief-description instruction + caption."""
+    return {"id": f"{scene_id}-cap", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\n" + rng.choice(BRIEF_INSTRUCTIONS)},
+        {"from": "gpt", "value": scene.captions()[0]}]}
+
+
+def write_dataset(out_dir: str | Path, n_scenes: int, seed: int = 0, size: int = 32,
+                  types: tuple[str, ...] = ("conversation", "detail", "complex")) -> dict[str, Path]:
+    """Write PNG images, ``captions.json`` (stage 1), ``instruct.json`` (stage 2) and ``scenes.json``."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    caps, inst, meta = [], [], []
+    for i in range(n_scenes):
+        scene = make_scene(rng, size)
+        name = f"images/{seed}_{i:05d}.png"
+        Image.fromarray(scene.image).save(out / name)
+        sid = f"{seed}-{i}"
+        caps.append(caption_record(scene, name, sid, rng))
+        inst += rule_based_instructions(scene, name, sid, rng, types)
+        meta.append({"id": sid, "image": name, "captions": scene.captions(), "boxes": scene.boxes(),
+                     "objects": [{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in scene.objects]})
+    paths = {"captions": out / "captions.json", "instruct": out / "instruct.json", "scenes": out / "scenes.json"}
+    paths["captions"].write_text(json.dumps(caps))
+    paths["instruct"].write_text(json.dumps(inst))
+    paths["scenes"].write_text(json.dumps(meta))
+    return paths

@@ -1,0 +1,425 @@
+"""Two-stage LLaVA training: single process, or ``deepspeed`` with ZeRO-2/3 (gloo on CPU, NCCL on GPU).
+
+Stage 1 (``pretrain``): only the projector learns, ``plain`` template (image -> caption), LR 1e-3.
+Stage 2 (``finetune``): projector + language model (or LoRA adapters), ``v1`` template, LR 2e-5.
+
+Usage::
+
+    python packages/llava/train.py --preset pretrain data=captions.json output_dir=runs/s1
+    deepspeed --num_gpus 8 packages/llava/train.py --preset finetune hardware=a100 zero_stage=3 \\
+        init_from=runs/s1 projector_from=runs/s1/mm_projector.bin data=instruct.json output_dir=runs/s2
+
+Arguments after the preset are ``key=value`` overrides of :class:`TrainConfig` (``--config file.yaml``
+also works). A run resumes from the newest checkpoint in ``output_dir/checkpoints`` unless ``resume=false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmr_llava import checkpoint as ckpt
+from mmr_llava.conversation import prepare_tokenizer
+from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler
+from mmr_llava.model import LlavaConfig, LlavaModel
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        stage: ``pretrain`` (stage 1) or ``finetune`` (stage 2); only names the run.
+        model: Named LlavaConfig used when ``init_from`` is not given (random weights).
+        init_from: Checkpoint folder (original or Hugging Face layout) to start from.
+        projector_from: A stage-1 ``mm_projector.bin`` loaded into the projector (works under ZeRO-3).
+        tokenizer: Tokenizer folder; None trains a small BPE tokenizer on the data (tests, miniature).
+        data: LLaVA JSON file.
+        image_folder: Folder that image paths in the data are relative to.
+        template: Conversation template.
+        tune: ``projector`` (stage 1), ``full`` (LM + projector) or ``lora`` (LoRA on the LM + projector).
+        lr: Peak learning rate. projector_lr: separate projector LR (None: same).
+        epochs / max_steps: Length (max_steps wins when set).
+        micro_batch_size / grad_accum: Samples per process per step and accumulation.
+        hardware: ``cpu`` (fp32), ``v100`` (fp16 + loss scaling, SDPA) or ``a100`` (bf16, flash-attn if installed).
+        zero_stage / offload: DeepSpeed ZeRO stage (2 or 3) and CPU offload, under the ``deepspeed`` launcher.
+        distributed: ``auto`` (DeepSpeed when launched by deepspeed/torchrun), ``deepspeed`` or ``none``.
+        save_every: Write a resumable checkpoint every N steps (and at the end); 0: never.
+        stop_after_steps: Stop early at this step (as if preempted) without changing the schedule.
+        on_mismatch: ``error`` or ``warn`` for tokenization mismatches.
+    """
+
+    stage: str = "finetune"
+    model: str = "tiny"
+    init_from: str | None = None
+    projector_from: str | None = None
+    tokenizer: str | None = None
+    data: str = ""
+    image_folder: str | None = None
+    template: str = "v1"
+    tune: str = "full"
+    lr: float = 2e-5
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    group_by_modality_length: bool = False
+    hardware: str = "cpu"
+    zero_stage: int = 2
+    offload: bool = False
+    distributed: str = "auto"
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    output_dir: str = "runs/llava"
+    save_every: int = 0
+    stop_after_steps: int | None = None
+    resume: bool = True
+    seed: int = 0
+    log_every: int = 10
+    on_mismatch: str = "error"
+    tokenizer_vocab: int = 256
+
+
+# The paper's schedules (LLaVA-1.5 scripts: global batch 256 / 128, cosine, warmup 3%, one epoch).
+PRESETS: dict[str, dict[str, Any]] = {
+    "pretrain": dict(stage="pretrain", template="plain", tune="projector", lr=1e-3, epochs=1, micro_batch_size=32,
+                     grad_accum=1, max_length=2048),
+    "finetune": dict(stage="finetune", template="v1", tune="full", lr=2e-5, epochs=1, micro_batch_size=16,
+                     grad_accum=1, max_length=2048, gradient_checkpointing=True, group_by_modality_length=True),
+    "finetune_lora": dict(stage="finetune", template="v1", tune="lora", lr=2e-4, projector_lr=2e-5, lora_r=128,
+                          lora_alpha=256, epochs=1, micro_batch_size=16, gradient_checkpointing=True,
+                          group_by_modality_length=True),
+}
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description="Train LLaVA (stage 1 or 2).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    base = TrainConfig(**PRESETS[args.preset]) if args.preset else TrainConfig()
+    try:
+        from mmr_core.config import load_config
+    except ImportError:  # pragma: no cover - the core is a dependency; kept for partial checkouts
+        load_config = None
+    if load_config is not None:
+        return load_config(TrainConfig, args.config, args.overrides, base=base)
+    import yaml
+
+    values = dataclasses.asdict(base)
+    if args.config:
+        values.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    for item in args.overrides:
+        key, _, raw = item.partition("=")
+        if key not in values:
+            raise ValueError(f"unknown TrainConfig key '{key}'")
+        values[key] = yaml.safe_load(raw)
+    return TrainConfig(**values)
+
+
+# -- setup -----------------------------------------------------------------------------------------
+
+def _attn_for(hardware: str) -> str:
+    if hardware == "a100":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"  # V100 has no flash-attention 2; SDPA uses its memory-efficient kernel
+
+
+def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Path, is_main: bool):
+    """The run's tokenizer; a trained one is saved in ``output_dir/tokenizer`` so a resume reuses it."""
+    from transformers import AutoTokenizer
+
+    saved = out_dir / "tokenizer"
+    if cfg.tokenizer:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    elif (saved / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(saved))
+    else:
+        from mmr_llava.conversation import render
+        from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
+
+        # BPE training is deterministic, so every rank builds the same tokenizer.
+        texts = [render(cfg.template, r["conversations"][:2] if cfg.template == "plain" else r["conversations"])[0]
+                 for r in records[:5000]]
+        tok = train_tiny_tokenizer(texts, cfg.tokenizer_vocab)
+    if is_main:
+        tok.save_pretrained(str(saved))
+    return tok
+
+
+def build_model_for(cfg: TrainConfig, tok, image_token_id: int) -> LlavaModel:
+    attn = _attn_for(cfg.hardware)
+    if cfg.init_from:
+        model = ckpt.load_pretrained(cfg.init_from, attn_implementation=attn)
+    else:
+        mcfg = LlavaConfig.from_name(cfg.model)
+        mcfg.text = dict(mcfg.text, vocab_size=max(len(tok), mcfg.text["vocab_size"] if cfg.model != "tiny" else 0),
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+        torch.manual_seed(cfg.seed)
+        model = LlavaModel(mcfg, attn_implementation=attn)
+    if len(tok) > model.vocab_size:
+        model.language_model.resize_token_embeddings(len(tok))
+        model.config.text["vocab_size"] = len(tok)
+    model.config.image_token_index = image_token_id
+    if cfg.projector_from:
+        ckpt.load_projector(model, cfg.projector_from)
+    return model
+
+
+def set_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
+    """Freeze per ``tune``; LoRA wraps the language model with peft adapters."""
+    model.vision_tower.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if cfg.tune == "projector":
+        model.language_model.requires_grad_(False)
+    elif cfg.tune == "full":
+        model.language_model.requires_grad_(True)
+    elif cfg.tune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.language_model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        model.language_model = get_peft_model(model.language_model, lora)
+    else:
+        raise ValueError(f"tune must be 'projector', 'full' or 'lora', got '{cfg.tune}'")
+    if cfg.gradient_checkpointing:
+        lm = model.language_model
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def param_groups(model: LlavaModel, cfg: TrainConfig) -> list[dict[str, Any]]:
+    proj = [p for p in model.projector.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
+    groups = [{"params": proj, "lr": cfg.projector_lr or cfg.lr, "weight_decay": cfg.weight_decay}]
+    if rest:
+        groups.append({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    return groups
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = max(1, math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def epoch_order(ds: LlavaDataset, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's sample order for an epoch (same global order on every rank, then strided)."""
+    if cfg.group_by_modality_length:
+        sampler = ModalityLengthGroupedSampler(ds.modality_lengths, cfg.micro_batch_size, world, cfg.seed)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(ds), generator=g).tolist()
+    per_rank = len(order) // world
+    if per_rank == 0:
+        raise ValueError(f"{len(order)} samples cannot feed {world} processes")
+    # Strided: with grouping, the ranks' micro-batches of one step come from the same mega-batch.
+    return order[: per_rank * world][rank::world]
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training; returns ``{"losses": [...], "step": int, "output_dir": str, ...}``."""
+    if not cfg.data:
+        raise ValueError("TrainConfig.data is required (a LLaVA JSON file)")
+    out_dir = Path(cfg.output_dir)
+    use_ds = cfg.distributed == "deepspeed" or (cfg.distributed == "auto" and "WORLD_SIZE" in os.environ)
+    rank, world, env = 0, 1, None
+    if use_ds:
+        try:
+            from mmr_core.distributed import init_distributed
+        except ImportError as err:  # pragma: no cover
+            raise RuntimeError("DeepSpeed training needs mmr_core.distributed") from err
+        env = init_distributed()
+        rank, world = env.rank, env.world_size
+    device = env.device if env is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from mmr_core.utils import seed_everything
+
+        seed_everything(cfg.seed, rank=rank)
+    except ImportError:  # pragma: no cover
+        torch.manual_seed(cfg.seed + rank)
+
+    records = json.loads(Path(cfg.data).read_text())
+    tok = build_tokenizer(cfg, records, out_dir, rank == 0)
+    image_id = prepare_tokenizer(tok, cfg.template)
+    model = set_trainable(build_model_for(cfg, tok, image_id), cfg)
+    mcfg = model.config
+    ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
+                      cfg.max_length, cfg.on_mismatch)
+    collate = Collator(tok.pad_token_id, "right")
+    steps_per_epoch = max(1, len(ds) // world // (cfg.micro_batch_size * cfg.grad_accum))
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, cfg.warmup_ratio))
+
+    ckpt_dir = out_dir / "checkpoints"
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    if use_ds:
+        import deepspeed
+
+        from mmr_core.distributed import load_checkpoint, preset
+
+        ds_cfg = preset(f"{cfg.hardware}_zero{cfg.zero_stage}{'_offload' if cfg.offload else ''}",
+                        micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum)
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                lr_scheduler=scheduler, config=ds_cfg)
+        if cfg.resume:
+            resumed = load_checkpoint(engine, ckpt_dir)
+            if resumed:
+                state.update(step=resumed["step"], **resumed["data_state"])
+    else:
+        engine = model.to(device)
+        if cfg.resume and (ckpt_dir / "latest.pt").is_file():
+            saved = torch.load(ckpt_dir / "latest.pt", map_location="cpu", weights_only=False)
+            model.load_state_dict(saved["model"], strict=False)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            torch.set_rng_state(saved["rng"])
+            state.update(saved["state"])
+
+    losses: list[float] = []
+    metrics_path = out_dir / "metrics.jsonl"
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    from mmr_core.utils import progress
+
+    bar_iter = progress(range(state["step"], total), desc=f"llava {cfg.stage}", total=total - state["step"])
+    while state["step"] < total and state["step"] != cfg.stop_after_steps:
+        order = epoch_order(ds, cfg, state["epoch"], rank, world)
+        mb = cfg.micro_batch_size
+        batches = [order[i: i + mb] for i in range(0, len(order) - mb + 1, mb)]
+        start = state["step_in_epoch"] * cfg.grad_accum
+        for bi in range(start, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
+            step_loss = 0.0
+            for k in range(cfg.grad_accum):
+                batch = collate([ds[i] for i in batches[bi + k]])
+                batch = {k2: (v.to(device) if isinstance(v, torch.Tensor) else v) for k2, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())
+                out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                             attention_mask=batch["attention_mask"], labels=batch["labels"])
+                loss = out["loss"]
+                if use_ds:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+            if not use_ds:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            losses.append(step_loss)
+            next(bar_iter, None)
+            if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
+                rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"step": state["step"], "loss": step_loss, "tokens_per_s": rate,
+                                        "lr": scheduler.get_last_lr()[0]}) + "\n")
+            if cfg.save_every and state["step"] % cfg.save_every == 0:
+                _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir, use_ds, rank)
+            if state["step"] >= total or state["step"] == cfg.stop_after_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            continue
+        break
+    if cfg.save_every:
+        _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir, use_ds, rank)
+    export_model(model, cfg, out_dir, rank, tok)
+    result = {"losses": losses, "step": state["step"], "output_dir": str(out_dir), "rank": rank, "world": world,
+              "tokens_per_s": tokens * world / max(time.perf_counter() - t0, 1e-9)}
+    if use_ds:
+        from mmr_core.distributed import finalize_distributed
+
+        finalize_distributed()
+    return result
+
+
+def _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir: Path, use_ds: bool, rank: int) -> None:
+    data_state = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+    if use_ds:
+        from mmr_core.distributed import save_checkpoint
+
+        save_checkpoint(engine, ckpt_dir, state["step"], data_state)
+        return
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tmp = ckpt_dir / "latest.pt.tmp"
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if k in trainable},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "state": dict(state, **data_state)}, tmp)
+    tmp.replace(ckpt_dir / "latest.pt")  # atomic: a kill mid-save never leaves a broken checkpoint
+
+
+def export_model(model: LlavaModel, cfg: TrainConfig, out_dir: Path, rank: int, tok) -> None:
+    """Stage 1: ``mm_projector.bin`` + config.json; otherwise a full original-layout checkpoint (LoRA merged)."""
+    params = list(model.parameters())
+    gathered = any(hasattr(p, "ds_id") for p in params)
+    if gathered:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx:
+        if rank != 0:
+            return
+        if cfg.tune == "lora":
+            model.language_model = model.language_model.merge_and_unload()
+        ckpt.save_projector(model, out_dir / "mm_projector.bin")
+        ckpt.save_pretrained(model, out_dir / "model", layout="original")
+        tok.save_pretrained(str(out_dir / "model"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    result = train(config_from_args(argv))
+    if result["rank"] == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Two-stage training on the tiny model: single process, resume, LoRA export, DeepSpeed with 2 gloo ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmr_llava import checkpoint as ckpt
+from mmr_llava.scenes import write_dataset
+from mmr_llava.train import TrainConfig, config_from_args, train
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("scenes"), n_scenes=12, seed=0)
+
+
+def _cfg(scenes, out, **kw):
+    base = dict(data=str(scenes["instruct"]), image_folder=str(scenes["instruct"].parent), output_dir=str(out),
+                micro_batch_size=4, log_every=1, tokenizer_vocab=200)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_presets_and_overrides():
+    cfg = config_from_args(["--preset", "pretrain", "lr=5e-4", "max_steps=3"])
+    assert (cfg.tune, cfg.template, cfg.lr, cfg.max_steps) == ("projector", "plain", 5e-4, 3)
+    cfg = config_from_args(["--preset", "finetune"])
+    assert (cfg.tune, cfg.template, cfg.lr) == ("full", "v1", 2e-5)
+    with pytest.raises(ValueError, match="lrr"):
+        config_from_args(["lrr=1"])
+
+
+def test_stage1_then_stage2(scenes, tmp_path):
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    s1 = train(_cfg(scenes, tmp_path / "s1", data=str(scenes["captions"]), template="plain", tune="projector",
+                    lr=1e-3, max_steps=3))
+    assert s1["step"] == 3 and all(torch.isfinite(torch.tensor(s1["losses"])))
+    proj = torch.load(tmp_path / "s1" / "mm_projector.bin", weights_only=True)
+    assert sorted(proj)[0].startswith("model.mm_projector.")
+    s2 = train(_cfg(scenes, tmp_path / "s2", init_from=str(tmp_path / "s1" / "model"),
+                    tokenizer=str(tmp_path / "s1" / "tokenizer"), projector_from=str(tmp_path / "s1/mm_projector.bin"),
+                    lr=3e-3, max_steps=8, gradient_checkpointing=True, group_by_modality_length=True))
+    assert s2["losses"][-1] < s2["losses"][0]
+    model = ckpt.load_pretrained(tmp_path / "s2" / "model")
+    torch.testing.assert_close(model.projector.state_dict()["0.bias"].shape, torch.Size([64]))
+    # Stage 1 froze the language model: its weights are still the random init of stage 1's model.
+    s1_model = ckpt.load_pretrained(tmp_path / "s1" / "model")
+    torch.testing.assert_close(s1_model.projector.state_dict()["0.weight"],
+                               proj["model.mm_projector.0.weight"])
+
+
+def test_resume_matches_uninterrupted(scenes, tmp_path):
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    full = train(_cfg(scenes, tmp_path / "full", lr=1e-3, max_steps=6, micro_batch_size=2))
+    part = train(_cfg(scenes, tmp_path / "part", lr=1e-3, max_steps=6, micro_batch_size=2, save_every=3,
+                      stop_after_steps=3))
+    assert part["step"] == 3
+    rest = train(_cfg(scenes, tmp_path / "part", lr=1e-3, max_steps=6, micro_batch_size=2, save_every=3))
+    assert rest["step"] == 6
+    torch.testing.assert_close(torch.tensor(part["losses"] + rest["losses"]), torch.tensor(full["losses"]))
+
+
+def test_lora_merged_export(scenes, tmp_path):
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    out = train(_cfg(scenes, tmp_path / "lora", tune="lora", lora_r=4, lora_alpha=8, lr=1e-3, max_steps=2))
+    assert out["step"] == 2
+    model = ckpt.load_pretrained(tmp_path / "lora" / "model")
+    assert not any("lora" in k for k in model.state_dict())
+
+
+@pytest.mark.slow  # ~80 s on 2 shared cores (three DeepSpeed process start-ups)
+@pytest.mark.distributed
+def test_deepspeed_two_gloo_ranks_zero3(scenes, tmp_path):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("mmr_core.distributed")
+    s1 = tmp_path / "s1"
+    train(_cfg(scenes, s1, data=str(scenes["captions"]), template="plain", tune="projector", lr=1e-3,
+               max_steps=1))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", "2", "--no_local_rank", str(TRAIN_SCRIPT), "--preset", "finetune",
+           f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", f"output_dir={tmp_path / 'ds'}",
+           f"tokenizer={s1 / 'tokenizer'}", f"projector_from={s1 / 'mm_projector.bin'}", "micro_batch_size=2",
+           "max_steps=2", "save_every=2", "zero_stage=3", "gradient_checkpointing=true", "tokenizer_vocab=200"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"step"')][-1])
+    assert summary["world"] == 2 and summary["step"] == 2
+    assert (tmp_path / "ds" / "checkpoints" / "latest").is_file()
+    model = ckpt.load_pretrained(tmp_path / "ds" / "model")
+    assert model.config.num_patches == 16
