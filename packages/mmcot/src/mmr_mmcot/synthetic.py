@@ -1,0 +1,180 @@
+"""Generated ScienceQA-format problems for the miniature reproduction and the tests.
+
+Three families, written in the released file formats (``problems.json``, ``pid_splits.json``, captions,
+features ``.npy`` + name map):
+
+* NAT / IMG: "What color is the shape in the picture?" The colour (and the shape) exist only in the
+  image features, so the answer and a faithful rationale need vision.
+* SOC / IMG: "Which way does the arrow in the picture point?" Same, with a direction.
+* LAN / TXT or NO: word questions answerable from text (hint or memorised word classes).
+
+Image features are ``(patch_num, patch_dim)`` arrays: noise plus one patch carrying a one-hot of the
+attribute (first block of dims) and of the object (second block), at a random position.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+COLORS = ("red", "blue", "green", "yellow")
+SHAPES = ("circle", "square", "triangle", "star")
+DIRECTIONS = ("north", "south", "east", "west")
+NOUNS = ("dog", "table", "river", "apple", "teacher", "cloud")
+VERBS = ("run", "jump", "sing", "write", "swim", "build")
+NUMBERS = ("two", "three", "four", "five", "six", "seven")
+
+
+@dataclass
+class SyntheticFiles:
+    """Paths of a generated release."""
+
+    root: Path
+    problems: Path
+    pid_splits: Path
+    captions: Path
+    features: Path
+    name_map: Path
+
+
+def _image(rng: np.random.Generator, patch_num: int, patch_dim: int, attr: int, obj: int) -> np.ndarray:
+    feats = rng.normal(0.0, 0.3, size=(patch_num, patch_dim)).astype(np.float32)
+    pos = int(rng.integers(patch_num))
+    feats[pos, :] = 0.0
+    feats[pos, attr] = 3.0
+    feats[pos, 4 + obj] = 3.0
+    return feats
+
+
+def _options(rng: random.Random, pool: tuple[str, ...], answer: str, k: int) -> tuple[list[str], int]:
+    others = [w for w in pool if w != answer]
+    choices = rng.sample(others, k - 1) + [answer]
+    rng.shuffle(choices)
+    return choices, choices.index(answer)
+
+
+def generate_problems(
+    n: int, seed: int = 0, patch_num: int = 8, patch_dim: int = 16, image_fraction: float = 0.7
+) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """``n`` problems and the features of those with an image.
+
+    Returns:
+        ``(problems, {pid: features})``.
+    """
+    if patch_dim < 8:
+        raise ValueError("patch_dim must be >= 8 (4 attribute + 4 object dims)")
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    problems: dict[str, dict] = {}
+    images: dict[str, np.ndarray] = {}
+    for i in range(n):
+        pid = str(i + 1)
+        grade = f"grade{rng.randint(1, 12)}"
+        if rng.random() < image_fraction:
+            obj = rng.randrange(4)
+            if rng.random() < 0.5:
+                attr = rng.randrange(4)
+                color, shape = COLORS[attr], SHAPES[obj]
+                choices, answer = _options(rng, COLORS, color, 3)
+                problem = {
+                    "question": "What color is the shape in the picture?",
+                    "hint": "",
+                    "subject": "natural science",
+                    "lecture": "Look at the picture to find the color of the shape.",
+                    "solution": f"The picture shows a {color} {shape}. The {shape} is {color}.",
+                }
+            else:
+                attr = rng.randrange(4)
+                direction = DIRECTIONS[attr]
+                choices, answer = _options(rng, DIRECTIONS, direction, 3)
+                problem = {
+                    "question": "Which way does the arrow in the picture point?",
+                    "hint": "",
+                    "subject": "social science",
+                    "lecture": "A compass rose shows north, south, east and west.",
+                    "solution": f"The arrow in the picture points {direction}. So it points {direction}.",
+                }
+            problem.update(choices=choices, answer=answer, image="image.png", grade=grade)
+            images[pid] = _image(nprng, patch_num, patch_dim, attr, obj)
+        elif rng.random() < 0.5:
+            count_a, count_b = rng.sample(range(len(NUMBERS)), 2)
+            a, b = rng.sample(NOUNS[:4], 2)
+            more = a if count_a > count_b else b
+            choices, answer = _options(rng, (a, b), more, 2)
+            problem = {
+                "question": "Which thing is there more of?",
+                "hint": f"There are {NUMBERS[count_a]} {a}s and {NUMBERS[count_b]} {b}s.",
+                "subject": "language science",
+                "lecture": "Compare the two numbers in the text.",
+                "solution": f"There are {NUMBERS[count_a]} {a}s and {NUMBERS[count_b]} {b}s. There are more {more}s.",
+                "choices": choices,
+                "answer": answer,
+                "image": None,
+                "grade": grade,
+            }
+        else:
+            noun = rng.choice(NOUNS)
+            choices, answer = _options(rng, (noun, *rng.sample(VERBS, 2)), noun, 3)
+            problem = {
+                "question": "Which word is a noun?",
+                "hint": "",
+                "subject": "language science",
+                "lecture": "A noun names a person, place or thing.",
+                "solution": f"{noun.capitalize()} names a thing. So {noun} is a noun.",
+                "choices": choices,
+                "answer": answer,
+                "image": None,
+                "grade": grade,
+            }
+        problem["split"] = ""
+        problems[pid] = problem
+    return problems, images
+
+
+def write_release(
+    root: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    patch_num: int = 8,
+    patch_dim: int = 16,
+) -> SyntheticFiles:
+    """Write a generated release (train/val/test splits; val = test) under ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    problems, images = generate_problems(n_train + n_test, seed, patch_num, patch_dim)
+    pids = list(problems)
+    splits = {"train": pids[:n_train], "val": pids[n_train:], "test": pids[n_train:]}
+    for name in ("train", "test"):
+        for pid in splits[name]:
+            problems[pid]["split"] = name
+    name_map = {pid: str(row) for row, pid in enumerate(images)}
+    array = np.stack(list(images.values())) if images else np.zeros((0, patch_num, patch_dim), np.float32)
+    files = SyntheticFiles(
+        root=root,
+        problems=root / "problems.json",
+        pid_splits=root / "pid_splits.json",
+        captions=root / "captions.json",
+        features=root / "features.npy",
+        name_map=root / "name_map.json",
+    )
+    files.problems.write_text(json.dumps(problems, indent=1))
+    files.pid_splits.write_text(json.dumps(splits))
+    # Captions that do not reveal the attribute, as weak real captions often do not.
+    files.captions.write_text(json.dumps({"captions": {pid: "A simple drawing." for pid in images}}))
+    np.save(files.features, array)
+    files.name_map.write_text(json.dumps(name_map))
+    return files
+
+
+def corpus(problems: dict[str, dict]) -> list[str]:
+    """Texts to train a tokenizer on (every field the prompts use, plus the template words)."""
+    texts = ["Question: Context: N/A Options: (A) (B) (C) (D) (E) Solution: Answer: The answer is (A). (B). (C)."]
+    for p in problems.values():
+        texts += [p["question"], p["hint"], p["lecture"], p["solution"], " ".join(p["choices"])]
+    texts += [" ".join(COLORS + SHAPES + DIRECTIONS + NOUNS + VERBS + NUMBERS)]
+    return [t for t in texts if t]

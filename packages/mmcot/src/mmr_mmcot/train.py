@@ -1,0 +1,436 @@
+"""Two-stage Multimodal-CoT recipe: stage 1 QCM->R, stage 2 QCMR->A, evaluation with generated rationales.
+
+Single process::
+
+    python -m mmr_mmcot.train --config run.yaml output_dir=runs/base epochs=20
+
+Two CPU processes (gloo) or several GPUs, via DeepSpeed ZeRO-2 (``mmr_core.distributed``)::
+
+    deepspeed --num_gpus 2 -m mmr_mmcot.train --config run.yaml deepspeed=true   # or: --num_nodes 1 ...
+
+Both are resumable: rerunning the same command continues from the newest checkpoint of the unfinished
+stage (optimizer, schedule, data position and RNG streams restored); a finished stage (``final/``) and
+its generated rationales are reused.
+
+Stage 2 always sees stage-1 *generated* rationales at evaluation (the paper's setting). For training,
+``stage2_train_rationales`` chooses ``"gold"`` (the official scripts: the training set is rendered with
+the gold lecture and solution) or ``"generated"`` (stage 1's own outputs on the training split, which
+removes the train/test mismatch at the cost of generating over the training set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmr_core.utils import get_logger, progress, seed_everything
+
+from .data import Collator, ScienceQA, ScienceQADataset, VisionFeatures, collapse_whitespace, render_pair
+from .metrics import category_accuracy, extract_predictions, rationale_scores
+from .model import MMCoTConfig, MMCoTModel
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a two-stage run needs (YAML keys and ``key=value`` overrides use these names)."""
+
+    # model
+    model: str = "flan-alpaca-base"
+    vision: str = "vit"
+    use_vision: bool = True
+    fusion_mask: bool = True
+    init_checkpoint: str | None = None
+    tokenizer: str = ""
+    # data
+    problems: str = "data/scienceqa/problems.json"
+    pid_splits: str = "data/scienceqa/pid_splits.json"
+    captions: str | None = None
+    features: str | None = None
+    name_map: str | None = None
+    use_caption: bool = True
+    train_split: str = "train"
+    eval_split: str = "test"
+    stage1_format: str = "QCM-E"
+    stage2_format: str = "QCMG-A"
+    stages: str = "both"
+    stage2_train_rationales: str = "gold"
+    # optimisation
+    epochs: int = 20
+    max_steps: int = 0
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    lr: float = 8e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    grad_clip: float = 1.0
+    source_len: int = 512
+    rationale_len: int = 512
+    answer_len: int = 64
+    dynamic_padding: bool = True
+    seed: int = 42
+    # run
+    output_dir: str = "runs/mmcot"
+    save_every: int = 200
+    keep_last: int = 2
+    deepspeed: bool = False
+    ds_preset: str = "cpu_zero2"
+    random_fallback: bool = False
+    num_threads: int = 0
+
+
+# ---- building blocks ---------------------------------------------------------------------------------
+
+
+def load_tokenizer(spec: str) -> Any:
+    """A SentencePiece ``.model`` file (our T5-layout wrapper) or a Hugging Face tokenizer directory."""
+    if not spec:
+        raise ValueError("tokenizer is required: a SentencePiece .model file or a Hugging Face tokenizer dir")
+    if spec.endswith(".model"):
+        from .tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(spec)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel:
+    """Model from the named size; weights from ``init_checkpoint`` (ours or official) when given."""
+    overrides: dict[str, Any] = {"fusion_mask": cfg.fusion_mask}
+    if cfg.model != "tiny" or cfg.vision != "vit":
+        overrides["vision"] = cfg.vision
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    model = MMCoTModel(MMCoTConfig.from_name(cfg.model, **overrides))
+    if cfg.init_checkpoint:
+        path = Path(cfg.init_checkpoint)
+        if (path / "mmcot_config.json").is_file():
+            model = MMCoTModel.load(path)
+        else:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_official_state_dict(state)
+    return model
+
+
+def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Shuffled example order of one epoch, sharded by rank; a pure function so resume is exact."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    shard = perm[rank::world]
+    return shard[: len(perm) // world]  # equal shard sizes keep ranks in lockstep
+
+
+def _linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        return max(0.0, (total - step) / max(total - warmup, 1))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(
+    model: MMCoTModel,
+    dataset: ScienceQADataset,
+    cfg: TrainConfig,
+    ckpt_dir: Path,
+    collator: Collator,
+    desc: str = "train",
+) -> list[float]:
+    """Train (single process, or DeepSpeed when ``cfg.deepspeed``); resumes from ``ckpt_dir``.
+
+    Returns:
+        Loss of each optimizer step run in this call.
+    """
+    if cfg.deepspeed:
+        return _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc)
+    from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
+
+    per_epoch = max(len(dataset) // cfg.batch_size, 1)
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
+    start = 0
+    ckpts = sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if ckpts:
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resumed %s from %s (step %d/%d)", desc, ckpts[-1].name, start, total)
+    model.train()
+    losses = []
+    for step in progress(range(start, total), desc=desc, total=total, initial=start):
+        epoch, index = divmod(step, per_epoch)
+        order = epoch_order(len(dataset), epoch, cfg.seed)
+        batch = collator([dataset[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]])
+        loss = _loss(model, batch)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        done = step + 1
+        if done % cfg.save_every == 0 and done < total:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "step": done,
+            }
+            torch.save(state, ckpt_dir / f"step_{done}.pt")
+            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[: -cfg.keep_last]:
+                old.unlink()
+    model.eval()
+    return losses
+
+
+def _loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    return model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["image_features"],
+        image_mask=batch["image_mask"],
+        labels=batch["labels"],
+    ).loss
+
+
+def _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc) -> list[float]:
+    import deepspeed
+
+    from mmr_core.distributed import init_distributed, load_checkpoint, preset, save_checkpoint
+
+    env = init_distributed()
+    per_epoch = max(len(dataset) // (cfg.batch_size * env.world_size), 1)
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
+    config = preset(cfg.ds_preset, micro_batch_size=cfg.batch_size, grad_accum=1, grad_clip=cfg.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    resumed = load_checkpoint(engine, ckpt_dir)
+    start = resumed["step"] if resumed else 0
+    losses = []
+    engine.train()
+    for step in progress(range(start, total), desc=desc, total=total, initial=start):
+        epoch, index = divmod(step, per_epoch)
+        order = epoch_order(len(dataset), epoch, cfg.seed, env.rank, env.world_size)
+        batch = collator([dataset[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]])
+        loss = _loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        done = step + 1
+        if done % cfg.save_every == 0 and done < total:
+            save_checkpoint(engine, ckpt_dir, done, {"epoch": epoch, "index": index + 1}, keep_last=cfg.keep_last)
+    engine.eval()
+    return losses
+
+
+@torch.no_grad()
+def generate_texts(
+    model: MMCoTModel,
+    dataset: ScienceQADataset,
+    tokenizer: Any,
+    collator: Collator,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "generate",
+) -> dict[str, str]:
+    """``{pid: decoded output}`` over ``dataset`` (sharded across ranks when distributed, then gathered)."""
+    import torch.distributed as dist
+
+    model.eval()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    indices = list(range(len(dataset)))[rank::world]
+    outputs: dict[str, str] = {}
+    starts = range(0, len(indices), batch_size)
+    for start in progress(starts, desc=desc, total=len(starts)):
+        batch = collator([dataset[i] for i in indices[start : start + batch_size]])
+        ids = model.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["image_features"],
+            image_mask=batch["image_mask"],
+            max_new_tokens=max_new_tokens,
+        )
+        for pid, row in zip(batch["pids"], ids.tolist()):
+            outputs[pid] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    if world > 1:
+        gathered: list[dict[str, str]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, outputs)
+        outputs = {k: v for part in gathered for k, v in part.items()}
+    return outputs
+
+
+# ---- the two-stage run -------------------------------------------------------------------------------
+
+
+def _features(cfg: TrainConfig, model_cfg: MMCoTConfig) -> VisionFeatures | None:
+    if not cfg.use_vision:
+        return None
+    if not cfg.features or not cfg.name_map:
+        raise ValueError("use_vision=true needs features and name_map (or set use_vision=false)")
+    feats = VisionFeatures.load(cfg.features, cfg.name_map, patch_num=model_cfg.patch_num)
+    if feats.shape != (model_cfg.patch_num, model_cfg.patch_dim):
+        raise ValueError(
+            f"features {cfg.features} have shape {feats.shape}, model expects "
+            f"{(model_cfg.patch_num, model_cfg.patch_dim)} (vision={model_cfg.vision!r})"
+        )
+    return feats
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    from mmr_core.utils import is_main_process
+
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1))
+
+
+def run_stage(
+    cfg: TrainConfig,
+    data: ScienceQA,
+    tokenizer: Any,
+    stage_dir: Path,
+    prompt_format: str,
+    target_len: int,
+    train_rationales: Mapping[str, str] | None = None,
+    eval_rationales: Mapping[str, str] | None = None,
+    extra_generate_splits: tuple[str, ...] = (),
+) -> tuple[MMCoTModel, dict[str, dict[str, str]]]:
+    """Train one stage (or reuse ``stage_dir/final``) and generate on the eval split (and extra splits).
+
+    Returns:
+        The model and ``{split: {pid: generated text}}``.
+    """
+    vocab = getattr(tokenizer, "vocab_size", None)
+    final = stage_dir / "final"
+    model = MMCoTModel.load(final) if (final / "model.safetensors").is_file() else build_for_run(cfg, vocab)
+    feats = _features(cfg, model.config)
+    zero_shape = (model.config.patch_num, model.config.patch_dim)
+    common = dict(
+        features=feats,
+        source_len=cfg.source_len,
+        target_len=target_len,
+        use_caption=cfg.use_caption,
+        zero_shape=zero_shape,
+    )
+    collator = Collator(tokenizer.pad_token_id, pad_to=None if cfg.dynamic_padding else cfg.source_len)
+    if not (final / "model.safetensors").is_file():
+        train_ds = ScienceQADataset(
+            data, data.split(cfg.train_split), tokenizer, prompt_format, rationales=train_rationales, **common
+        )
+        losses = fit(model, train_ds, cfg, stage_dir / "ckpt", collator, desc=f"train {stage_dir.name}")
+        from mmr_core.utils import is_main_process
+
+        if is_main_process():
+            model.save(final)
+            _write_json(stage_dir / "losses.json", losses)
+    generated = {}
+    for split in (cfg.eval_split, *extra_generate_splits):
+        cache = stage_dir / f"generated_{split}.json"
+        if cache.is_file():
+            generated[split] = json.loads(cache.read_text())
+            continue
+        rationales = eval_rationales if split == cfg.eval_split else train_rationales
+        ds = ScienceQADataset(data, data.split(split), tokenizer, prompt_format, rationales=rationales, **common)
+        generated[split] = generate_texts(
+            model, ds, tokenizer, collator, cfg.eval_batch_size, target_len, desc=f"generate {stage_dir.name}/{split}"
+        )
+        _write_json(cache, generated[split])
+    return model, generated
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the configured stages; returns (and writes to ``output_dir/metrics.json``) the metrics."""
+    if cfg.stages not in ("both", "rationale", "answer"):
+        raise ValueError(f"stages must be 'both', 'rationale' or 'answer', got {cfg.stages!r}")
+    if cfg.stage2_train_rationales not in ("gold", "generated"):
+        raise ValueError(f"stage2_train_rationales must be 'gold' or 'generated', got {cfg.stage2_train_rationales!r}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    data = ScienceQA.load(cfg.problems, cfg.pid_splits, cfg.captions)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    metrics: dict[str, Any] = {}
+    rationales: dict[str, dict[str, str]] = {}
+    if cfg.stages in ("both", "rationale"):
+        extra = (cfg.train_split,) if cfg.stage2_train_rationales == "generated" else ()
+        _, rationales = run_stage(
+            cfg, data, tokenizer, out / "stage1", cfg.stage1_format, cfg.rationale_len, extra_generate_splits=extra
+        )
+        references = {}
+        for pid in data.split(cfg.eval_split):
+            references[pid] = collapse_whitespace(render_pair(data.problems[pid], cfg.stage1_format, pid)[1])
+        metrics["rationale"] = rationale_scores(rationales[cfg.eval_split], references)
+    if cfg.stages in ("both", "answer"):
+        if not rationales:
+            path = out / "stage1" / f"generated_{cfg.eval_split}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"stage 2 needs stage-1 rationales: {path} (run stages=rationale first)")
+            rationales = {cfg.eval_split: json.loads(path.read_text())}
+        train_r = rationales.get(cfg.train_split) if cfg.stage2_train_rationales == "generated" else None
+        _, answers = run_stage(
+            cfg,
+            data,
+            tokenizer,
+            out / "stage2",
+            cfg.stage2_format,
+            cfg.answer_len,
+            train_rationales=train_r,
+            eval_rationales=rationales[cfg.eval_split],
+        )
+        extraction = extract_predictions(
+            answers[cfg.eval_split], data.problems, random_fallback=cfg.random_fallback, seed=cfg.seed
+        )
+        metrics["answer"] = category_accuracy(extraction.predictions, data.problems)
+        metrics["extraction_failures"] = len(extraction.failures)
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from mmr_core.config import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML file with TrainConfig keys")
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    metrics = run(cfg)
+    log.info("metrics: %s", json.dumps(metrics))
+    if cfg.deepspeed:
+        from mmr_core.distributed import finalize_distributed
+
+        finalize_distributed()
+    return metrics
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+if __name__ == "__main__":
+    main()
