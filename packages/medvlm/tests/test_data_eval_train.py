@@ -1,0 +1,169 @@
+"""COCO loading with its documented fix-ups and errors, AP evaluation, pictures, and the training recipe."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
+from mmr_medvlm.evaluate import GLIPDetector, coco_ap, draw_detections, evaluate
+from mmr_medvlm.model import GLIP, Detections, GLIPConfig
+from mmr_medvlm.prompts import ClassPrompt, PromptSet, PromptTooLongError
+from mmr_medvlm.synthetic import blood_dataset
+from mmr_medvlm.train import ModelEMA, OptimConfig, TrainConfig, batches, fit, lr_factor, param_groups
+
+PROMPT = PromptSet([ClassPrompt("platelet", shape="small", color="colorless"),
+                    ClassPrompt("rbc", name="red blood cell", shape="rounded"),
+                    ClassPrompt("wbc", name="white blood cell", color="purple or blue")])
+
+
+@pytest.fixture(scope="module")
+def blood(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blood")
+    return root, blood_dataset(root, n=6, seed=0, size=64)
+
+
+def test_loads_and_orders_categories(blood):
+    root, ann = blood
+    ds = CocoGroundingDataset(ann, root / "images", PROMPT)
+    assert len(ds) == 6 and ds.category_names == ["platelet", "rbc", "wbc"]
+    s = ds[0]
+    assert s.image.shape == (3, 64, 64) and 0 <= s.image.min() and s.image.max() <= 1
+    assert s.targets.boxes.shape[1] == 4 and s.targets.labels.max() <= 2
+    assert ds.stats.clipped == 0 and ds.stats.images == 6
+
+
+def test_outside_boxes_clipped_and_counted(blood):
+    root, ann = blood
+    coco = json.loads(ann.read_text())
+    coco["annotations"][0]["bbox"] = [-5.0, -3.0, 20.0, 20.0]  # sticks out top-left
+    coco["annotations"][1]["bbox"] = [70.0, 70.0, 5.0, 5.0]  # entirely outside: no area left
+    ds = CocoGroundingDataset(coco, root / "images", PROMPT)
+    assert ds.stats.clipped == 2 and ds.stats.dropped_degenerate == 1
+    first = next(i for i, (im, _) in enumerate(ds.items) if im["id"] == coco["annotations"][0]["image_id"])
+    assert ds[first].targets.boxes.min() >= 0
+    assert "clipped 2 boxes" in ds.stats.summary()
+
+
+def test_empty_images_kept_or_dropped(blood):
+    root, ann = blood
+    coco = json.loads(ann.read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 1]
+    assert CocoGroundingDataset(coco, root / "images", PROMPT).stats.empty_images == 1
+    ds = CocoGroundingDataset(coco, root / "images", PROMPT, keep_empty=False)
+    assert len(ds) == 5
+
+
+def test_clear_errors(blood, tokenizer):
+    root, ann = blood
+    coco = json.loads(ann.read_text())
+    with pytest.raises(KeyError, match=r"no entry for dataset categories \['wbc'\]"):
+        CocoGroundingDataset(coco, root / "images", PromptSet(PROMPT.classes[:2]))
+    bad = copy.deepcopy(coco)
+    bad["annotations"][0]["category_id"] = 9
+    with pytest.raises(ValueError, match="category_id 9"):
+        CocoGroundingDataset(bad, root / "images", PROMPT)
+    ds = CocoGroundingDataset(coco, root / "images", PROMPT)
+    with pytest.raises(PromptTooLongError, match="text encoder takes 8"):
+        ds.encode_prompt(tokenizer, 8)
+    missing = copy.deepcopy(coco)
+    missing["images"][0]["file_name"] = "nope.png"
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        CocoGroundingDataset(missing, root / "images", PROMPT)[0]
+
+
+def test_k_shot_is_seeded_and_covers_every_class(blood):
+    _, ann = blood
+    a, b, c = sample_k_shot(ann, 1, seed=3), sample_k_shot(ann, 1, seed=3), sample_k_shot(ann, 2, seed=4)
+    assert [im["id"] for im in a["images"]] == [im["id"] for im in b["images"]]
+    for sub, k in ((a, 1), (c, 2)):
+        ids = {im["id"] for im in sub["images"]}
+        for cat in (1, 2, 3):
+            have = {x["image_id"] for x in sub["annotations"] if x["category_id"] == cat}
+            total = {x["image_id"] for x in json.loads(ann.read_text())["annotations"] if x["category_id"] == cat}
+            assert len(have & ids) >= min(k, len(total))
+
+
+def test_coco_ap_perfect_and_wrong(blood):
+    _, ann = blood
+    gt = json.loads(ann.read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
+    assert coco_ap(gt, perfect)["AP"] == pytest.approx(100.0)
+    wrong = [dict(r, category_id=r["category_id"] % 3 + 1) for r in perfect]
+    assert coco_ap(gt, wrong)["AP"] == pytest.approx(0.0)
+    assert coco_ap(gt, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+
+
+def test_evaluate_with_oracle_detector(blood):
+    root, ann = blood
+    ds = CocoGroundingDataset(ann, root / "images", PROMPT)
+
+    class Oracle:
+        def detect(self, images, prompt):
+            assert prompt.categories == ds.category_names
+            out = []
+            for im in images:
+                s = next(x for x in (ds[i] for i in range(len(ds))) if torch.equal(x.image, im))
+                out.append(Detections(s.targets.boxes, torch.ones(len(s.targets.labels)), s.targets.labels))
+            return out
+
+    assert evaluate(Oracle(), ds, batch_size=4)["AP50"] == pytest.approx(100.0)
+
+
+def test_glip_detector_and_picture(blood, tokenizer, tmp_path):
+    root, ann = blood
+    torch.manual_seed(0)
+    cfg = GLIPConfig.from_name("test", vocab_size=len(tokenizer), score_thresh=0.0)
+    det = GLIPDetector(GLIP(cfg), tokenizer)
+    ds = CocoGroundingDataset(ann, root / "images", PROMPT)
+    metrics = evaluate(det, ds, batch_size=3)
+    assert set(metrics) == {"AP", "AP50", "AP75"} and 0 <= metrics["AP"] <= 100
+    s = ds[0]
+    d = det.detect([s.image], PROMPT)[0]
+    path = draw_detections(s.image, d, [c.name for c in PROMPT.classes], tmp_path / "det.png", min_score=0.0,
+                           ground_truth=s.targets, scale=4)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.size == (256, 256)
+
+
+def test_schedule_groups_ema():
+    o = OptimConfig(warmup_iters=10, warmup_factor=0.001, decay_at=(0.5, 0.75))
+    assert lr_factor(0, 100, o) == pytest.approx(0.001)
+    assert lr_factor(10, 100, o) == 1.0 and lr_factor(50, 100, o) == pytest.approx(0.1)
+    assert lr_factor(80, 100, o) == pytest.approx(0.01)
+    model = GLIP(GLIPConfig.from_name("test"))
+    groups = param_groups(model, o)
+    n_lang = sum(p.numel() for p in model.language_backbone.parameters())
+    assert sum(p.numel() for p in groups[1]["params"]) == n_lang and groups[1]["lr"] == o.language_lr
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        model.rpn.head.bias0.add_(2.0)
+    ema.update(model)
+    assert ema.model.rpn.head.bias0.item() == pytest.approx(model.rpn.head.bias0.item() - 1.0)
+    assert batches(10, 3, 0, 0) == batches(10, 3, 0, 0) and batches(10, 3, 0, 0) != batches(10, 3, 0, 1)
+    assert TrainConfig.from_name("10_shot").k == 10
+    with pytest.raises(KeyError, match="unknown training preset"):
+        TrainConfig.from_name("5_shot")
+
+
+def test_fit_resumes(blood, tokenizer, tmp_path):
+    root, ann = blood
+    ds = CocoGroundingDataset(ann, root / "images", PROMPT)
+    cfg = dataclasses.replace(TrainConfig.from_name("1_shot"), max_steps=2, batch_size=2, save_every=1,
+                              output_dir=str(tmp_path / "run"))
+    torch.manual_seed(0)
+    model = GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer)))
+    first = fit(model, tokenizer, ds, cfg)
+    assert len(first["history"]) == 2
+    # Extending the run picks up at step 2 from last.pt instead of starting over.
+    again = fit(GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer))), tokenizer, ds,
+                dataclasses.replace(cfg, max_steps=3), val_set=ds)
+    assert [h["step"] for h in again["history"]] == [1, 2, 3]
+    assert "AP" in again["metrics"]
