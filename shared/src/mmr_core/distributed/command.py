@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 #: Token that a per-node wrapper replaces with ``$SLURM_NODEID`` (one srun task per node builds one
 #: deepspeed launcher, which must know which slice of the hostfile's ranks it owns).
-NODE_RANK_PLACEHOLDER = "%NODE_RANK%"
+NODE_RANK_PLACEHOLDER = "__NODE_RANK__"
 
 
 def deepspeed_command(
