@@ -29,7 +29,7 @@ echo "[setup] installing the pinned torch set (torch, torchvision, torchaudio)"
 echo "[setup] installing third-party dependencies and the mmr distributions (editable)"
 MMR_CORE_REQUIREMENT=mmr-core "${PIP[@]}" install -c constraints.txt \
   -e ./shared -e ./packages/imagebind -e ./packages/medvlm -e ./packages/mmcot -e ./packages/llava \
-  pytest pytest-timeout nox ruff hatchling
+  pytest pytest-timeout nox ruff hatchling editables
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, torchaudio  # noqa: F401  (fails loudly if the pinned set is broken)
 import mmr_core, mmr_imagebind, mmr_llava, mmr_medvlm, mmr_mmcot  # noqa: F401
