@@ -247,8 +247,11 @@ def fit_deepspeed(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, 
         history.append({"step": step + 1, "loss": float(loss.detach())})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(engine, ckpt_dir, step + 1, {"epoch": epoch})
+    result = {"steps": cfg.max_steps, "start": start, "history": history, "rank": env.rank,
+              "world_size": env.world_size}
+    (Path(cfg.output_dir) / f"result_rank{env.rank}.json").write_text(json.dumps(result))
     finalize_distributed()
-    return {"steps": cfg.max_steps, "history": history, "rank": env.rank, "world_size": env.world_size}
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
