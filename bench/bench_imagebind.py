@@ -1,0 +1,166 @@
+"""ImageBind embedding throughput: mmr_imagebind vs the official implementation, same weights and inputs.
+
+    python bench/bench_imagebind.py --official /path/to/ImageBind [--config bench] [--batch 2] [--repeats 3]
+
+The official repository (https://github.com/facebookresearch/ImageBind) is not part of this project; point
+``--official`` at a checkout. Both models are built at the same sizes, the official weights are loaded into
+ours strictly, outputs are checked to agree, then each modality is timed (best of ``--repeats`` interleaved runs
+after one warm-up) under ``torch.inference_mode`` in fp32 on the CPU (``--device cuda --dtype bfloat16`` on a GPU).
+
+``--config bench`` is ``imagebind_huge`` with the vision and text towers narrowed to ViT-B sizes
+(768/12/12 and 512/12/8) so that it runs on two CPU cores; audio, depth, thermal and IMU keep their real
+huge sizes and every modality keeps its real input size (224 px, 77 tokens, 128x204 fbank, 6x2000 IMU).
+``--config imagebind_huge`` runs the full model (slow on a small CPU).
+
+It also measures the peak resident memory of loading one modality from a checkpoint vs the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmr_imagebind.checkpoint import load_state_dict_strict
+from mmr_imagebind.model import MODALITIES, ImageBind, ImageBindConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_OVERRIDES = dict(
+    vision_embed_dim=768, vision_num_blocks=12, vision_num_heads=12,
+    text_embed_dim=512, text_num_blocks=12, text_num_heads=8, out_embed_dim=1024,
+)  # fmt: skip
+
+
+def load_fixture_script():
+    path = ROOT / "packages" / "imagebind" / "scripts" / "make_parity_fixture.py"
+    spec = importlib.util.spec_from_file_location("make_parity_fixture", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_config(name: str) -> ImageBindConfig:
+    if name == "bench":
+        return ImageBindConfig.from_name("imagebind_huge", **BENCH_OVERRIDES)
+    return ImageBindConfig.from_name(name)
+
+
+def make_inputs(cfg: ImageBindConfig, batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, cfg.text_vocab_size - 1, (batch, cfg.text_context_length), generator=g)
+    for i in range(batch):
+        end = 5 + 3 * i
+        text[i, end] = cfg.text_vocab_size - 1
+        text[i, end + 1 :] = 0
+    s = cfg.vision_image_size
+    return {
+        "vision": torch.randn(batch, 3, s, s, generator=g),
+        "text": text,
+        "audio": torch.randn(batch, 3, 1, cfg.audio_num_mel_bins, cfg.audio_target_len, generator=g),
+        "depth": torch.randn(batch, 1, cfg.depth_image_size, cfg.depth_image_size, generator=g),
+        "thermal": torch.randn(batch, 1, cfg.thermal_image_size, cfg.thermal_image_size, generator=g),
+        "imu": torch.randn(batch, cfg.imu_channels, cfg.imu_length, generator=g),
+    }
+
+
+def timed_pair(fn_a, fn_b, repeats: int, sync) -> tuple[float, float]:
+    """Best-of-``repeats`` wall time of two functions, run interleaved (after one warm-up each), so that
+    load from other processes on a shared machine hits both alike; the minimum is the least noisy estimate."""
+    fn_a(), fn_b()
+    sync()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
+def peak_rss_mib(ckpt: Path, config: str, modalities: list[str] | None) -> float:
+    code = (
+        "import json, torch\n"
+        "from mmr_imagebind.checkpoint import load_imagebind\n"
+        "from bench_imagebind import make_config\n"
+        f"m = load_imagebind({str(ckpt)!r}, config=make_config({config!r}), modalities={modalities!r})\n"
+        # Touch every weight, so that the memory-mapped checkpoint pages a real run would read count.
+        "float(sum(p.double().sum() for p in m.parameters()))\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(json.dumps(int(hwm) / 1024))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--official", type=Path, required=True, help="checkout of facebookresearch/ImageBind")
+    ap.add_argument("--config", default="bench", help="bench | imagebind_huge | tiny")
+    ap.add_argument("--modalities", nargs="*", default=list(MODALITIES))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    fx = load_fixture_script()
+    ib, mp = fx.import_official(args.official.resolve())
+    cfg = make_config(args.config)
+    torch.manual_seed(0)
+    print(f"building official and mmr_imagebind models ({args.config}) ...", flush=True)
+    official = fx.build_official_tiny(ib, mp, cfg).eval()
+    ours = ImageBind(cfg).eval()
+    load_state_dict_strict(ours, official.state_dict(), "official model")
+    official.to(device, dtype)
+    ours.to(device, dtype)
+    inputs = {k: v.to(device) for k, v in make_inputs(cfg, args.batch).items() if k in args.modalities}
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+    rows = []
+    print(f"{'modality':<9} {'official ms':>12} {'ours ms':>9} {'ratio':>6}   (batch {args.batch}, {args.dtype})")
+    for m, x in inputs.items():
+        with torch.inference_mode():
+            ref = official({m: x})[m]
+            got = ours.encode(m, x)
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+            t_off, t_ours = timed_pair(
+                lambda m=m, x=x: official({m: x}), lambda m=m, x=x: ours.encode(m, x), args.repeats, sync
+            )
+        rows.append({"modality": m, "official_ms": 1e3 * t_off, "ours_ms": 1e3 * t_ours, "ratio": t_off / t_ours})
+        print(f"{m:<9} {1e3 * t_off:12.1f} {1e3 * t_ours:9.1f} {t_off / t_ours:6.2f}", flush=True)
+    total_off = sum(r["official_ms"] for r in rows)
+    total_ours = sum(r["ours_ms"] for r in rows)
+    print(f"{'all':<9} {total_off:12.1f} {total_ours:9.1f} {total_off / total_ours:6.2f}")
+
+    if not args.skip_memory and device.type == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "model.pth"
+            torch.save({k: v.float().cpu() for k, v in official.state_dict().items()}, ckpt)
+            del official, ours
+            whole = peak_rss_mib(ckpt, args.config, None)
+            print(f"peak RSS loading the whole model: {whole:.0f} MiB")
+            for m in ("audio", "imu"):
+                print(f"peak RSS loading {m} only: {peak_rss_mib(ckpt, args.config, [m]):.0f} MiB")
+    print(json.dumps({"config": args.config, "batch": args.batch, "dtype": args.dtype, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
