@@ -232,3 +232,20 @@ def test_sigterm_to_launcher_group_saves_and_resumes(tmp_path):
     assert (full_rc, resumed_rc) == (0, 0)
     assert resumed[0]["resumed"]["step"] == stopped
     torch.testing.assert_close(export_fp32_state_dict(ckpt), export_fp32_state_dict(tmp_path / "full_ckpt"))
+
+
+@pytest.mark.slow
+def test_torchrun_uses_the_same_code_path(tmp_path):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(SCRIPT), "--preset", "cpu_zero3", "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+        "--total-steps", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"], r["backend"], r["final_step"]) for r in reports] == [
+        (0, 2, "gloo", 4),
+        (1, 2, "gloo", 4),
+    ]
+    assert latest_checkpoint(tmp_path / "ckpt") == step_tag(4)

@@ -190,3 +190,62 @@ def test_checkpoint_discovery(tmp_path):
     assert latest_checkpoint(tmp_path) == step_tag(10)
     (tmp_path / "latest").write_text("step000000999")
     assert latest_checkpoint(tmp_path) == step_tag(100)
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def clean_launch_env(monkeypatch):
+    for key in list(os.environ):
+        if key in _LAUNCH_VARS or key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_env_from_deepspeed_or_torchrun(clean_launch_env):
+    from mmr_core.distributed.launch import _fill_env
+
+    for key, value in dict(RANK="3", WORLD_SIZE="4", MASTER_ADDR="h", MASTER_PORT="1").items():
+        clean_launch_env.setenv(key, value)
+    clean_launch_env.setenv("SLURM_PROCID", "0")  # inherited from the batch step: must not win
+    clean_launch_env.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert _fill_env() == "deepspeed/torchrun"
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "0")
+
+
+def test_env_rank_without_master_is_an_error(clean_launch_env):
+    from mmr_core.distributed.launch import _fill_env
+
+    clean_launch_env.setenv("RANK", "0")
+    clean_launch_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        _fill_env()
+
+
+def test_env_from_srun(clean_launch_env):
+    from mmr_core.distributed.launch import _fill_env
+
+    slurm = dict(SLURM_PROCID="5", SLURM_STEP_NUM_TASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="4242", MASTER_ADDR="n1")
+    for key, value in slurm.items():
+        clean_launch_env.setenv(key, value)
+    assert _fill_env() == "slurm"
+    got = tuple(os.environ[k] for k in _LAUNCH_VARS)
+    assert got == ("5", "8", "1", "n1", str(20000 + 4242 % 20000))
+
+
+def test_env_plain_python_inside_sbatch_is_single_process(clean_launch_env):
+    from mmr_core.distributed.launch import _fill_env
+
+    clean_launch_env.setenv("SLURM_PROCID", "0")  # the batch script itself, no srun step
+    clean_launch_env.setenv("SLURM_NTASKS", "8")
+    assert _fill_env() == "single"
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path):
+    from mmr_core.distributed import export_fp32_state_dict
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_fp32_state_dict(tmp_path)
