@@ -146,6 +146,8 @@ def make_inputs(cfg, gen: torch.Generator) -> dict[str, torch.Tensor]:
         "depth": torch.randn(2, 1, cfg.depth_image_size, cfg.depth_image_size, generator=gen),
         "thermal": torch.randn(2, 1, cfg.thermal_image_size, cfg.thermal_image_size, generator=gen),
         "imu": torch.randn(2, cfg.imu_channels, cfg.imu_length, generator=gen),
+        # A larger image: the positional embeddings are interpolated (bicubic) to the 6x6 patch grid.
+        "vision_48px": torch.randn(2, 3, 48, 48, generator=gen),
     }
 
 

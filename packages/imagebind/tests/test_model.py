@@ -40,7 +40,7 @@ def tiny_model(parity):
     return model
 
 
-@pytest.mark.parametrize("name", ["vision", "vision_video", "text", "audio", "audio_single", "depth", "thermal", "imu"])
+@pytest.mark.parametrize("name", ["vision", "vision_video", "vision_48px", "text", "audio", "audio_single", "depth", "thermal", "imu"])
 def test_parity_with_official_outputs(parity, tiny_model, name: str) -> None:
     modality = name.split("_")[0]
     with torch.no_grad():
