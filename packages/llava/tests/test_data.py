@@ -122,3 +122,28 @@ def test_webdataset_shards(tok, tmp_path):
     batch = next(iter(pipe))
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 16, 16)
     assert json.dumps(RECORDS[2]["conversations"])  # records stay JSON-serialisable
+
+
+def test_packing_matches_padding(tok):
+    from mmr_llava.model import LlavaConfig, LlavaModel
+
+    ds, image_id = _ds(tok)
+    cfg = LlavaConfig.from_name("tiny", image_token_index=image_id)
+    cfg.vision = dict(cfg.vision, image_size=16)  # 4 patches, as the dataset expands
+    torch.manual_seed(0)
+    model = LlavaModel(cfg).eval()
+    items = [ds[0], ds[1], ds[2]]
+    for it in items:  # the packed row drops each sample's first target; do the same in the padded batch
+        it["labels"][0] = -100
+    padded = data.Collator(tok.pad_token_id, "right")(items)
+    packed = data.PackingCollator()(items)
+    assert packed["input_ids"].shape == (1, sum(len(it["input_ids"]) for it in items))
+    with torch.no_grad():
+        a = model(padded["input_ids"], padded["pixel_values"], padded["attention_mask"], padded["labels"])
+        b = model(packed["input_ids"], packed["pixel_values"], None, packed["labels"],
+                  position_ids=packed["position_ids"])
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
+    n0 = len(items[0]["input_ids"])
+    torch.testing.assert_close(a["logits"][0, :n0], b["logits"][0, :n0], rtol=1e-4, atol=1e-4)
+    n1 = len(items[1]["input_ids"])
+    torch.testing.assert_close(a["logits"][1, :n1], b["logits"][0, n0:n0 + n1], rtol=1e-4, atol=1e-4)

@@ -285,3 +285,27 @@ def webdataset_pipeline(urls: Any, tokenizer, template: str, image_token_id: int
     pad = tokenizer.pad_token_id
     return build_pipeline(urls, fields=("json",), transform=transform, batch_size=batch_size,
                           collate_fn=Collator(pad if pad is not None else 0), **kwargs)
+
+
+@dataclass
+class PackingCollator:
+    """Padding-free batches: all samples in one row, positions restarting at 0 for each sample.
+
+    With ``attention_mask=None`` and such ``position_ids``, transformers builds a block-diagonal causal
+    mask, so samples never attend to each other; no compute is spent on padding. The first token of each
+    sample is never a target (it would be "predicted" from the previous sample).
+    """
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        ids, labels, pos = [], [], []
+        for s in samples:
+            n = len(s["input_ids"])
+            ids.append(s["input_ids"])
+            lab = s["labels"].clone()
+            lab[0] = IGNORE_INDEX
+            labels.append(lab)
+            pos.append(torch.arange(n))
+        pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+        return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+                "position_ids": torch.cat(pos)[None], "attention_mask": None,
+                "pixel_values": torch.cat(pix) if pix else None}

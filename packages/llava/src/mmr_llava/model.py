@@ -120,6 +120,9 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # Test sizes: 16 patches of an 32x32 image, a 2-layer LM; image token = last vocabulary id.
     "tiny": dict(vision=_TINY_VISION, text=_TINY_TEXT, projector_type="mlp2x_gelu", image_token_index=255,
                  vision_tower_name="tiny-clip"),
+    # The miniature reproduction: the tiny vision tower with a 4-layer, 128-wide LLaMA.
+    "mini": dict(vision=_TINY_VISION, projector_type="mlp2x_gelu", image_token_index=4, vision_tower_name="tiny-clip",
+                 text=dict(_TINY_TEXT, hidden_size=128, intermediate_size=256, num_hidden_layers=4, vocab_size=320)),
     "tiny-qwen2": dict(vision=_TINY_VISION, projector_type="mlp2x_gelu", image_token_index=255,
                        vision_tower_name="tiny-clip",
                        text=dict(_TINY_TEXT, model_type="qwen2", tie_word_embeddings=True)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,12 @@ def _conversation(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     o = rng.choice(objs)
     qa.append((f"Where is the {o.name}?", f"The {o.name} is on the {o.side}."))
     absent = [c for c in COLORS if c not in {x.color for x in objs}]
-    if absent:
+    if absent and rng.random() < 0.5:
         c = rng.choice(absent)
         qa.append((f"Is there a {c} shape?", f"No, there is no {c} shape."))
+    else:
+        o = rng.choice(objs)
+        qa.append((f"Is there a {o.color} shape?", f"Yes, there is a {o.name}."))
     rng.shuffle(qa)
     return qa[: rng.randint(2, len(qa))]
 
@@ -173,3 +177,30 @@ def write_dataset(out_dir: str | Path, n_scenes: int, seed: int = 0, size: int =
     paths["instruct"].write_text(json.dumps(inst))
     paths["scenes"].write_text(json.dumps(meta))
     return paths
+
+
+def eval_questions(scene: Scene, rng: random.Random) -> list[dict[str, Any]]:
+    """Held-out questions with one checkable answer word each: count, colour, position, presence."""
+    objs = scene.objects
+    n = len(objs)
+    out = [{"category": "count", "question": "How many shapes are in the image?", "answer": NUMBER_WORDS[n],
+            "choices": list(NUMBER_WORDS.values())}]
+    unique = [o for o in objs if sum(x.shape == o.shape for x in objs) == 1]
+    if unique:
+        o = rng.choice(unique)
+        out.append({"category": "colour", "question": f"What color is the {o.shape}?", "answer": o.color,
+                    "choices": list(COLORS)})
+    o = rng.choice(objs)
+    out.append({"category": "position", "question": f"Where is the {o.name}?", "answer": o.side,
+                "choices": ["left", "right"]})
+    present = {x.color for x in objs}
+    c = rng.choice(list(COLORS))
+    out.append({"category": "presence", "question": f"Is there a {c} shape?",
+                "answer": "yes" if c in present else "no", "choices": ["yes", "no"]})
+    return out
+
+
+def is_correct(reply: str, item: dict[str, Any]) -> bool:
+    """The expected word appears and no competing choice does (so listing every option scores zero)."""
+    words = set(re.findall(r"[a-z]+", reply.lower()))
+    return item["answer"] in words and not any(c in words for c in item["choices"] if c != item["answer"])

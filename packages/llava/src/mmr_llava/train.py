@@ -29,7 +29,7 @@ import torch
 
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import prepare_tokenizer
-from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler
+from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
 from mmr_llava.model import LlavaConfig, LlavaModel
 
 
@@ -55,6 +55,7 @@ class TrainConfig:
         distributed: ``auto`` (DeepSpeed when launched by deepspeed/torchrun), ``deepspeed`` or ``none``.
         save_every: Write a resumable checkpoint every N steps (and at the end); 0: never.
         stop_after_steps: Stop early at this step (as if preempted) without changing the schedule.
+        packing: Padding-free batches (samples concatenated, block-diagonal attention).
         on_mismatch: ``error`` or ``warn`` for tokenization mismatches.
     """
 
@@ -78,6 +79,7 @@ class TrainConfig:
     max_length: int = 2048
     gradient_checkpointing: bool = False
     group_by_modality_length: bool = False
+    packing: bool = False
     hardware: str = "cpu"
     zero_stage: int = 2
     offload: bool = False
@@ -175,7 +177,7 @@ def build_model_for(cfg: TrainConfig, tok, image_token_id: int) -> LlavaModel:
         model = ckpt.load_pretrained(cfg.init_from, attn_implementation=attn)
     else:
         mcfg = LlavaConfig.from_name(cfg.model)
-        mcfg.text = dict(mcfg.text, vocab_size=max(len(tok), mcfg.text["vocab_size"] if cfg.model != "tiny" else 0),
+        mcfg.text = dict(mcfg.text, vocab_size=len(tok),  # a fresh model matches its tokenizer
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id)
         torch.manual_seed(cfg.seed)
@@ -284,7 +286,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mcfg = model.config
     ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
                       cfg.max_length, cfg.on_mismatch)
-    collate = Collator(tok.pad_token_id, "right")
+    collate = PackingCollator() if cfg.packing else Collator(tok.pad_token_id, "right")
     steps_per_epoch = max(1, len(ds) // world // (cfg.micro_batch_size * cfg.grad_accum))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
@@ -332,9 +334,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for k in range(cfg.grad_accum):
                 batch = collate([ds[i] for i in batches[bi + k]])
                 batch = {k2: (v.to(device) if isinstance(v, torch.Tensor) else v) for k2, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum())
+                tokens += int(batch["input_ids"].numel() if cfg.packing else batch["attention_mask"].sum())
                 out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                             attention_mask=batch["attention_mask"], labels=batch["labels"])
+                             attention_mask=batch["attention_mask"], labels=batch["labels"],
+                             position_ids=batch.get("position_ids"))
                 loss = out["loss"]
                 if use_ds:
                     engine.backward(loss)
