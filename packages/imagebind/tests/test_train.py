@@ -98,8 +98,8 @@ def test_smoke_run_loss_falls_frozen_unchanged(shards: str, tmp_path: Path) -> N
     assert len(losses) == result["steps"] == 28  # 32 samples / batch 8 x 7 epochs
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2
     from mmr_imagebind.checkpoint import load_safetensors
-    from mmr_imagebind.train import model_config
     from mmr_imagebind.model import ImageBind
+    from mmr_imagebind.train import model_config
 
     after = load_safetensors(ImageBind(model_config(cfg)), result["model_path"]).state_dict()
     for k, v in before.items():
