@@ -40,7 +40,9 @@ def tiny_model(parity):
     return model
 
 
-@pytest.mark.parametrize("name", ["vision", "vision_video", "vision_48px", "text", "audio", "audio_single", "depth", "thermal", "imu"])
+@pytest.mark.parametrize(
+    "name", ["vision", "vision_video", "vision_48px", "text", "audio", "audio_single", "depth", "thermal", "imu"]
+)
 def test_parity_with_official_outputs(parity, tiny_model, name: str) -> None:
     modality = name.split("_")[0]
     with torch.no_grad():
@@ -151,3 +153,15 @@ def test_postprocess_off_and_logit_scales(tiny_model) -> None:
     assert tiny_model.logit_scale("vision").item() == 1.0
     assert tiny_model.logit_scale("depth").item() == pytest.approx(5.0)
     assert tiny_model.modality_postprocessors["text"][1].log_logit_scale.requires_grad
+
+
+def test_freeze_and_train_one_modality(parity) -> None:
+    model = ImageBind(ImageBindConfig.from_name("tiny"), modalities=["vision", "text", "audio"])
+    load_state_dict_strict(model, parity["state"])
+    model.freeze(["vision", "text"]).train()
+    model.set_gradient_checkpointing(True)
+    audio = model.encode("audio", parity["input"]["audio"], postprocess=False)
+    image = model.encode("vision", parity["input"]["vision"], postprocess=False)
+    (audio * image).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".audio" not in n)
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".audio." in n and "log_logit" not in n)

@@ -69,8 +69,10 @@ class TransformerConfig:
 
     def drop_path_rates(self) -> list[float]:
         """Per-block drop-path rates (plain Python floats, so meta-device builds work)."""
-        if self.drop_path_schedule == "uniform" or self.num_blocks == 1:
-            return [self.drop_path_rate if self.drop_path_schedule == "uniform" else 0.0] * self.num_blocks
+        if self.drop_path_schedule == "uniform":
+            return [self.drop_path_rate] * self.num_blocks
+        if self.num_blocks == 1:
+            return [0.0]  # a linear schedule from 0 with one block, as torch.linspace(0, rate, 1) gives
         step = self.drop_path_rate / (self.num_blocks - 1)
         return [i * step for i in range(self.num_blocks)]
 

@@ -430,6 +430,20 @@ class ImageBind(nn.Module):
         """Embed a dict ``{modality: input}`` -> ``{modality: embedding}`` (postprocessed)."""
         return {m: self.encode(m, x) for m, x in inputs.items() if x is not None}
 
+    def freeze(self, modalities: list[str] | tuple[str, ...]) -> ImageBind:
+        """Stop gradients through the given encoders (e.g. vision and text while binding a new modality)."""
+        for m in modalities:
+            self._check(m)
+            for part in (self.modality_preprocessors, self.modality_trunks, self.modality_heads):
+                part[m].requires_grad_(False)
+            self.modality_postprocessors[m].requires_grad_(False)
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute trunk activations in the backward pass (less memory, ~30% more compute)."""
+        for trunk in self.modality_trunks.values():
+            trunk.gradient_checkpointing = enabled
+
     def logit_scale(self, modality: str) -> torch.Tensor:
         """The scale the postprocessor multiplies by (1 for vision)."""
         self._check(modality)
