@@ -5,8 +5,10 @@ features ``.npy`` + name map):
 
 * NAT / IMG: "What color is the shape in the picture?" The colour (and the shape) exist only in the
   image features, so the answer and a faithful rationale need vision.
-* SOC / IMG: "Which way does the arrow in the picture point?" Same, with a direction.
-* LAN / TXT or NO: word questions answerable from text (hint or memorised word classes).
+* SOC / IMG: "Which way does the arrow point?" Same, with a direction.
+* LAN / TXT or NO: questions answerable from text (counts in the hint, or memorised word classes).
+
+Texts are short (no lectures) so that the miniature reproduction trains in seconds per model.
 
 Image features are ``(patch_num, patch_dim)`` arrays: noise plus one patch carrying a one-hot of the
 attribute (first block of dims) and of the object (second block), at a random position.
@@ -50,13 +52,6 @@ def _image(rng: np.random.Generator, patch_num: int, patch_dim: int, attr: int, 
     return feats
 
 
-def _options(rng: random.Random, pool: tuple[str, ...], answer: str, k: int) -> tuple[list[str], int]:
-    others = [w for w in pool if w != answer]
-    choices = rng.sample(others, k - 1) + [answer]
-    rng.shuffle(choices)
-    return choices, choices.index(answer)
-
-
 def generate_problems(
     n: int, seed: int = 0, patch_num: int = 8, patch_dim: int = 16, image_fraction: float = 0.7
 ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -75,57 +70,51 @@ def generate_problems(
         pid = str(i + 1)
         grade = f"grade{rng.randint(1, 12)}"
         if rng.random() < image_fraction:
-            obj = rng.randrange(4)
+            obj, attr = rng.randrange(4), rng.randrange(4)
+            # All four values in a fixed order: the letter follows from the value, so a stage-2 model
+            # only has to read the value off the rationale (the hard part is seeing it).
             if rng.random() < 0.5:
-                attr = rng.randrange(4)
                 color, shape = COLORS[attr], SHAPES[obj]
-                choices, answer = _options(rng, COLORS, color, 3)
                 problem = {
                     "question": "What color is the shape in the picture?",
-                    "hint": "",
                     "subject": "natural science",
-                    "lecture": "Look at the picture to find the color of the shape.",
-                    "solution": f"The picture shows a {color} {shape}. The {shape} is {color}.",
+                    "solution": f"The {shape} in the picture is {color}.",
+                    "choices": list(COLORS),
                 }
             else:
-                attr = rng.randrange(4)
                 direction = DIRECTIONS[attr]
-                choices, answer = _options(rng, DIRECTIONS, direction, 3)
                 problem = {
-                    "question": "Which way does the arrow in the picture point?",
-                    "hint": "",
+                    "question": "Which way does the arrow point?",
                     "subject": "social science",
-                    "lecture": "A compass rose shows north, south, east and west.",
-                    "solution": f"The arrow in the picture points {direction}. So it points {direction}.",
+                    "solution": f"The arrow in the picture points {direction}.",
+                    "choices": list(DIRECTIONS),
                 }
-            problem.update(choices=choices, answer=answer, image="image.png", grade=grade)
+            problem.update(answer=attr, hint="", lecture="", image="image.png", grade=grade)
             images[pid] = _image(nprng, patch_num, patch_dim, attr, obj)
         elif rng.random() < 0.5:
             count_a, count_b = rng.sample(range(len(NUMBERS)), 2)
             a, b = rng.sample(NOUNS[:4], 2)
-            more = a if count_a > count_b else b
-            choices, answer = _options(rng, (a, b), more, 2)
             problem = {
                 "question": "Which thing is there more of?",
                 "hint": f"There are {NUMBERS[count_a]} {a}s and {NUMBERS[count_b]} {b}s.",
                 "subject": "language science",
-                "lecture": "Compare the two numbers in the text.",
-                "solution": f"There are {NUMBERS[count_a]} {a}s and {NUMBERS[count_b]} {b}s. There are more {more}s.",
-                "choices": choices,
-                "answer": answer,
+                "lecture": "",
+                "solution": f"There are more {a if count_a > count_b else b}s.",
+                "choices": [a, b],
+                "answer": 0 if count_a > count_b else 1,
                 "image": None,
                 "grade": grade,
             }
         else:
-            noun = rng.choice(NOUNS)
-            choices, answer = _options(rng, (noun, *rng.sample(VERBS, 2)), noun, 3)
+            noun, verb = rng.choice(NOUNS), rng.choice(VERBS)
+            answer = rng.randrange(2)
             problem = {
                 "question": "Which word is a noun?",
                 "hint": "",
                 "subject": "language science",
-                "lecture": "A noun names a person, place or thing.",
-                "solution": f"{noun.capitalize()} names a thing. So {noun} is a noun.",
-                "choices": choices,
+                "lecture": "",
+                "solution": f"{noun.capitalize()} names a thing.",
+                "choices": [noun, verb] if answer == 0 else [verb, noun],
                 "answer": answer,
                 "image": None,
                 "grade": grade,

@@ -46,6 +46,8 @@ class TrainConfig:
     # model
     model: str = "flan-alpaca-base"
     vision: str = "vit"
+    patch_num: int = 0  # 0: from ``vision`` (explicit sizes for custom extractors)
+    patch_dim: int = 0
     use_vision: bool = True
     fusion_mask: bool = True
     init_checkpoint: str | None = None
@@ -106,8 +108,10 @@ def load_tokenizer(spec: str) -> Any:
 def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel:
     """Model from the named size; weights from ``init_checkpoint`` (ours or official) when given."""
     overrides: dict[str, Any] = {"fusion_mask": cfg.fusion_mask}
-    if cfg.model != "tiny" or cfg.vision != "vit":
+    if cfg.model not in ("tiny", "mini"):  # the test sizes default to small 8x16 stand-in features
         overrides["vision"] = cfg.vision
+    if cfg.patch_num and cfg.patch_dim:
+        overrides.update(patch_num=cfg.patch_num, patch_dim=cfg.patch_dim)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     model = MMCoTModel(MMCoTConfig.from_name(cfg.model, **overrides))
