@@ -33,6 +33,7 @@ import gzip
 import json
 import sys
 import types
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 
@@ -247,19 +248,48 @@ def make_transform_fixture(root: Path, pytorchvideo_root: Path, out: Path) -> No
     )
     clip_sampling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clip_sampling)
-    stubs = {
-        "pkg_resources": {},
-        "pytorchvideo": {},
-        "pytorchvideo.transforms": {},
-        "pytorchvideo.data": {"clip_sampling": clip_sampling},
-        "pytorchvideo.data.encoded_video": {"EncodedVideo": None},
-    }
-    for name, attrs in stubs.items():
-        mod = types.ModuleType(name)
-        mod.__dict__.update(attrs)
-        sys.modules.setdefault(name, mod)
-    sys.modules["pytorchvideo"].transforms = sys.modules["pytorchvideo.transforms"]
+    # pytorchvideo's real transforms (functional.py and transforms.py need only torch/torchvision/numpy).
+    pv_pkg = types.ModuleType("pytorchvideo")
+    pv_transforms = types.ModuleType("pytorchvideo.transforms")
+    pv_data = types.ModuleType("pytorchvideo.data")
+    pv_pkg.transforms, pv_pkg.data = pv_transforms, pv_data
+    sys.modules.update({"pytorchvideo": pv_pkg, "pytorchvideo.transforms": pv_transforms, "pytorchvideo.data": pv_data})
     sys.modules["pytorchvideo.data.clip_sampling"] = clip_sampling
+    pv_data.clip_sampling = clip_sampling
+    for name in ("functional", "transforms"):
+        spec = importlib.util.spec_from_file_location(
+            f"pytorchvideo.transforms.{name}", pytorchvideo_root / "pytorchvideo" / "transforms" / f"{name}.py"
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        setattr(pv_transforms, name, mod)
+        spec.loader.exec_module(mod)
+    pv_transforms.ShortSideScale = pv_transforms.transforms.ShortSideScale
+    pv_transforms.UniformTemporalSubsample = pv_transforms.transforms.UniformTemporalSubsample
+
+    class FrameVideo:
+        """Stands in for pytorchvideo's EncodedVideo (decord): frames whose time t = i / fps is in
+        [start, end), as float (C, T, H, W) with 0..255 values. Decoding itself is not compared."""
+
+        frames: torch.Tensor
+        fps: int
+
+        @classmethod
+        def from_path(cls, path, **kwargs):
+            return cls()
+
+        @property
+        def duration(self):
+            return self.frames.shape[0] / self.fps
+
+        def get_clip(self, start, end):
+            idx = [i for i in range(self.frames.shape[0]) if start <= Fraction(i, self.fps) < end]
+            return {"video": self.frames[idx].permute(3, 0, 1, 2).float()}
+
+    encoded_video = types.ModuleType("pytorchvideo.data.encoded_video")
+    encoded_video.EncodedVideo = FrameVideo
+    sys.modules["pytorchvideo.data.encoded_video"] = encoded_video
+    sys.modules["pkg_resources"] = types.ModuleType("pkg_resources")
     from imagebind import data as official_data
 
     def soundfile_load(path):
@@ -285,14 +315,23 @@ def make_transform_fixture(root: Path, pytorchvideo_root: Path, out: Path) -> No
     audio = official_data.load_and_transform_audio_data(
         [str(tdir / "stereo_8k.wav"), str(tdir / "short_16k.wav")], "cpu"
     )
+    # A 3.4 s, 10 fps, 36x48 video whose pixels encode frame index, row and column.
+    t_idx, yy, xx = np.meshgrid(np.arange(34), np.arange(36), np.arange(48), indexing="ij")
+    frames = np.stack([t_idx * 7 % 256, yy * 6, xx * 5], -1) + rng.integers(0, 20, (34, 36, 48, 3))
+    FrameVideo.frames = torch.from_numpy(frames.clip(0, 255).astype(np.uint8))
+    FrameVideo.fps = 10
+    np.save(tdir / "video_frames.npy", FrameVideo.frames.numpy())
+    video = official_data.load_and_transform_video_data(["frames"], "cpu")
     tensors = {
+        "video_grid": video[:, :, :, :, ::16, ::16].contiguous(),
+        "video_mean": video.mean(dim=(4, 5)),
         "vision_grid": vision[:, :, ::8, ::8].contiguous(),
         "vision_mean": vision.mean(dim=(2, 3)),
         "audio_grid": audio[..., ::4, ::4].contiguous(),
         "audio_mean": audio.mean(dim=(2, 3, 4)),
     }
     save_file(tensors, str(tdir / "official_outputs.safetensors"))
-    print(f"wrote {tdir} (vision {tuple(vision.shape)}, audio {tuple(audio.shape)})")
+    print(f"wrote {tdir} (vision {tuple(vision.shape)}, audio {tuple(audio.shape)}, video {tuple(video.shape)})")
 
 
 def main() -> None:

@@ -37,6 +37,16 @@ def test_audio_matches_official(official) -> None:
     torch.testing.assert_close(x.mean(dim=(2, 3, 4)), official["audio_mean"], rtol=1e-6, atol=1e-6)
 
 
+def test_video_matches_official_pipeline(official) -> None:
+    # Frames chosen as in the fixture's stand-in decoder; clip placement, temporal subsampling, scaling,
+    # normalisation and the 3 crops are the official code's.
+    frames = torch.from_numpy(np.load(TDIR / "video_frames.npy"))
+    x = D.transform_video(frames, fps=10)[None]
+    assert x.shape == (1, 15, 3, 2, 224, 224)
+    torch.testing.assert_close(x[..., ::16, ::16], official["video_grid"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.mean(dim=(4, 5)), official["video_mean"], rtol=1e-5, atol=1e-5)
+
+
 def test_clip_timepoints_follow_pytorchvideo_sampler() -> None:
     # Starts at i * (duration - clip) / clips, as ConstantClipsPerVideoSampler places them.
     assert D.clip_timepoints(8.0, 2, 3) == [(Fraction(0), Fraction(2)), (Fraction(2), Fraction(4)), (4, 6)]
