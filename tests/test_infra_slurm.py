@@ -123,6 +123,7 @@ def test_single_node_dry_run_prints_exact_command(fake_slurm, script, preset, pr
 def test_multi_node_dry_run_prints_exact_command(fake_slurm, script):
     tmp, _, env = fake_slurm
     _hosts(env, "node01", "node02", "node03")
+    env["SLURM_CPUS_PER_TASK"] = "32"
     lines = _dry_run(SLURM / f"{script}.sbatch", env, "packages/llava/train.py", "--lr", "1e-4")
     hostfile = tmp / "runs" / "slurm" / str(JOB_ID) / "hostfile"
     assert lines[:4] == [f"[mmr] hostfile {hostfile}:", "node01 slots=8", "node02 slots=8", "node03 slots=8"]
@@ -133,7 +134,7 @@ def test_multi_node_dry_run_prints_exact_command(fake_slurm, script):
         master_port=PORT, no_ssh=True, node_rank=NODE_RANK_PLACEHOLDER,
     )  # fmt: skip
     assert printed == [
-        "srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=32",
         "bash", "-c", 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"', "mmr-node", *per_node,
     ]  # fmt: skip
     assert len(lines) == 5

@@ -64,9 +64,11 @@ mmr_slurm_main() {
         # One deepspeed launcher per node under srun (no ssh/pdsh needed); each one fills in its node rank.
         local per_node=()
         mapfile -d '' per_node < <("${build[@]}" --hostfile "$hostfile" --no-ssh --node-rank __NODE_RANK__ -- "$@")
+        launch=(srun --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1)
+        # srun no longer inherits --cpus-per-task (SLURM >= 22.05): without it all ranks of a node share one core.
+        [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && launch+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
         # shellcheck disable=SC2016  # expanded by the per-node bash, not here
-        launch=(srun --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1
-            bash -c 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"' mmr-node "${per_node[@]}")
+        launch+=(bash -c 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"' mmr-node "${per_node[@]}")
     fi
     [[ ${#launch[@]} -gt 0 ]] || _mmr_die "could not build the launch command (is mmr_core importable by $python?)"
 
