@@ -1,0 +1,294 @@
+"""Miniature reproduction of "attributes beat names" (Qin et al., Table 4 on BCCD), in minutes on a CPU.
+
+1. Pretrain a tiny GLIP on generated "natural" scenes: coloured shapes described by phrases such as
+   ``"small, purple wug"``, where the grounded noun is a made-up word drawn per object, so that only the
+   attribute words (size, shape, colour) identify the object; absent objects are described too (negatives).
+2. Train a small masked LM on a generated knowledge corpus ("the color of platelet is colorless.").
+3. Detect zero-shot on generated blood-smear scenes (platelets, red and white blood cells) with prompts of
+   increasing richness, following the rows of the paper's BCCD table, and with MLM auto-prompts.
+
+``run(out_dir)`` writes a markdown section, a plot and detection pictures, and returns the markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmr_medvlm.data import CocoGroundingDataset
+from mmr_medvlm.evaluate import GLIPDetector, draw_detections, evaluate
+from mmr_medvlm.model import GLIP, GLIPConfig
+from mmr_medvlm.prompts import ClassPrompt, PromptSet, hf_masked_lm_predictor, mlm_prompt_set, save_prompt_sets
+from mmr_medvlm.synthetic import COLORS, NONCE, SIZES, blood_dataset, natural_scene
+from mmr_medvlm.train import OptimConfig, lr_factor, param_groups
+
+IMAGE_SIZE = 64
+# Shape words as the prompts say them ("rounded" red cells, "irregular" white cells).
+SHAPE_WORDS = {"round": "rounded", "square": "square", "triangle": "triangle", "ring": "ring",
+               "irregular": "irregular"}
+MEDICAL = ("platelet thrombocyte erythrocyte leukocyte corpuscle blood cell white red in or").split()
+KNOWLEDGE_EXTRA = ("grass sky coin cherry plum snow lemon dice tomato ocean the of is location color shape "
+                   "usually sea").split()
+
+
+def build_tokenizer() -> Any:
+    """A whole-word BERT WordPiece tokenizer over the miniature world's vocabulary."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","]
+    words += list(COLORS) + list(SHAPE_WORDS.values()) + list(SIZES) + list(NONCE) + MEDICAL + KNOWLEDGE_EXTRA
+    vocab: dict[str, int] = {}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True)
+
+
+def repro_config(tokenizer: Any) -> GLIPConfig:
+    return GLIPConfig.from_name(
+        "test", vocab_size=len(tokenizer), channels=32, gn_groups=8, fuse_embed_dim=64, fuse_heads=4,
+        swin_embed_dim=16, text_dim=32, text_heads=4, text_intermediate=64, num_convs=2,
+        text_layers=2, max_query_len=48, anchor_sizes=(16, 32, 64, 128, 256), score_thresh=0.05,
+    )
+
+
+def natural_batch(rng: random.Random, n: int) -> tuple[list[torch.Tensor], list[PromptSet], list[Any]]:
+    """Scenes plus one prompt per image: a phrase per object (and for absent "negative" objects)."""
+    from mmr_medvlm.model import Targets
+
+    images, prompts, targets = [], [], []
+    for _ in range(n):
+        img, objs = natural_scene(rng, IMAGE_SIZE, n_objects=(2, 4))
+        nouns = rng.sample(NONCE, len(objs) + 2)
+        classes, boxes, labels = [], [], []
+        described = set()
+        for i, o in enumerate(objs):
+            attrs = {"size": o.size, "shape": SHAPE_WORDS[o.shape], "color": o.color}
+            keep = [a for a in ("size", "shape", "color") if rng.random() < 0.75] or ["color"]
+            described.add(tuple(attrs[a] for a in keep))
+            classes.append(ClassPrompt(f"o{i}", name=nouns[i], prefix=attrs["size"] if "size" in keep else "",
+                                       shape=attrs["shape"] if "shape" in keep else "",
+                                       color=attrs["color"] if "color" in keep else ""))
+            boxes.append(o.box)
+            labels.append(i)
+        for j in range(rng.randint(0, 2)):  # negatives: a description matching nothing in the image
+            neg = {"prefix": rng.choice(list(SIZES)), "shape": rng.choice(list(SHAPE_WORDS.values())),
+                   "color": rng.choice(list(COLORS))}
+            if any(set(d) <= set(neg.values()) for d in described):
+                continue
+            classes.append(ClassPrompt(f"n{j}", name=nouns[len(objs) + j], **neg))
+        order = list(range(len(classes)))
+        rng.shuffle(order)
+        remap = {old: new for new, old in enumerate(order)}
+        prompts.append(PromptSet([classes[k] for k in order]))
+        images.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
+        targets.append(Targets(torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
+                               torch.tensor([remap[lab] for lab in labels], dtype=torch.long)))
+    return images, prompts, targets
+
+
+def pretrain(model: GLIP, tokenizer: Any, steps: int, batch_size: int, seed: int, log: list[str]) -> list[float]:
+    rng = random.Random(seed)
+    optim = OptimConfig(lr=1e-3, language_lr=1e-3, weight_decay=1e-4, warmup_iters=20, decay_at=(0.8,))
+    opt = torch.optim.AdamW(param_groups(model, optim), weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, optim))
+    losses = []
+    model.train()
+    from mmr_core.utils import progress
+
+    for _ in progress(range(steps), desc="pretrain tiny GLIP"):
+        images, prompts, targets = natural_batch(rng, batch_size)
+        encs = [p.encode(tokenizer, model.cfg.max_query_len) for p in prompts]
+        out = model(model.preprocess(images), torch.stack([e.input_ids for e in encs]),
+                    torch.stack([e.attention_mask for e in encs]), [e.positive_map for e in encs], targets)
+        loss = sum(out.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def knowledge_corpus() -> list[tuple[str, str]]:
+    """(sentence with the attribute word, attribute word) pairs: medical facts plus everyday distractors."""
+    facts = {
+        ("platelet", "color"): ["colorless"], ("platelet", "shape"): ["small"],
+        ("red blood cell", "color"): ["red"], ("red blood cell", "shape"): ["rounded"],
+        ("white blood cell", "color"): ["purple", "blue"], ("white blood cell", "shape"): ["irregular"],
+        ("grass", "color"): ["green"], ("sky", "color"): ["blue"], ("coin", "shape"): ["rounded"],
+        ("cherry", "color"): ["red"], ("plum", "color"): ["purple"], ("snow", "color"): ["colorless"],
+        ("lemon", "color"): ["yellow"], ("dice", "shape"): ["square"], ("tomato", "color"): ["red"],
+    }
+    out = []
+    for (obj, attr), values in facts.items():
+        for v in values:
+            out.append((f"the {attr} of {obj} is {v}.", v))
+    for obj in ("platelet", "red blood cell", "white blood cell"):
+        out.append((f"the location of {obj} is in the blood.", "blood"))
+    out.append(("the location of grass is in the sea.", "sea"))
+    return out
+
+
+def train_mlm(tokenizer: Any, steps: int, seed: int) -> tuple[Any, float]:
+    """A tiny BertForMaskedLM trained to fill the attribute word of the knowledge sentences."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=32)
+    model = BertForMaskedLM(cfg)
+    corpus = knowledge_corpus()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        batch = rng.sample(corpus, min(8, len(corpus)))
+        enc = tokenizer([s for s, _ in batch], return_tensors="pt", padding=True)
+        labels = torch.full_like(enc["input_ids"], -100)
+        for i, (_, word) in enumerate(batch):
+            wid = tokenizer.convert_tokens_to_ids(word)
+            pos = (enc["input_ids"][i] == wid).nonzero().flatten()[-1]
+            labels[i, pos] = wid
+            enc["input_ids"][i, pos] = tokenizer.mask_token_id
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), float(loss.detach())
+
+
+def prompt_table() -> list[PromptSet]:
+    """The rows of the paper's BCCD table, in the miniature world's words (classes platelet/rbc/wbc)."""
+    def row(name: str, specs: list[dict[str, str]]) -> PromptSet:
+        return PromptSet([ClassPrompt(c, **s) for c, s in zip(("platelet", "rbc", "wbc"), specs)], name=name)
+
+    names = {"platelet": "platelet", "rbc": "red blood cell", "wbc": "white blood cell"}
+    return [
+        row("names", [{"name": names[c]} for c in names]),
+        row("medical synonyms", [{"name": "thrombocyte"}, {"name": "erythrocyte"}, {"name": "leukocyte"}]),
+        row("+ location", [{"name": names[c], "location": "in blood"} for c in names]),
+        row("+ shape", [{"name": "platelet", "shape": "small"}, {"name": "red blood cell", "shape": "rounded"},
+                        {"name": "white blood cell", "shape": "irregular"}]),
+        row("+ color", [{"name": "platelet", "color": "colorless"}, {"name": "red blood cell", "color": "red"},
+                        {"name": "white blood cell", "color": "purple"}]),
+        row("+ color (purple or blue)", [{"name": "platelet", "color": "colorless"},
+                                         {"name": "red blood cell", "color": "red"},
+                                         {"name": "white blood cell", "color": "purple or blue"}]),
+        row("+ shape + color", [{"name": "platelet", "shape": "small", "color": "colorless"},
+                                {"name": "red blood cell", "shape": "rounded", "color": "red"},
+                                {"name": "white blood cell", "shape": "irregular", "color": "purple or blue"}]),
+        row("+ shape + color, synonyms", [{"name": "thrombocyte", "shape": "small", "color": "colorless"},
+                                          {"name": "erythrocyte", "shape": "rounded", "color": "red"},
+                                          {"name": "leukocyte", "shape": "irregular", "color": "purple or blue"}]),
+    ]
+
+
+def _plot(rows: list[tuple[str, dict[str, float]]], losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    names = [n for n, _ in rows]
+    x = np.arange(len(rows))
+    a.bar(x - 0.2, [m["AP"] for _, m in rows], 0.4, label="AP")
+    a.bar(x + 0.2, [m["AP50"] for _, m in rows], 0.4, label="AP50")
+    a.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    a.set_ylabel("zero-shot AP (%)")
+    a.set_title("Miniature BCCD: prompts with attributes vs names")
+    a.legend()
+    b.plot(np.convolve(losses, np.ones(10) / 10, mode="valid"))
+    b.set_title("pretraining loss (moving avg)")
+    b.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(out_dir: Path, pretrain_steps: int = 150, batch_size: int = 6, n_val: int = 32, seed: int = 0) -> str:
+    """Run the miniature reproduction; write PNGs and prompt files under ``out_dir``; return markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    t0 = time.time()
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    model = GLIP(repro_config(tokenizer))
+    log: list[str] = []
+    losses = pretrain(model, tokenizer, pretrain_steps, batch_size, seed, log)
+    t_pre = time.time() - t0
+    mlm, mlm_loss = train_mlm(tokenizer, steps=400, seed=seed)
+    predictor = hf_masked_lm_predictor(mlm, tokenizer, stopwords={"the", "of", "is", "in", "or", "location",
+                                                                  "color", "shape", "usually"})
+    names = {"platelet": "platelet", "rbc": "red blood cell", "wbc": "white blood cell"}
+    auto1 = mlm_prompt_set(names, predictor, attributes=("shape", "color"), top_k=1, name="MLM auto (top-1)")
+    auto2 = mlm_prompt_set(names, predictor, attributes=("shape", "color", "location"), top_k=2,
+                           name="MLM auto (top-2, + location)")
+    prompts = prompt_table() + [auto1, auto2]
+    save_prompt_sets(prompts, out_dir / "bccd_prompts.yaml")
+
+    ann = blood_dataset(out_dir / "blood_val", n_val, seed=seed + 1, size=IMAGE_SIZE)
+    val = CocoGroundingDataset(ann, out_dir / "blood_val" / "images", prompts[0])
+    det = GLIPDetector(model, tokenizer)
+    rows = []
+    for p in prompts:
+        rows.append((p.name, evaluate(det, val, prompt=p, batch_size=8, desc=f"eval {p.name}")))
+    _plot(rows, losses, out_dir / "medvlm_prompt_ablation.png")
+    best = max(rows, key=lambda r: r[1]["AP"])
+    best_prompt = next(p for p in prompts if p.name == best[0])
+    pics = []
+    for i in range(2):
+        s = val[i]
+        for p, tag in ((prompts[0], "names"), (best_prompt, "best")):
+            d = det.detect([s.image], p.for_categories(val.category_names))[0]
+            pics.append(draw_detections(s.image, d, ["platelet", "rbc", "wbc"], out_dir / f"medvlm_det_{i}_{tag}.png",
+                                        min_score=0.3, ground_truth=s.targets, scale=4).name)
+    total = time.time() - t0
+    lines = [
+        "## MedVLM: attributes beat names (miniature BCCD)",
+        "",
+        f"A tiny GLIP ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, Swin + FPN + BERT + "
+        f"VL-DyHead with deformable convs) was pretrained for {pretrain_steps} steps x {batch_size} generated "
+        "scenes of coloured shapes whose grounded nouns are made-up words (so only attribute words carry "
+        f"meaning), in {t_pre:.0f} s on CPU. It then detected platelets, red and white blood cells zero-shot on "
+        f"{n_val} generated blood-smear-like images ({IMAGE_SIZE}x{IMAGE_SIZE}). The grounded span is always the "
+        "class name; attributes only reach it through the text encoder and the fusion layers, as in the paper.",
+        "",
+        "| prompt set | caption | AP | AP50 |",
+        "|---|---|---:|---:|",
+    ]
+    for p, (name, m) in zip(prompts, rows):
+        lines.append(f"| {name} | `{p.caption}` | {m['AP']:.1f} | {m['AP50']:.1f} |")
+    lines += [
+        "",
+        f"MLM auto-prompts come from a 2-layer masked LM trained on a {len(knowledge_corpus())}-sentence generated "
+        f"knowledge corpus (final loss {mlm_loss:.3f}), with the paper's template \"The [attribute] of [object] is "
+        "[MASK]\" and the location template; the answers are in `bccd_prompts.yaml` next to this file.",
+        "",
+        "![prompt ablation](medvlm_prompt_ablation.png)",
+        "",
+        "Detections (names-only prompt vs the best prompt; white boxes are ground truth): "
+        + ", ".join(f"`{p}`" for p in pics),
+        "",
+        f"Paper (GLIP-T, BCCD zero-shot): names 0.4 AP, + colour 18.3, combinations up to 27.1. Total time "
+        f"{total:.0f} s.",
+    ]
+    md = "\n".join(lines) + "\n"
+    (out_dir / "medvlm.md").write_text(md)
+    (out_dir / "medvlm_results.json").write_text(json.dumps({n: m for n, m in rows}, indent=2))
+    return md
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(run(Path(sys.argv[1] if len(sys.argv) > 1 else "reproduce_out")))

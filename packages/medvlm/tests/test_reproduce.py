@@ -1,0 +1,67 @@
+"""Pieces of the miniature reproduction: generated scenes, pretraining prompts, the prompt table, MLM corpus."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mmr_medvlm import reproduce
+from mmr_medvlm.synthetic import blood_scene
+
+
+def test_blood_scene_classes_differ_by_size_and_colour():
+    rng = random.Random(0)
+    sizes = {"colorless": [], "red": [], "purple": []}
+    for _ in range(20):
+        img, objs = blood_scene(rng, 64)
+        assert img.shape == (64, 64, 3) and img.dtype.name == "uint8"
+        for o in objs:
+            x0, y0, x1, y1 = o.box
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            sizes[o.color].append((x1 - x0) * (y1 - y0))
+    mean = {k: sum(v) / len(v) for k, v in sizes.items()}
+    assert mean["colorless"] < mean["red"] < mean["purple"]
+
+
+def test_natural_batch_prompts_match_targets():
+    tok = reproduce.build_tokenizer()
+    images, prompts, targets = reproduce.natural_batch(random.Random(1), 6)
+    for img, p, t in zip(images, prompts, targets):
+        assert img.shape == (3, reproduce.IMAGE_SIZE, reproduce.IMAGE_SIZE)
+        assert t.labels.numel() == t.boxes.shape[0] and int(t.labels.max()) < len(p.classes)
+        enc = p.encode(tok, 48)
+        assert "[UNK]" not in tok.convert_ids_to_tokens(enc.input_ids[enc.attention_mask.bool()].tolist())
+        # Grounded spans are made-up nouns, never the attribute words.
+        for c in p.classes:
+            assert c.name in reproduce.NONCE
+
+
+def test_prompt_table_rows_tokenize_and_grow():
+    tok = reproduce.build_tokenizer()
+    rows = reproduce.prompt_table()
+    assert rows[0].caption == "platelet. red blood cell. white blood cell"
+    assert rows[6].caption == ("small, colorless platelet. rounded, red red blood cell. "
+                               "irregular, purple or blue white blood cell")
+    for p in rows:
+        enc = p.encode(tok, 48)
+        assert enc.positive_map.any(1).all()
+
+
+def test_mlm_learns_the_knowledge_corpus():
+    tok = reproduce.build_tokenizer()
+    torch.manual_seed(0)
+    model, loss = reproduce.train_mlm(tok, steps=120, seed=0)
+    assert loss < 1.0
+    from mmr_medvlm.prompts import hf_masked_lm_predictor
+
+    pred = hf_masked_lm_predictor(model, tok, stopwords={"the", "of", "is", "in", "or"})
+    assert pred("the color of platelet is [MASK].", 1) == ["colorless"]
+
+
+@pytest.mark.slow
+def test_run_end_to_end(tmp_path):
+    md = reproduce.run(tmp_path, pretrain_steps=3, batch_size=2, n_val=4)
+    assert "| names |" in md and (tmp_path / "medvlm_prompt_ablation.png").exists()
+    assert (tmp_path / "bccd_prompts.yaml").exists()
