@@ -159,19 +159,19 @@ RECIPES: dict[str, Recipe] = {
 PAPER_COLUMNS = {"AS": "audioset", "SUN": "sunrgbd", "LLVIP": "llvip", "Ego4D": "ego4d"}
 
 
-def get_recipe(name: str, **overrides) -> Recipe:
+def get_recipe(recipe: str, /, **overrides) -> Recipe:
     """A named recipe (``audioset``/``AS``, ``sunrgbd``/``SUN``, ``llvip``/``LLVIP``, ``ego4d``/``Ego4D``, ``tiny_audio``).
 
     Args:
-        name: Recipe name or the paper's column header.
+        recipe: Recipe name or the paper's column header.
         **overrides: Field replacements.
 
     Raises:
         KeyError: For an unknown name; the message lists the known ones.
     """
-    key = PAPER_COLUMNS.get(name, name)
+    key = PAPER_COLUMNS.get(recipe, recipe)
     if key not in RECIPES:
-        raise KeyError(f"unknown ImageBind recipe {name!r}; known: {sorted(RECIPES)} (or {sorted(PAPER_COLUMNS)})")
+        raise KeyError(f"unknown ImageBind recipe {recipe!r}; known: {sorted(RECIPES)} (or {sorted(PAPER_COLUMNS)})")
     return replace(copy.deepcopy(RECIPES[key]), **overrides)
 
 
