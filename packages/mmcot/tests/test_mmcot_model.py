@@ -145,3 +145,20 @@ def test_save_load_roundtrip(tmp_path):
         model(ids, mask, images, labels=labels).logits, again(ids, mask, images, labels=labels).logits
     )
     assert again.t5.lm_head.weight.data_ptr() != again.t5.shared.weight.data_ptr()
+
+
+def test_load_pretrained_t5_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = MMCoTConfig.from_name("tiny", dropout_rate=0.0)
+    donor = MMCoTModel(cfg)
+    state = {k: v.clone() for k, v in donor.t5.state_dict().items() if "embed_tokens" not in k}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = MMCoTModel(cfg)
+    model.load_pretrained_t5(tmp_path)
+    for key, value in donor.t5.state_dict().items():
+        assert torch.equal(model.t5.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        model.load_pretrained_t5(tmp_path / "empty")
+    with pytest.raises(ValueError, match="wrong model size"):
+        MMCoTModel(MMCoTConfig.from_name("tiny", d_ff=128)).load_t5_state_dict(state)

@@ -352,9 +352,27 @@ class MMCoTModel(nn.Module):
                 f"fusion keys do not match: missing {sorted(want - set(fusion))}, "
                 f"unexpected {sorted(set(fusion) - want)}"
             )
+        reference = self.fusion.state_dict()
+        for key, value in fusion.items():
+            if tuple(value.shape) != tuple(reference[key].shape):
+                raise ValueError(
+                    f"fusion key {key!r} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)} "
+                    "(different vision features or model size?)"
+                )
+        self.load_t5_state_dict(t5)
+        self.fusion.load_state_dict(fusion, strict=True)
+
+    def load_t5_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load plain ``T5ForConditionalGeneration`` weights into the backbone (the fusion is untouched).
+
+        This is how training starts from UnifiedQA / FLAN-T5 / FLAN-Alpaca weights.
+
+        Raises:
+            ValueError: on missing, unexpected or wrongly shaped keys, or an untied lm_head with a tied config.
+        """
         ignorable = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
-        t5 = {k: v for k, v in t5.items() if k not in ignorable}
-        # Embedding copies may be absent (tied to ``shared`` in the official model).
+        t5 = {k: v for k, v in state.items() if k not in ignorable}
+        # Embedding copies may be absent (tied to ``shared`` in saved T5 checkpoints).
         for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             t5.setdefault(alias, t5.get("shared.weight"))
         if self.config.tie_word_embeddings:
@@ -369,14 +387,12 @@ class MMCoTModel(nn.Module):
         unexpected = sorted(set(t5) - set(own))
         if missing or unexpected:
             raise ValueError(f"T5 keys do not match this config: missing {missing[:8]}, unexpected {unexpected[:8]}")
-        for name, tensors, target in (("fusion", fusion, self.fusion), ("t5", t5, self.t5)):
-            reference = target.state_dict()
-            for key, value in tensors.items():
-                if tuple(value.shape) != tuple(reference[key].shape):
-                    raise ValueError(
-                        f"{name} key {key!r} has shape {tuple(value.shape)}, expected "
-                        f"{tuple(reference[key].shape)} (wrong size or vision features?)"
-                    )
+        for key, value in t5.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"T5 key {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)} "
+                    "(wrong model size?)"
+                )
         if not self.config.tie_word_embeddings:
             # Load lm_head separately so tying code in load_state_dict cannot overwrite it.
             lm_head = t5.pop("lm_head.weight")
@@ -385,7 +401,19 @@ class MMCoTModel(nn.Module):
                 self.t5.lm_head.weight.copy_(lm_head)
         else:
             self.t5.load_state_dict(t5, strict=True)
-        self.fusion.load_state_dict(fusion, strict=True)
+
+    def load_pretrained_t5(self, directory: str | Path) -> None:
+        """``load_t5_state_dict`` from a local Hugging Face T5 folder (model.safetensors or pytorch_model.bin)."""
+        directory = Path(directory)
+        if (directory / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(directory / "model.safetensors"))
+        elif (directory / "pytorch_model.bin").is_file():
+            state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory}")
+        self.load_t5_state_dict(state)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -50,7 +50,8 @@ class TrainConfig:
     patch_dim: int = 0
     use_vision: bool = True
     fusion_mask: bool = True
-    init_checkpoint: str | None = None
+    init_checkpoint: str | None = None  # ours (a save() folder) or an official mm-cot state dict file
+    t5_pretrained: str | None = None  # local Hugging Face T5 folder (UnifiedQA / FLAN-T5 / FLAN-Alpaca)
     tokenizer: str = ""
     # data
     problems: str = "data/scienceqa/problems.json"
@@ -115,6 +116,8 @@ def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     model = MMCoTModel(MMCoTConfig.from_name(cfg.model, **overrides))
+    if cfg.t5_pretrained:
+        model.load_pretrained_t5(cfg.t5_pretrained)
     if cfg.init_checkpoint:
         path = Path(cfg.init_checkpoint)
         if (path / "mmcot_config.json").is_file():
