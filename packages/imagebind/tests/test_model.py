@@ -153,6 +153,10 @@ def test_postprocess_off_and_logit_scales(tiny_model) -> None:
     assert tiny_model.logit_scale("vision").item() == 1.0
     assert tiny_model.logit_scale("depth").item() == pytest.approx(5.0)
     assert tiny_model.modality_postprocessors["text"][1].log_logit_scale.requires_grad
+    # Held as (1,) for DeepSpeed's parameter broadcast, saved with the official shape ().
+    assert tiny_model.modality_postprocessors["text"][1].log_logit_scale.shape == (1,)
+    assert tiny_model.state_dict()["modality_postprocessors.text.1.log_logit_scale"].shape == ()
+    assert all(p.ndim > 0 for p in tiny_model.parameters())
 
 
 def test_freeze_and_train_one_modality(parity) -> None:

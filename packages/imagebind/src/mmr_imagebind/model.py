@@ -336,19 +336,36 @@ class L2Normalize(nn.Module):
 
 
 class LogitScale(nn.Module):
-    """Multiply by ``min(exp(log_logit_scale), max_scale)``; learnable (text) or a fixed buffer."""
+    """Multiply by ``min(exp(log_logit_scale), max_scale)``; learnable (text) or a fixed buffer.
+
+    The learnable scale is held with shape ``(1,)`` (DeepSpeed cannot broadcast 0-dim parameters) but is
+    saved and loaded with the official shape ``()``.
+    """
 
     def __init__(self, init: float, learnable: bool, max_scale: float = 100.0) -> None:
         super().__init__()
         self.max_scale = max_scale
-        value = torch.full((), math.log(init))
         if learnable:
-            self.log_logit_scale = nn.Parameter(value)
+            self.log_logit_scale = nn.Parameter(torch.full((1,), math.log(init)))
+            self.register_state_dict_post_hook(_scalar_on_save)
+            self.register_load_state_dict_pre_hook(_vector_on_load)
         else:
-            self.register_buffer("log_logit_scale", value)
+            self.register_buffer("log_logit_scale", torch.full((), math.log(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clip(self.log_logit_scale.exp(), max=self.max_scale) * x
+
+
+def _scalar_on_save(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    key = prefix + "log_logit_scale"
+    if key in state:
+        state[key] = state[key].reshape(())
+
+
+def _vector_on_load(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    key = prefix + "log_logit_scale"
+    if key in state and state[key].ndim == 0:
+        state[key] = state[key].reshape(1)
 
 
 def build_postprocessor(cfg: ImageBindConfig, modality: str) -> nn.Module:
@@ -450,7 +467,7 @@ class ImageBind(nn.Module):
         post = self.modality_postprocessors[modality]
         if isinstance(post, L2Normalize):
             return torch.ones(())
-        return post[1].log_logit_scale.exp().clamp(max=post[1].max_scale)
+        return post[1].log_logit_scale.exp().clamp(max=post[1].max_scale).reshape(())
 
 
 def build_imagebind(
