@@ -52,6 +52,14 @@ def tiny_config(shards: str, out: Path, **kw) -> TrainConfig:
     return TrainConfig(recipe=recipe, model="tiny", train_shards=shards, out_dir=str(out), log_every=1000, **kw)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only spin-wait on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return write_pairs(tmp_path_factory.mktemp("shards"))
@@ -75,8 +83,9 @@ def test_recipes_match_the_paper_table() -> None:
 def test_recipe_overrides_through_mmr_core_config(tmp_path: Path) -> None:
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("recipe:\n  peak_lr: 1.0e-4\nmodel: tiny\n")
-    cfg = load_config(TrainConfig, yaml_file, ["recipe.batch_size=64", "lora.rank=4"],
-                      base=TrainConfig(recipe=get_recipe("llvip")))
+    cfg = load_config(
+        TrainConfig, yaml_file, ["recipe.batch_size=64", "lora.rank=4"], base=TrainConfig(recipe=get_recipe("llvip"))
+    )
     assert (cfg.recipe.peak_lr, cfg.recipe.batch_size, cfg.recipe.modality, cfg.lora.rank) == (1e-4, 64, "thermal", 4)
     with pytest.raises(ConfigError, match="peak_lrr"):
         load_config(TrainConfig, None, ["recipe.peak_lrr=1"])
@@ -126,8 +135,12 @@ def test_resume_equals_uninterrupted(shards: str, tmp_path: Path) -> None:
 
 
 def test_lora_and_selective_finetuning(shards: str, tmp_path: Path) -> None:
-    cfg = tiny_config(shards, tmp_path / "lora", lora=LoRAConfig(rank=2, modalities=["vision"], last_blocks=1),
-                      finetune=[r"modality_heads\.text\."])
+    cfg = tiny_config(
+        shards,
+        tmp_path / "lora",
+        lora=LoRAConfig(rank=2, modalities=["vision"], last_blocks=1),
+        finetune=[r"modality_heads\.text\."],
+    )
     model = build_model(cfg)
     names = configure_trainable(model, cfg)
     assert any("lora_A" in n for n in names) and any("modality_heads.text" in n for n in names)
@@ -157,9 +170,20 @@ def test_deepspeed_two_processes(shards: str, tmp_path: Path) -> None:
 
     out = tmp_path / "ds"
     cmd = deepspeed_command(
-        "mmr_imagebind.train", [ "--recipe", "tiny_audio", "model=tiny", f"train_shards={shards}",
-               f"out_dir={out}", "deepspeed=true", "recipe.epochs=2", "save_every=3"],
-        launcher=[sys.executable, "-m", "deepspeed.launcher.runner"], num_gpus=2, module=True,
+        "mmr_imagebind.train",
+        [
+            "--recipe",
+            "tiny_audio",
+            "model=tiny",
+            f"train_shards={shards}",
+            f"out_dir={out}",
+            "deepspeed=true",
+            "recipe.epochs=2",
+            "save_every=3",
+        ],
+        launcher=[sys.executable, "-m", "deepspeed.launcher.runner"],
+        num_gpus=2,
+        module=True,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMR_NO_PROGRESS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

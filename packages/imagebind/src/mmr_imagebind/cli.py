@@ -1,0 +1,157 @@
+"""Command line: embed files, classify them zero-shot, retrieve across modalities.
+
+::
+
+    python -m mmr_imagebind.cli embed    --checkpoint imagebind_huge.pth --modality audio a.wav b.wav --out emb.safetensors
+    python -m mmr_imagebind.cli zeroshot --checkpoint ckpt.safetensors --modality audio --classes dog,rain,car *.wav
+    python -m mmr_imagebind.cli retrieve --checkpoint ckpt.pth --query "a barking dog" --gallery-modality vision *.jpg
+
+``--checkpoint`` is the official ``imagebind_huge.pth`` or a ``.safetensors`` file of this package (its config is
+stored inside); only the modalities a command needs are built. Text uses CLIP's BPE (``--bpe`` or
+``$MMR_IMAGEBIND_BPE``), or for small models trained with a word vocabulary, ``--vocab words.txt`` (one word a
+line; see :class:`mmr_imagebind.miniature.WordTokenizer`). ``--labels`` gives zero-shot ground truth
+(class names, one per file, comma-separated) to print top-1/top-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_imagebind
+from .evaluation import embed, load_inputs
+from .model import MODALITIES, ImageBind
+from .zeroshot import DEFAULT_TEMPLATES, text_classifier, top_k_accuracy, zero_shot_logits
+
+
+def _tokenizer(args: argparse.Namespace, model: ImageBind):
+    cfg = model.config
+    if args.vocab:
+        from .miniature import WordTokenizer
+
+        words = [w.strip() for w in Path(args.vocab).read_text().splitlines() if w.strip()]
+        return WordTokenizer(words, cfg.text_context_length, cfg.text_vocab_size)
+    from .tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer(args.bpe, context_length=cfg.text_context_length, vocab_size=cfg.text_vocab_size)
+
+
+def _load(args: argparse.Namespace, modalities: list[str]) -> ImageBind:
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    model = load_imagebind(path, config=args.config, modalities=list(dict.fromkeys(modalities)))
+    return model.to(args.device).eval()
+
+
+def _inputs(args, model: ImageBind, modality: str, items: list[str]):
+    if modality != "text":
+        missing = [f for f in items if not Path(f).is_file()]
+        if missing:
+            raise SystemExit(f"error: input files not found: {missing[:5]}")
+    return load_inputs(modality, items, model.config)
+
+
+def cmd_embed(args: argparse.Namespace) -> dict:
+    model = _load(args, [args.modality])
+    tok = _tokenizer(args, model) if args.modality == "text" else None
+    emb = embed(model, args.modality, _inputs(args, model, args.modality, args.inputs), tok, args.batch_size)
+    if args.out:
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": emb.contiguous()}, args.out, metadata={"inputs": json.dumps(args.inputs),
+                                                                        "modality": args.modality})  # fmt: skip
+    return {"modality": args.modality, "count": emb.shape[0], "dim": emb.shape[1], "out": args.out}
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> dict:
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if len(classes) < 2:
+        raise SystemExit("error: --classes needs at least two comma-separated class names")
+    model = _load(args, ["text", args.modality])
+    tok = _tokenizer(args, model)
+    templates = args.templates or list(DEFAULT_TEMPLATES)
+    classifier = text_classifier(model, tok, classes, templates)
+    emb = embed(model, args.modality, _inputs(args, model, args.modality, args.inputs), batch_size=args.batch_size)
+    probs = (100.0 * zero_shot_logits(emb, classifier)).softmax(-1)
+    preds = [{"input": f, "class": classes[int(p.argmax())], "prob": round(float(p.max()), 4)}
+             for f, p in zip(args.inputs, probs)]  # fmt: skip
+    out: dict = {"predictions": preds}
+    if args.labels:
+        labels = [c.strip() for c in args.labels.split(",")]
+        unknown = sorted(set(labels) - set(classes))
+        if len(labels) != len(args.inputs) or unknown:
+            raise SystemExit(f"error: --labels needs one known class per input (unknown: {unknown})")
+        y = torch.tensor([classes.index(c) for c in labels])
+        out["top1"] = top_k_accuracy(probs, y, 1)
+        out["top5"] = top_k_accuracy(probs, y, 5)
+    return out
+
+
+def cmd_retrieve(args: argparse.Namespace) -> dict:
+    model = _load(args, [args.query_modality, args.gallery_modality])
+    tok = _tokenizer(args, model) if "text" in (args.query_modality, args.gallery_modality) else None
+    queries = args.query
+    q = embed(model, args.query_modality, _inputs(args, model, args.query_modality, queries), tok, args.batch_size,
+              desc="embed queries")  # fmt: skip
+    g = embed(model, args.gallery_modality, _inputs(args, model, args.gallery_modality, args.inputs), tok,
+              args.batch_size, desc="embed gallery")  # fmt: skip
+    scores, idx = zero_shot_logits(q, g).topk(min(args.top_k, g.shape[0]), dim=1)
+    return {"results": [{"query": qq, "matches": [{"item": args.inputs[int(i)], "score": round(float(s), 4)}
+                                                  for s, i in zip(sc, ix)]}
+                        for qq, sc, ix in zip(queries, scores, idx)]}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mmr_imagebind.cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--checkpoint", required=True, help="imagebind_huge.pth or a .safetensors of this package")
+        sp.add_argument("--config", default=None, help="named config when the checkpoint stores none")
+        sp.add_argument("--bpe", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz")
+        sp.add_argument("--vocab", default=None, help="word list for small word-vocabulary models")
+        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    e = sub.add_parser("embed", help="embed files (or strings for text)")
+    common(e)
+    e.add_argument("--modality", required=True, choices=MODALITIES)
+    e.add_argument("--out", default=None, help="write embeddings to this .safetensors")
+    e.add_argument("inputs", nargs="+")
+    z = sub.add_parser("zeroshot", help="classify files from class-name prompts")
+    common(z)
+    z.add_argument("--modality", required=True, choices=[m for m in MODALITIES if m != "text"])
+    z.add_argument("--classes", required=True, help="comma-separated class names")
+    z.add_argument("--templates", nargs="*", default=None, help="prompt templates with '{}' (default: 4 templates)")
+    z.add_argument("--labels", default=None, help="comma-separated true class per input, to score top-1/top-5")
+    z.add_argument("inputs", nargs="+")
+    r = sub.add_parser("retrieve", help="rank gallery files for each query")
+    common(r)
+    r.add_argument("--query", nargs="+", required=True, help="query strings (text) or files")
+    r.add_argument("--query-modality", default="text", choices=MODALITIES)
+    r.add_argument("--gallery-modality", required=True, choices=MODALITIES)
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("inputs", nargs="+", help="gallery files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"embed": cmd_embed, "zeroshot": cmd_zeroshot, "retrieve": cmd_retrieve}[args.command]
+    try:
+        result = handler(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
