@@ -220,6 +220,7 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> dict[str, Any]:
         """Logits (and the mean next-token loss over labels != -100 when ``labels`` is given).
 
@@ -231,6 +232,7 @@ class LlavaModel(nn.Module):
             position_ids: Explicit positions (packed sequences, left padding).
             cache: A key/value cache from a previous call (generation).
             use_cache: Return the cache.
+            logits_to_keep: Compute logits for the last N positions only (0: all); generation uses 1.
 
         Returns:
             A dict with ``logits``, ``loss`` (or None) and ``cache``.
@@ -241,7 +243,8 @@ class LlavaModel(nn.Module):
             # same parameters (DDP/ZeRO gradient reduction), without running the vision tower.
             embeds = embeds + 0.0 * sum(p.sum() for p in self.projector.parameters()).to(embeds.dtype)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, cache=cache, use_cache=use_cache)
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(out.logits, labels)
@@ -275,7 +278,8 @@ class LlavaModel(nn.Module):
             raise ValueError("batched generation needs left padding (last column of attention_mask is 0)")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.forward(input_ids, pixel_values, attention_mask, position_ids=position_ids, use_cache=True)
+        out = self.forward(input_ids, pixel_values, attention_mask, position_ids=position_ids, use_cache=True,
+                           logits_to_keep=1)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
@@ -291,7 +295,7 @@ class LlavaModel(nn.Module):
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((nxt.shape[0], 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = self.forward(nxt[:, None], None, attention_mask, position_ids=position_ids,
-                               cache=out["cache"], use_cache=True)
+                               cache=out["cache"], use_cache=True, logits_to_keep=1)
         return torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
 
 

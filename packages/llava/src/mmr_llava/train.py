@@ -210,9 +210,11 @@ def set_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
     else:
         raise ValueError(f"tune must be 'projector', 'full' or 'lora', got '{cfg.tune}'")
     if cfg.gradient_checkpointing:
-        lm = model.language_model
-        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm, kwargs = model.language_model, {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
