@@ -13,7 +13,7 @@ phone        coffee.png                phone-outgoing-calling, phone-outgoing-bu
 alert        chelsea.png               dialog-warning, window-attention, window-question, dialog-error
 chime        rocket.jpg                device-added, device-removed (power-*/network-* are copies)
 bell         coins.png                 bell, message, trash-empty, complete
-login        moon.png                  service-logout, service-login
+login        hubble_deep_field.jpg     service-logout, service-login
 alarm        clock_motion.png          alarm-clock-elapsed (its last third is held out)
 ===========  ========================  ==============================================================
 
@@ -62,7 +62,7 @@ BUILTIN_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "chime": ("rocket.jpg", ("device-added.oga", "power-plug.oga", "network-connectivity-established.oga",
                              "power-unplug.oga", "network-connectivity-lost.oga", "device-removed.oga")),
     "bell": ("coins.png", ("bell.oga", "message.oga", "trash-empty.oga", "complete.oga")),
-    "login": ("moon.png", ("service-logout.oga", "service-login.oga")),
+    "login": ("hubble_deep_field.jpg", ("service-logout.oga", "service-login.oga")),
     "alarm": ("clock_motion.png", ("alarm-clock-elapsed.oga",)),
 }  # fmt: skip
 
