@@ -91,3 +91,16 @@ def test_bad_config_values(synthetic, tmp_path):
         main([f"tokenizer={tok.model_file}", "stages=all"])
     with pytest.raises(Exception, match="unknown|Unknown"):
         main(["no_such_key=1"])
+
+
+def test_answer_question_runs_both_stages(synthetic):
+    from mmr_mmcot.train import answer_question
+
+    files, tok = synthetic
+    cfg = MMCoTConfig.from_name("tiny", vocab_size=tok.vocab_size)
+    stage1, stage2 = MMCoTModel(cfg).eval(), MMCoTModel(cfg).eval()
+    problem = {"question": "What color is the shape in the picture?", "choices": ["red", "blue"], "hint": ""}
+    rationale, answer = answer_question(stage1, stage2, tok, problem, torch.randn(8, 16), rationale_len=6, answer_len=4)
+    assert isinstance(rationale, str) and isinstance(answer, str)
+    text_only = answer_question(stage1, stage2, tok, problem, None, rationale_len=6, answer_len=4)
+    assert len(text_only) == 2
