@@ -147,3 +147,27 @@ def test_packing_matches_padding(tok):
     torch.testing.assert_close(a["logits"][0, :n0], b["logits"][0, :n0], rtol=1e-4, atol=1e-4)
     n1 = len(items[1]["input_ids"])
     torch.testing.assert_close(a["logits"][1, :n1], b["logits"][0, n0:n0 + n1], rtol=1e-4, atol=1e-4)
+
+
+def test_row_packing_matches_padding(tok):
+    from mmr_llava.model import LlavaConfig, LlavaModel
+
+    ds, image_id = _ds(tok)
+    cfg = LlavaConfig.from_name("tiny", image_token_index=image_id)
+    cfg.vision = dict(cfg.vision, image_size=16)
+    torch.manual_seed(0)
+    model = LlavaModel(cfg).eval()
+    items = [ds[1], ds[0], ds[2]]
+    for it in items:
+        it["labels"][0] = -100
+    longest = max(len(it["input_ids"]) for it in items)
+    packed = data.PackingCollator(row_tokens=longest + 5, pad_token_id=tok.pad_token_id)(items)
+    assert packed["input_ids"].shape[1] <= longest + 5 and packed["input_ids"].shape[0] >= 2
+    padded = data.Collator(tok.pad_token_id, "right")(items)
+    with torch.no_grad():
+        a = model(padded["input_ids"], padded["pixel_values"], padded["attention_mask"], padded["labels"])
+        b = model(packed["input_ids"], packed["pixel_values"], None, packed["labels"],
+                  position_ids=packed["position_ids"])
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        data.PackingCollator(row_tokens=5)(items)

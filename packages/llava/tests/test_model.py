@@ -116,3 +116,19 @@ def test_left_padded_batch_generation_matches_single():
     batched = model.generate(ids, torch.cat([pa, pb]), mask, max_new_tokens=6)
     single = model.generate(a, pa, max_new_tokens=6)
     assert batched[0].tolist() == single[0].tolist()
+
+
+def test_training_loss_on_supervised_positions_only_equals_full_logits_loss():
+    model = build_model("tiny", seed=0)
+    ids, mask, px = _batch(model.config, n_img=(1, 2))
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :10] = -100
+    model.eval()
+    with torch.no_grad():
+        full = model(ids, px, mask, labels)
+    model.train()
+    fast = model(ids, px, mask, labels)
+    assert fast["logits"] is None
+    torch.testing.assert_close(fast["loss"], full["loss"])
+    fast["loss"].backward()
+    assert model.projector[0].weight.grad is not None

@@ -46,7 +46,8 @@ def test_stage1_then_stage2(scenes, tmp_path):
     assert sorted(proj)[0].startswith("model.mm_projector.")
     s2 = train(_cfg(scenes, tmp_path / "s2", init_from=str(tmp_path / "s1" / "model"),
                     tokenizer=str(tmp_path / "s1" / "tokenizer"), projector_from=str(tmp_path / "s1/mm_projector.bin"),
-                    lr=3e-3, max_steps=8, gradient_checkpointing=True, group_by_modality_length=True))
+                    lr=3e-3, max_steps=8, gradient_checkpointing=True, group_by_modality_length=True,
+                    packing=True))
     assert s2["losses"][-1] < s2["losses"][0]
     model = ckpt.load_pretrained(tmp_path / "s2" / "model")
     torch.testing.assert_close(model.projector.state_dict()["0.bias"].shape, torch.Size([64]))

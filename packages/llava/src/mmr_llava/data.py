@@ -296,7 +296,40 @@ class PackingCollator:
     sample is never a target (it would be "predicted" from the previous sample).
     """
 
+    row_tokens: int | None = None
+    pad_token_id: int = 0
+
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One row, or with ``row_tokens`` several rows of at most that many tokens (first-fit in order).
+
+        Rows bound the attention cost (a dense block-diagonal mask is quadratic in the row length); the
+        tail of a short row is one more "sample" of padding that attends only to itself.
+        """
+        if self.row_tokens is None:
+            return self._pack(samples)
+        rows: list[list[dict[str, Any]]] = []
+        sizes: list[int] = []
+        for s in samples:
+            n = len(s["input_ids"])
+            if n > self.row_tokens:
+                raise ValueError(f"a sample of {n} tokens does not fit row_tokens={self.row_tokens}")
+            for r, size in enumerate(sizes):
+                if size + n <= self.row_tokens:
+                    rows[r].append(s)
+                    sizes[r] += n
+                    break
+            else:
+                rows.append([s])
+                sizes.append(n)
+        width = max(sizes)
+        packed = [self._pack(r, width) for r in rows]
+        pix = [p["pixel_values"] for p in packed if p["pixel_values"] is not None]
+        return {"input_ids": torch.cat([p["input_ids"] for p in packed]),
+                "labels": torch.cat([p["labels"] for p in packed]),
+                "position_ids": torch.cat([p["position_ids"] for p in packed]), "attention_mask": None,
+                "pixel_values": torch.cat(pix) if pix else None}
+
+    def _pack(self, samples: Sequence[dict[str, Any]], width: int | None = None) -> dict[str, Any]:
         ids, labels, pos = [], [], []
         for s in samples:
             n = len(s["input_ids"])
@@ -305,6 +338,11 @@ class PackingCollator:
             lab[0] = IGNORE_INDEX
             labels.append(lab)
             pos.append(torch.arange(n))
+        pad = (width or 0) - sum(len(x) for x in ids)
+        if pad > 0:
+            ids.append(torch.full((pad,), self.pad_token_id, dtype=torch.long))
+            labels.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
+            pos.append(torch.arange(pad))
         pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
                 "position_ids": torch.cat(pos)[None], "attention_mask": None,

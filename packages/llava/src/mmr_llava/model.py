@@ -235,13 +235,27 @@ class LlavaModel(nn.Module):
             logits_to_keep: Compute logits for the last N positions only (0: all); generation uses 1.
 
         Returns:
-            A dict with ``logits``, ``loss`` (or None) and ``cache``.
+            A dict with ``logits``, ``loss`` (or None) and ``cache``. In training mode with labels the
+            logits are None: only supervised positions are projected onto the vocabulary.
         """
         embeds = self.embed(input_ids, pixel_values)
         if labels is not None and self.training and pixel_values is None:
             # Text-only step: tie the projector in with a zero so every rank's backward touches the
             # same parameters (DDP/ZeRO gradient reduction), without running the vision tower.
             embeds = embeds + 0.0 * sum(p.sum() for p in self.projector.parameters()).to(embeds.dtype)
+        if labels is not None and self.training and not use_cache:
+            # Training: project only the supervised positions onto the vocabulary. Full logits would
+            # be (tokens x vocab) floats, most of them for prompt and image positions that carry no loss.
+            hidden = self.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                       position_ids=position_ids).last_hidden_state
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            picked = self.language_model.get_output_embeddings()(hidden[:, :-1][keep])
+            if picked.shape[0] == 0:
+                loss = picked.sum() * 0.0 + hidden.sum() * 0.0
+            else:
+                loss = F.cross_entropy(picked.float(), targets[keep])
+            return {"logits": None, "loss": loss, "cache": None}
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, cache=cache, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep)

@@ -288,7 +288,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mcfg = model.config
     ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
                       cfg.max_length, cfg.on_mismatch)
-    collate = PackingCollator() if cfg.packing else Collator(tok.pad_token_id, "right")
+    collate = (PackingCollator(row_tokens=cfg.max_length, pad_token_id=tok.pad_token_id) if cfg.packing
+               else Collator(tok.pad_token_id, "right"))
     steps_per_epoch = max(1, len(ds) // world // (cfg.micro_batch_size * cfg.grad_accum))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
@@ -334,9 +335,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for bi in range(start, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
             step_loss = 0.0
             for k in range(cfg.grad_accum):
-                batch = collate([ds[i] for i in batches[bi + k]])
-                batch = {k2: (v.to(device) if isinstance(v, torch.Tensor) else v) for k2, v in batch.items()}
-                tokens += int(batch["input_ids"].numel() if cfg.packing else batch["attention_mask"].sum())
+                items = [ds[i] for i in batches[bi + k]]
+                tokens += sum(len(it["input_ids"]) for it in items)  # real tokens, padding excluded
+                batch = {k2: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                         for k2, v in collate(items).items()}
                 out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                              attention_mask=batch["attention_mask"], labels=batch["labels"],
                              position_ids=batch.get("position_ids"))
