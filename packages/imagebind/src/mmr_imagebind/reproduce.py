@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,8 @@ class MiniatureConfig:
 
     Attributes:
         recipe: Binding recipe (AudioSet column at miniature scale).
-        seed: Seed of weights, augmentation and batches.
+        seed: Seed of weights, augmentation and batches of one run.
+        seeds: The seeds :func:`run` repeats the whole experiment with (results: mean and min-max).
         image_size: Photo crop size.
         num_mel_bins: Filterbank bins.
         frames: Filterbank frames per clip (10 ms each).
@@ -83,6 +84,7 @@ class MiniatureConfig:
 
     recipe: Recipe = field(default_factory=_miniature_recipe)
     seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     image_size: int = 32
     num_mel_bins: int = 48
     frames: int = 100
@@ -300,6 +302,26 @@ def _run_experiment(data: M.MiniatureData, cfg: MiniatureConfig, t0: float) -> d
     }  # fmt: skip
 
 
+def aggregate(runs: list[dict], seeds: list[int]) -> dict:
+    """Mean (and min, max) over seeds of every accuracy; loss curves of the first seed; summed times."""
+    out = dict(runs[0])
+    out["seeds"] = list(seeds)
+    out["image_zero_shot"] = sum(r["image_zero_shot"] for r in runs) / len(runs)
+    out["results"] = {}
+    for name in runs[0]["results"]:
+        entry: dict = {}
+        for split in ("heldout", "seen"):
+            vals = [r["results"][name][split] for r in runs]
+            entry[split] = sum(vals) / len(vals)
+            entry[f"{split}_range"] = (min(vals), max(vals))
+        classes = runs[0]["results"][name]["per_class"]
+        entry["per_class"] = {c: sum(r["results"][name]["per_class"][c] for r in runs) / len(runs) for c in classes}
+        out["results"][name] = entry
+    out["seconds"] = {k: sum(r["seconds"][k] for r in runs) for k in runs[0]["seconds"]}
+    out["per_seed"] = [{n: {s: r["results"][n][s] for s in ("heldout", "seen")} for n in r["results"]} for r in runs]
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -311,11 +333,13 @@ def plot(result: dict, path: Path) -> None:
     r = result["results"]
     for offset, split, label in ((-0.2, "heldout", "held-out recordings"), (0.2, "seen", "seen recordings, new aug.")):
         vals = [result["chance"], r["untrained"][split], r["emergent"][split], r["paired"][split]]
-        bars = ax.bar([i + offset for i in range(4)], vals, width=0.4, label=label)
+        lo = [0.0] + [r[n][split] - r[n][f"{split}_range"][0] for n in ("untrained", "emergent", "paired")]
+        hi = [0.0] + [r[n][f"{split}_range"][1] - r[n][split] for n in ("untrained", "emergent", "paired")]
+        bars = ax.bar([i + offset for i in range(4)], vals, width=0.4, label=label, yerr=[lo, hi], capsize=3)
         ax.bar_label(bars, labels=[f"{v:.0%}" for v in vals], fontsize=8)
     ax.set_xticks(range(4), names, fontsize=8)
     ax.set(ylabel="zero-shot top-1 from text prompts", ylim=(0, 1.1),
-           title=f"Audio classified zero-shot ({len(result['classes'])} classes)")  # fmt: skip
+           title=f"Audio zero-shot, {len(result['classes'])} classes (mean, min-max of {len(result['seeds'])} seeds)")  # fmt: skip
     ax.legend(fontsize=8, loc="upper left")
     for key, label in (("image_text", "stage 1: image-text"), ("image_audio", "stage 2: image-audio (emergent)"),
                        ("audio_text", "upper bound: audio-text")):  # fmt: skip
@@ -333,6 +357,12 @@ def plot(result: dict, path: Path) -> None:
 def report(result: dict, data: M.MiniatureData, cfg: MiniatureConfig, image: str) -> str:
     r, K = result["results"], len(result["classes"])
     sec = result["seconds"]
+
+    def cell(name: str, split: str, bold: bool = False) -> str:
+        lo, hi = r[name][f"{split}_range"]
+        v = f"{r[name][split]:.1%}"
+        return (f"**{v}**" if bold else v) + f" ({lo:.0%}-{hi:.0%})"
+
     lines = [
         "### ImageBind miniature: emergent zero-shot audio classification",
         "",
@@ -343,17 +373,19 @@ def report(result: dict, data: M.MiniatureData, cfg: MiniatureConfig, image: str
         f"of recordings never used in training (classes {', '.join(result['heldout_classes'])}); seen recordings: "
         f"{result['n_seen']} new augmentations of the training recordings.",
         "",
+        f"Zero-shot top-1, mean over seeds {result['seeds']} (min-max in brackets):",
+        "",
         "| audio encoder | held-out recordings top-1 | seen recordings (new aug.) top-1 |",
         "|---|---|---|",
         f"| chance (1/{K}) | {result['chance']:.1%} | {result['chance']:.1%} |",
-        f"| untrained (same init) | {r['untrained']['heldout']:.1%} | {r['untrained']['seen']:.1%} |",
-        f"| **emergent** (image-audio pairs only) | **{r['emergent']['heldout']:.1%}** | "
-        f"**{r['emergent']['seen']:.1%}** |",
-        f"| upper bound (trained on audio-text pairs) | {r['paired']['heldout']:.1%} | {r['paired']['seen']:.1%} |",
+        f"| untrained (same init) | {cell('untrained', 'heldout')} | {cell('untrained', 'seen')} |",
+        f"| **emergent** (image-audio pairs only) | {cell('emergent', 'heldout', True)} | "
+        f"{cell('emergent', 'seen', True)} |",
+        f"| upper bound (trained on audio-text pairs) | {cell('paired', 'heldout')} | {cell('paired', 'seen')} |",
         "",
         f"Image zero-shot top-1 of the stage-1 image-text space (sanity check): {result['image_zero_shot']:.1%}.",
         "",
-        "Held-out top-1 per class (emergent / paired): "
+        "Held-out top-1 per class, mean over seeds (emergent / paired): "
         + ", ".join(f"{c} {r['emergent']['per_class'][c]:.0%} / {r['paired']['per_class'][c]:.0%}"
                     for c in r["emergent"]["per_class"]) + ".",  # fmt: skip
         "",
@@ -366,7 +398,8 @@ def report(result: dict, data: M.MiniatureData, cfg: MiniatureConfig, image: str
         f"stochastic depth {cfg.recipe.drop_path}, frequency masking {cfg.recipe.augment.frequency_masking} bins, "
         f"{cfg.steps_audio} steps of batch {min(K, cfg.recipe.batch_size)}). Time: data {sec['data']:.0f} s, "
         f"image-text {sec['image_text']:.0f} s, audio (emergent + upper bound) {sec['audio']:.0f} s, "
-        f"evaluation {sec['eval']:.0f} s, total {sec['total']:.0f} s (seed {cfg.seed}).",
+        f"evaluation {sec['eval']:.0f} s; total {sec['total']:.0f} s for {len(result['seeds'])} seeds. Loss curves: seed "
+        f"{result['seeds'][0]}.",
     ]
     if data.notes:
         lines += ["", "Data notes: " + "; ".join(data.notes) + "."]
@@ -386,7 +419,10 @@ def run(out_dir: Path, data: M.MiniatureData | None = None, cfg: MiniatureConfig
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg or MiniatureConfig()
     data = data or M.load_builtin()
-    result = run_experiment(data, cfg)
+    if not cfg.seeds:
+        raise ValueError("seeds is empty")
+    runs = [run_experiment(data, replace(cfg, seed=s)) for s in progress(cfg.seeds, desc="seeds")]
+    result = aggregate(runs, cfg.seeds)
     image = "emergent_audio.png"
     plot(result, out_dir / image)
     (out_dir / "metrics.json").write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=1))
@@ -402,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", help="training shards of (image, audio, label) samples")
     p.add_argument("--test-shards", help="held-out shards of (audio, label) samples")
     p.add_argument("--classes", help="comma-separated class names, indexed by the shards' labels")
-    p.add_argument("overrides", nargs="*", help="MiniatureConfig overrides, e.g. steps_audio=800 seed=1")
+    p.add_argument("overrides", nargs="*", help="MiniatureConfig overrides, e.g. steps_audio=800 seeds=[0,1]")
     args = p.parse_args(argv)
     cfg = load_config(MiniatureConfig, None, args.overrides)
     try:
