@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,8 +53,12 @@ def test_two_stage_under_deepspeed_two_processes(tmp_path):
     )
     env = {**os.environ, "MMR_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def launch():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    launch()
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["answer"]["Avg"] <= 100
     generated = json.loads((out / "stage1" / "generated_test.json").read_text())
@@ -62,3 +67,13 @@ def test_two_stage_under_deepspeed_two_processes(tmp_path):
     assert len(losses) == 4
     # A ZeRO checkpoint was written at step 2 by mmr_core.distributed.save_checkpoint.
     assert any(p.name.startswith("step") for p in (out / "stage1" / "ckpt").iterdir())
+
+    # Resume: drop everything after stage 1's step-2 checkpoint; the relaunch trains steps 3-4 only and
+    # reproduces their losses (weights, optimizer, schedule, data position and RNG restored).
+    shutil.rmtree(out / "stage1" / "final")
+    shutil.rmtree(out / "stage2")
+    for path in [*out.glob("stage1/generated_*.json"), out / "metrics.json"]:
+        path.unlink()
+    launch()
+    resumed = json.loads((out / "stage1" / "losses.json").read_text())
+    assert resumed == pytest.approx(losses[2:], rel=1e-5)
