@@ -93,6 +93,34 @@ def test_recipe_overrides_through_mmr_core_config(tmp_path: Path) -> None:
     assert set(RECIPES) >= {"audioset", "sunrgbd", "llvip", "ego4d"}
 
 
+def test_pair_transform_depth_thermal_imu_deterministic() -> None:
+    from PIL import Image
+
+    from mmr_imagebind.model import ImageBindConfig
+    from mmr_imagebind.train import PairTransform
+
+    mcfg = ImageBindConfig.from_name("tiny")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, size=(60, 80, 3), dtype=np.uint8))
+    sample = {"__key__": "k1", "image": image, "depth": torch.rand(1, 30, 40) + 0.5,
+              "thermal": torch.rand(1, 60, 80), "imu": np.zeros((6, 50), np.float32)}  # fmt: skip
+    for name, modality in (("sunrgbd", "depth"), ("llvip", "thermal")):
+        assert get_recipe(name).modality == modality
+        recipe = get_recipe(name)
+        recipe.augment.random_resized_crop = 32
+        tf = PairTransform(recipe, mcfg, seed=0)
+        img, x = tf(sample)
+        assert img.shape == (3, 32, 32) and x.shape == (1, 32, 32)
+        again = tf(sample)
+        torch.testing.assert_close(again[1], x)  # same key and epoch: same augmentation
+        tf.epoch = 1
+        assert not torch.equal(tf(sample)[0], img)  # another epoch: another crop
+    _, imu = PairTransform(get_recipe("ego4d"), mcfg)(sample)
+    assert imu.shape == (6, mcfg.imu_length)
+    with pytest.raises(KeyError, match="needs 'image' and 'audio'"):
+        PairTransform(get_recipe("audioset"), mcfg)({"__key__": "k2", "image": image})
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(4, 20, 0.1)
     assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0)

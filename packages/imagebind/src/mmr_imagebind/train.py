@@ -381,6 +381,9 @@ class PairTransform:
 def count_samples(shards: Iterable[str]) -> int:
     """Number of distinct sample keys in local tar shards."""
     keys = set()
+    remote = [u for u in shards if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise ValueError(f"cannot count the samples of remote shards such as {remote[0]}; set dataset_size")
     for url in shards:
         with tarfile.open(url) as tf:
             for name in tf.getnames():
@@ -615,7 +618,9 @@ def _save(cfg, engine, net, opt, sched, step, data_state) -> None:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """``--recipe NAME [--config YAML] [key=value ...]`` -> a :class:`TrainConfig`."""
     p = argparse.ArgumentParser(description="Bind a modality encoder to frozen ImageBind image/text encoders.")
-    p.add_argument("--recipe", default="audioset", help="audioset/AS, sunrgbd/SUN, llvip/LLVIP, ego4d/Ego4D, tiny_audio")
+    p.add_argument(
+        "--recipe", default="audioset", help="audioset/AS, sunrgbd/SUN, llvip/LLVIP, ego4d/Ego4D, tiny_audio"
+    )
     p.add_argument("--config", default=None, help="YAML file of TrainConfig fields")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. recipe.peak_lr=1e-3 train_shards=DIR")
