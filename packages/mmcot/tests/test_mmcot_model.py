@@ -162,3 +162,17 @@ def test_load_pretrained_t5_folder(tmp_path):
         model.load_pretrained_t5(tmp_path / "empty")
     with pytest.raises(ValueError, match="wrong model size"):
         MMCoTModel(MMCoTConfig.from_name("tiny", d_ff=128)).load_t5_state_dict(state)
+
+
+def test_generation_encodes_once_and_decodes_with_the_cache():
+    model = build_model("tiny", dropout_rate=0.0).eval()
+    encoder_calls, decoder_lengths = [], []
+    model.t5.encoder.register_forward_pre_hook(lambda m, a, k: encoder_calls.append(1), with_kwargs=True)
+    model.t5.decoder.register_forward_pre_hook(
+        lambda m, a, k: decoder_lengths.append(k["input_ids"].shape[1]), with_kwargs=True
+    )
+    ids, mask, images, _ = _batch()
+    out = model.generate(ids, mask, images, max_new_tokens=6, min_new_tokens=6)
+    assert out.shape[1] == 7
+    assert len(encoder_calls) == 1  # fused encoder output computed once
+    assert decoder_lengths == [1] * 6  # one new token per step: the KV cache holds the prefix
