@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,6 +161,17 @@ def test_resume_equals_uninterrupted(shards: str, tmp_path: Path) -> None:
     a, b = load_file(full["model_path"]), load_file(second["model_path"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_command_line_entry(shards: str, tmp_path: Path, capsys) -> None:
+    from mmr_imagebind.train import main
+
+    out = tmp_path / "cli"
+    assert main(["--recipe", "tiny_audio", "model=tiny", f"train_shards={shards}", f"out_dir={out}", "max_steps=2"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["steps"] == 2 and (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+    with pytest.raises(ValueError, match="train_shards"):
+        main(["--recipe", "tiny_audio", "model=tiny", f"out_dir={out}"])
 
 
 def test_lora_and_selective_finetuning(shards: str, tmp_path: Path) -> None:
