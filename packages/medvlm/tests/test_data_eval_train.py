@@ -167,3 +167,33 @@ def test_fit_resumes(blood, tokenizer, tmp_path):
                 dataclasses.replace(cfg, max_steps=3), val_set=ds)
     assert [h["step"] for h in again["history"]] == [1, 2, 3]
     assert "AP" in again["metrics"]
+
+
+def test_hf_grounding_dino_adapter(tokenizer):
+    """The same prompt set drives a transformers Grounding DINO (tiny random config)."""
+    import warnings
+
+    from transformers import (
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
+
+    from mmr_medvlm.evaluate import HFZeroShotDetector, _match_phrase
+
+    torch.manual_seed(0)
+    cfg = GroundingDinoConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                              num_queries=20, text_config={"hidden_size": 32, "num_hidden_layers": 1,
+                                                           "num_attention_heads": 2, "intermediate_size": 64,
+                                                           "vocab_size": len(tokenizer)})
+    model = GroundingDinoForObjectDetection(cfg).eval()
+    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(
+        size={"shortest_edge": 128, "longest_edge": 160}), tokenizer=tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = HFZeroShotDetector(model, proc, threshold=0.0).detect([torch.rand(3, 64, 64)], PROMPT)
+    d = out[0]
+    assert d.boxes.shape[1] == 4 and d.boxes.shape[0] == d.scores.shape[0] == d.labels.shape[0]
+    assert set(d.labels.tolist()) <= {0, 1, 2}
+    assert _match_phrase("white blood cell", PROMPT) == 2 and _match_phrase("", PROMPT) == -1

@@ -87,6 +87,10 @@ class HFZeroShotDetector:
 
 
 def _match_phrase(text: str, prompt: PromptSet) -> int:
+    """Index of the class whose name the detector's predicted phrase names, -1 if none."""
+    text = text.strip()
+    if not text:
+        return -1
     for i, c in enumerate(prompt.classes):
         if c.name.lower() in text.lower() or text.lower() in c.name.lower():
             return i
