@@ -97,6 +97,7 @@ def test_short_run_on_a_folder(tmp_path: Path) -> None:
     # Classes differ clearly in pitch and rhythm: binding through the images alone must beat chance.
     assert r["emergent"]["seen"] >= 0.5 and r["emergent"]["heldout"] >= 0.5
     assert metrics["losses"]["image_audio"][-1] < metrics["losses"]["image_audio"][0]
+    assert 0.0 <= r["emergent"]["arithmetic"] <= 1.0 and "Embedding arithmetic" in section
 
 
 def test_shards_input(tmp_path: Path) -> None:
@@ -138,5 +139,6 @@ def test_full_builtin_reproduction(tmp_path: Path) -> None:
     r, chance = metrics["results"], metrics["chance"]
     assert r["emergent"]["heldout"] > 2.5 * chance and r["emergent"]["seen"] > 0.8
     assert r["untrained"]["seen"] < 2 * chance and len(metrics["per_seed"]) == 3
+    assert r["emergent"]["arithmetic"] > r["untrained"]["arithmetic"] + 0.1
     assert metrics["seconds"]["total"] < 240
     assert "emergent_audio.png" in section

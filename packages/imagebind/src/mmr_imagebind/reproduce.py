@@ -30,12 +30,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mmr_core.config import load_config, to_dict
 from mmr_core.losses import ContrastiveLoss
 from mmr_core.utils import get_logger, progress, seed_everything
 
 from . import miniature as M
+from .evaluation import embedding_arithmetic
 from .model import ImageBind, ImageBindConfig
 from .recipes import Recipe, get_recipe
 from .train import parameter_groups, warmup_cosine
@@ -280,7 +282,11 @@ def _run_experiment(data: M.MiniatureData, cfg: MiniatureConfig, t0: float) -> d
         classifier = text_classifier(model, tok, data.classes, [t + "." for t in EVAL_TEMPLATES])
         img_test = torch.cat([b[-8:] for per in banks.photos for b in per])
         img_y = torch.tensor([k for k, per in enumerate(banks.photos) for b in per for _ in range(len(b[-8:]))])
-        image_acc = top_k_accuracy(zero_shot_logits(model.encode("vision", img_test), classifier), img_y)
+        img_emb = model.encode("vision", img_test)
+        image_acc = top_k_accuracy(zero_shot_logits(img_emb, classifier), img_y)
+        # Gallery for audio->image retrieval and arithmetic: one mean photo embedding per class.
+        gallery = torch.stack([F.normalize(img_emb[img_y == k], dim=-1).mean(0) for k in range(K)])
+        queries = torch.stack([img_emb[img_y == k][0] for k in range(K)])  # one photo crop per class
         results = {}
         for name, state in (("untrained", init_audio), ("emergent", emergent_state), ("paired", paired_state)):
             model.load_state_dict(state, strict=False)
@@ -289,7 +295,9 @@ def _run_experiment(data: M.MiniatureData, cfg: MiniatureConfig, t0: float) -> d
             per_class = {data.classes[k]: top_k_accuracy(h[banks.heldout_labels == k], banks.heldout_labels[
                 banks.heldout_labels == k]) for k in banks.heldout_labels.unique().tolist()}  # fmt: skip
             results[name] = {"heldout": top_k_accuracy(h, banks.heldout_labels),
-                             "seen": top_k_accuracy(s, banks.seen_labels), "per_class": per_class}  # fmt: skip
+                             "seen": top_k_accuracy(s, banks.seen_labels), "per_class": per_class,
+                             "arithmetic": _arithmetic(queries, model.encode("audio", banks.seen), banks.seen_labels,
+                                                       gallery)}  # fmt: skip
     t_end = time.perf_counter()
     return {
         "classes": data.classes, "chance": 1 / K, "image_zero_shot": image_acc, "results": results,
@@ -315,11 +323,26 @@ def aggregate(runs: list[dict], seeds: list[int]) -> dict:
             entry[split] = sum(vals) / len(vals)
             entry[f"{split}_range"] = (min(vals), max(vals))
         classes = runs[0]["results"][name]["per_class"]
+        entry["arithmetic"] = sum(r["results"][name]["arithmetic"] for r in runs) / len(runs)
         entry["per_class"] = {c: sum(r["results"][name]["per_class"][c] for r in runs) / len(runs) for c in classes}
         out["results"][name] = entry
     out["seconds"] = {k: sum(r["seconds"][k] for r in runs) for k in runs[0]["seconds"]}
     out["per_seed"] = [{n: {s: r["results"][n][s] for s in ("heldout", "seen")} for n in r["results"]} for r in runs]
     return out
+
+
+def _arithmetic(photo_emb: torch.Tensor, audio_emb: torch.Tensor, audio_y: torch.Tensor, gallery: torch.Tensor) -> float:
+    """Photo of class a + audio of class b (a != b): share of queries whose 2 nearest gallery photos are {a, b}."""
+    hits = total = 0
+    for a in range(len(photo_emb)):
+        for b in range(len(photo_emb)):
+            aud = audio_emb[audio_y == b]
+            if a == b or not len(aud):
+                continue
+            idx, _ = embedding_arithmetic(photo_emb[a].expand(len(aud), -1), aud, gallery, k=2)
+            hits += sum({int(i) for i in row} == {a, b} for row in idx)
+            total += len(aud)
+    return hits / max(total, 1)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -384,6 +407,11 @@ def report(result: dict, data: M.MiniatureData, cfg: MiniatureConfig, image: str
         f"| upper bound (trained on audio-text pairs) | {cell('paired', 'heldout')} | {cell('paired', 'seen')} |",
         "",
         f"Image zero-shot top-1 of the stage-1 image-text space (sanity check): {result['image_zero_shot']:.1%}.",
+        "",
+        f"Embedding arithmetic (photo of class a + seen-recording clip of class b, a != b, against one mean photo "
+        f"embedding per class): the two nearest photos are exactly {{a, b}} for {r['emergent']['arithmetic']:.1%} of "
+        f"queries with the emergent audio encoder, {r['untrained']['arithmetic']:.1%} untrained, "
+        f"{r['paired']['arithmetic']:.1%} paired (chance {2 / (K * (K - 1)):.1%}).",
         "",
         "Held-out top-1 per class, mean over seeds (emergent / paired): "
         + ", ".join(f"{c} {r['emergent']['per_class'][c]:.0%} / {r['paired']['per_class'][c]:.0%}"
