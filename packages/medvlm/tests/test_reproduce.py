@@ -65,3 +65,24 @@ def test_run_end_to_end(tmp_path):
     md = reproduce.run(tmp_path, pretrain_steps=3, batch_size=2, n_val=4)
     assert "| names |" in md and (tmp_path / "medvlm_prompt_ablation.png").exists()
     assert (tmp_path / "bccd_prompts.yaml").exists()
+
+
+def test_photo_detections_picture(tmp_path, monkeypatch):
+    import dataclasses
+
+    from PIL import Image
+
+    from mmr_medvlm.evaluate import GLIPDetector
+
+    img, _ = blood_scene(random.Random(0), 64)
+    photo = tmp_path / "smear.jpg"
+    Image.fromarray(img).resize((320, 320)).save(photo)
+    monkeypatch.setenv("MMR_BLOOD_PHOTO", str(photo))
+    assert reproduce.find_blood_photo() == photo
+    tok = reproduce.build_tokenizer()
+    model = reproduce.GLIP(reproduce.repro_config(tok))
+    model.cfg = dataclasses.replace(model.cfg, score_thresh=0.0)
+    out = reproduce.photo_detections(GLIPDetector(model, tok), reproduce.prompt_table()[6], photo,
+                                     tmp_path / "det.png", top=5)
+    with Image.open(out) as im:
+        assert im.size == (64 * 3, 64 * 3)
