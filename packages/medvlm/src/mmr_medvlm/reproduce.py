@@ -330,8 +330,14 @@ def run(out_dir: Path, pretrain_steps: int = 150, batch_size: int = 6, n_val: in
         "Detections (names-only prompt vs the best prompt; white boxes are ground truth): "
         + ", ".join(f"`{p}`" for p in pics),
         "",
+        "![names only](medvlm_det_0_names.png) ![best prompt](medvlm_det_0_best.png)",
+        "",
         photo_note,
         "",
+    ]
+    if photo is not None:
+        lines += ["![real photo](medvlm_det_real_photo.png)", ""]
+    lines += [
         f"Paper (GLIP-T, BCCD zero-shot): names 0.4 AP, + colour 18.3, combinations up to 27.1. Total time "
         f"{total:.0f} s.",
     ]
