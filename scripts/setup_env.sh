@@ -18,6 +18,18 @@ if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.mmr-stamp" ] && [ "$(cat "$VENV/.mm
 fi
 
 start=$(date +%s)
+# System data the miniature reproductions read: real recordings from Debian's sound theme
+# (mmr_imagebind). Installed when we may (root with apt-get); otherwise say what is missing.
+SOUNDS=/usr/share/sounds/freedesktop/stereo
+if [ ! -d "$SOUNDS" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian package sound-theme-freedesktop (recordings for the ImageBind miniature)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sound-theme-freedesktop >/dev/null
+  else
+    echo "[setup] note: $SOUNDS is missing; install the Debian/Ubuntu package sound-theme-freedesktop" \
+         "(or set MMR_FREEDESKTOP_SOUNDS) for the ImageBind miniature reproduction"
+  fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PY --version)"
   "$PY" -m venv "$VENV"
