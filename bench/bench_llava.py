@@ -74,10 +74,10 @@ def worker(which: str, args: argparse.Namespace) -> dict:
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = [[ds[(s * args.batch + i) % len(ds)] for i in range(args.batch)] for s in range(args.steps + 2)]
-    # Ours: rows as long as the batch's longest sample (bounded attention cost, almost no padding).
+    # Ours: rows of a few samples each (bounded attention cost, almost no padding).
     longest = max(len(it["input_ids"]) for b in batches for it in b)
     collate = (Collator(tok.pad_token_id, "right") if which == "hf"
-               else PackingCollator(row_tokens=longest, pad_token_id=tok.pad_token_id))
+               else PackingCollator(row_tokens=int(longest * args.row_factor), pad_token_id=tok.pad_token_id))
     losses, tokens, elapsed = [], 0, 0.0
     for step, items in enumerate(batches):
         for it in items:
@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--scenes", type=int, default=60)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--row-factor", type=float, default=1.0, help="packed row length / longest sample")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--worker", choices=["ours", "hf"], default=None)
     args = p.parse_args()
@@ -143,7 +144,7 @@ def main() -> None:
         return
     results = {}
     for which in ("hf", "ours"):
-        cmd = [sys.executable, __file__, "--worker", which] + [f"--{k}={v}" for k, v in vars(args).items()
+        cmd = [sys.executable, __file__, "--worker", which] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                                 if k != "worker"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

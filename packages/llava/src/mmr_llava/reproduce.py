@@ -47,7 +47,9 @@ def run(out_dir: Path, n_train: int = 120, n_eval: int = 40, stage1_steps: int =
         seed: int = 0) -> str:
     """Run the ablation; write plots into ``out_dir``; return a markdown section."""
     os.environ.setdefault("MMR_NO_PROGRESS", "1")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One thread: at this model size two OpenMP threads mostly wait on each other (and on a shared
+    # machine a spinning second thread slows element-wise ops by orders of magnitude).
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     work = out_dir / "work"
