@@ -330,7 +330,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while state["step"] < total and state["step"] != cfg.stop_after_steps:
         order = epoch_order(ds, cfg, state["epoch"], rank, world)
         mb = cfg.micro_batch_size
-        batches = [order[i: i + mb] for i in range(0, len(order) - mb + 1, mb)]
+        # The last micro-batch may be short; an epoch with no full optimizer step would loop forever.
+        batches = [order[i: i + mb] for i in range(0, len(order), mb)]
+        if len(batches) < cfg.grad_accum:
+            raise ValueError(f"{len(order)} samples per process cannot fill grad_accum={cfg.grad_accum} "
+                             f"micro-batches of {mb}")
         start = state["step_in_epoch"] * cfg.grad_accum
         for bi in range(start, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
             step_loss = 0.0
