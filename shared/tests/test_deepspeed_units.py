@@ -197,10 +197,15 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 @pytest.fixture
 def clean_launch_env(monkeypatch):
+    # _fill_env writes RANK/WORLD_SIZE/... into os.environ itself, behind monkeypatch's back: restore
+    # the whole environment afterwards, or later tests (data pipelines read RANK) see a fake rank.
+    saved = dict(os.environ)
     for key in list(os.environ):
         if key in _LAUNCH_VARS or key.startswith("SLURM_"):
             monkeypatch.delenv(key)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_env_from_deepspeed_or_torchrun(clean_launch_env):
