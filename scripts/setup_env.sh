@@ -40,7 +40,8 @@ echo "[setup] installing the pinned torch set (torch, torchvision, torchaudio)"
 "${PIP[@]}" install -c constraints.txt torch torchvision torchaudio
 echo "[setup] installing third-party dependencies and the mmr distributions (editable)"
 MMR_CORE_REQUIREMENT=mmr-core "${PIP[@]}" install -c constraints.txt \
-  -e ./shared -e ./packages/imagebind -e ./packages/medvlm -e ./packages/mmcot -e ./packages/llava \
+  -e "./shared[test]" -e "./packages/imagebind[test]" -e "./packages/medvlm[test]" -e "./packages/mmcot[test]" \
+  -e "./packages/llava[test]" \
   pytest pytest-timeout nox ruff hatchling editables
 # The real blood-smear photo for the MedVLM miniature lives in the `cbc` wheel, which pins dozens of
 # old packages exactly: take the file only, never its dependencies (mmr_medvlm never imports cbc).

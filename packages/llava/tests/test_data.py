@@ -105,7 +105,6 @@ def test_grouped_sampler_separates_modalities():
 
 
 def test_webdataset_shards(tok, tmp_path):
-    pytest.importorskip("mmr_core.data")
     from mmr_core.data import write_shards
 
     image_id = conv.prepare_tokenizer(tok, "v1")

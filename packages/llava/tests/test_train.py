@@ -79,8 +79,6 @@ def test_lora_merged_export(scenes, tmp_path):
 @pytest.mark.slow  # ~80 s on 2 shared cores (three DeepSpeed process start-ups)
 @pytest.mark.distributed
 def test_deepspeed_two_gloo_ranks_zero3(scenes, tmp_path):
-    pytest.importorskip("deepspeed")
-    pytest.importorskip("mmr_core.distributed")
     s1 = tmp_path / "s1"
     train(_cfg(scenes, s1, data=str(scenes["captions"]), template="plain", tune="projector", lr=1e-3,
                max_steps=1))
