@@ -33,9 +33,12 @@ def test_natural_batch_prompts_match_targets():
         assert t.labels.numel() == t.boxes.shape[0] and int(t.labels.max()) < len(p.classes)
         enc = p.encode(tok, 48)
         assert "[UNK]" not in tok.convert_ids_to_tokens(enc.input_ids[enc.attention_mask.bool()].tolist())
-        # Grounded spans are made-up nouns, never the attribute words.
+        # Every grounded phrase ends in a made-up noun; its attributes (if any) are known words.
         for c in p.classes:
-            assert c.name in reproduce.NONCE
+            *attrs, noun = c.name.split()
+            assert noun in reproduce.NONCE
+            known = set(reproduce.COLORS) | set(reproduce.SHAPE_WORDS.values()) | set(reproduce.SIZES)
+            assert set(attrs) <= known
 
 
 def test_prompt_table_rows_tokenize_and_grow():

@@ -25,7 +25,8 @@ COLORS = {
     "purple": (130, 50, 170), "pink": (240, 150, 180), "colorless": (236, 232, 236), "orange": (240, 140, 30),
 }
 SHAPES = ("round", "square", "triangle", "ring", "irregular")
-SIZES = {"small": (3, 5), "large": (12, 16), "medium": (7, 10)}
+# Radii in pixels at 64 px; the blood scenes use the same bands, so "small" means a platelet's size.
+SIZES = {"small": (3.5, 5), "medium": (7, 9), "large": (11, 14)}
 NONCE = ("wug", "dax", "blicket", "toma", "fep", "zorp", "kiki", "bouba", "gazzer", "modi", "tupa", "lorp")
 BCCD_CATEGORIES = ("platelet", "rbc", "wbc")
 
@@ -74,50 +75,73 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def _place(rng: random.Random, size: int, r: float, placed: list[tuple[float, float, float]],
+           tries: int = 30) -> tuple[float, float] | None:
+    """A centre for a radius-``r`` object that keeps clear of ``placed`` (well-separated objects)."""
+    for _ in range(tries):
+        cy, cx = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        if all((cy - y) ** 2 + (cx - x) ** 2 > (r + q + 2) ** 2 for y, x, q in placed):
+            placed.append((cy, cx, r))
+            return cy, cx
+    return None
+
+
 def natural_scene(rng: random.Random, size: int = 64, n_objects: tuple[int, int] = (2, 4)
                   ) -> tuple[np.ndarray, list[Obj]]:
-    """A textured background with coloured shapes; returns (uint8 HxWx3, objects)."""
+    """A textured background with coloured, non-overlapping shapes; returns (uint8 HxWx3, objects)."""
     bg = np.array([rng.randint(90, 200) for _ in range(3)], dtype=np.float32)
     img = np.clip(bg + np.random.default_rng(rng.randint(0, 2**31)).normal(0, 8, (size, size, 3)), 0, 255)
     objs: list[Obj] = []
+    placed: list[tuple[float, float, float]] = []
     for _ in range(rng.randint(*n_objects)):
         size_name = rng.choice(list(SIZES))
         r = rng.uniform(*SIZES[size_name]) * size / 64
         shape = rng.choice(SHAPES)
         color = rng.choice(list(COLORS))
-        cy, cx = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        mask = _shape_mask(size, size, shape, cy, cx, r, rng)
+        centre = _place(rng, size, r, placed)
+        if centre is None:
+            continue
+        mask = _shape_mask(size, size, shape, *centre, r, rng)
         if mask.sum() < 4:
             continue
         _paint(img, mask, COLORS[color], rng)
         objs.append(Obj(shape, color, size_name, _box(mask)))
-    # Objects painted later may cover earlier ones; recompute nothing (boxes stay as drawn, like labels).
     return img.astype(np.uint8), objs
 
 
 def blood_scene(rng: random.Random, size: int = 64) -> tuple[np.ndarray, list[Obj]]:
-    """A blood-smear-like image: RBCs (round, fresh red), platelets (small, colourless), WBC (irregular purple)."""
+    """A blood-smear-like image: RBCs (round, fresh red), platelets (small, colourless), WBC (irregular purple).
+
+    Cell radii fall in the "natural" scenes' size bands (platelet small, red cell medium, white cell large),
+    so a model that learned "small", "rounded" or "purple" from the natural scenes can transfer them.
+    """
     img = np.clip(np.array([236, 200, 205], np.float32)
                   + np.random.default_rng(rng.randint(0, 2**31)).normal(0, 6, (size, size, 3)), 0, 255)
     objs: list[Obj] = []
+    placed: list[tuple[float, float, float]] = []
     scale = size / 64
     if rng.random() < 0.8:
-        r = rng.uniform(11, 14) * scale
-        cy, cx = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        mask = _shape_mask(size, size, "irregular", cy, cx, r, rng)
-        _paint(img, mask, COLORS["purple"] if rng.random() < 0.6 else COLORS["blue"], rng)
-        objs.append(Obj("irregular", "purple", "large", _box(mask)))
-    for _ in range(rng.randint(2, 5)):
-        r = rng.uniform(6, 8) * scale
-        cy, cx = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        mask = _disk(size, size, cy, cx, r)
-        _paint(img, mask, (215, 60, 60), rng, jitter=12)
-        img[_disk(size, size, cy, cx, r * 0.4)] *= 1.08  # pale centre of the biconcave disc
-        objs.append(Obj("round", "red", "medium", _box(mask)))
+        r = rng.uniform(*SIZES["large"]) * scale
+        centre = _place(rng, size, r, placed)
+        if centre is not None:
+            mask = _shape_mask(size, size, "irregular", *centre, r, rng)
+            _paint(img, mask, COLORS["purple"] if rng.random() < 0.6 else COLORS["blue"], rng)
+            objs.append(Obj("irregular", "purple", "large", _box(mask)))
     for _ in range(rng.randint(1, 3)):
-        r = rng.uniform(2, 3) * scale
-        cy, cx = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        mask = _disk(size, size, cy, cx, r)
+        r = rng.uniform(*SIZES["medium"]) * scale
+        centre = _place(rng, size, r, placed)
+        if centre is None:
+            continue
+        mask = _disk(size, size, *centre, r)
+        _paint(img, mask, (215, 60, 60), rng, jitter=12)
+        img[_disk(size, size, *centre, r * 0.4)] *= 1.08  # pale centre of the biconcave disc
+        objs.append(Obj("round", "red", "medium", _box(mask)))
+    for _ in range(rng.randint(1, 2)):
+        r = rng.uniform(*SIZES["small"]) * scale
+        centre = _place(rng, size, r, placed)
+        if centre is None:
+            continue
+        mask = _disk(size, size, *centre, r)
         _paint(img, mask, COLORS["colorless"], rng, jitter=6)
         objs.append(Obj("round", "colorless", "small", _box(mask)))
     return np.clip(img, 0, 255).astype(np.uint8), objs
@@ -159,3 +183,15 @@ def blood_dataset(root: Path, n: int, seed: int, size: int = 64) -> Path:
         images.append(img)
         objects.append([(o.box, cat[o.color]) for o in objs])
     return write_coco(root, images, objects, BCCD_CATEGORIES)
+
+
+def natural_dataset(root: Path, n: int, seed: int, size: int = 64) -> Path:
+    """Held-out "natural" scenes as a COCO dataset whose categories are the colour words."""
+    rng = random.Random(seed)
+    colors = list(COLORS)
+    images, objects = [], []
+    for _ in range(n):
+        img, objs = natural_scene(rng, size)
+        images.append(img)
+        objects.append([(o.box, colors.index(o.color)) for o in objs])
+    return write_coco(root, images, objects, colors)
