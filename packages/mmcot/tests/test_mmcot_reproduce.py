@@ -7,23 +7,34 @@ import pytest
 
 from mmr_mmcot.data import ScienceQA, VisionFeatures, render_pair
 from mmr_mmcot.reproduce import hallucination_rate
-from mmr_mmcot.synthetic import COLORS, generate_problems, write_release
+from mmr_mmcot.synthetic import COLORS, DIRECTIONS, generate_problems, write_release
 
 
-def test_synthetic_release_encodes_the_answer_only_in_the_image(tmp_path):
-    files = write_release(tmp_path, n_train=40, n_test=10, seed=1)
+def test_synthetic_release_needs_the_image_and_the_rule(tmp_path):
+    files = write_release(tmp_path, n_train=60, n_test=10, seed=1)
     data = ScienceQA.load(files.problems, files.pid_splits, files.captions)
     feats = VisionFeatures.load(files.features, files.name_map)
-    assert len(data.split("train")) == 40 and len(data.split("test")) == 10
+    assert len(data.split("train")) == 60 and len(data.split("test")) == 10
+    answers_by_value: dict[str, set[int]] = {}
     for pid in data.split("train"):
         problem = data.problems[pid]
         render_pair(problem, "QCM-E", pid)  # every problem renders
-        if problem["image"]:
-            image, has = feats.lookup(pid, problem)
-            patch = image[image.abs().max(dim=1).values.argmax()]
-            assert has and int(patch[:4].argmax()) == problem["answer"]
-            source, _ = render_pair(problem, "QCM-A", pid, use_caption=True)
-            assert problem["choices"][problem["answer"]] not in source.split("Options:")[0]
+        if not problem["image"]:
+            continue
+        image, has = feats.lookup(pid, problem)
+        patch = image[image.abs().max(dim=1).values.argmax()]
+        values = COLORS if problem["subject"] == "natural science" else DIRECTIONS
+        fact = values[int(patch[:4].argmax())]
+        assert has and fact == problem["image_fact"]
+        source, target = render_pair(problem, "QCM-E", pid, use_caption=True)
+        # The perceived value is in neither the question nor the caption; the rule is in the context.
+        assert fact not in source.split("Context:")[0].lower() and "drawing" in source
+        answer = problem["choices"][problem["answer"]]
+        rule = next(r for r in problem["hint"].split(". ") if fact in r.lower())
+        assert answer in rule and fact in target and answer in target
+        answers_by_value.setdefault(fact, set()).add(problem["answer"])
+    # Rules vary per problem: the image value alone does not fix the answer.
+    assert any(len(answers) > 1 for answers in answers_by_value.values())
 
 
 def test_generation_is_deterministic():
@@ -41,6 +52,10 @@ def test_hallucination_rate():
     texts = {"1": "The circle in the picture is red.", "2": "The star is red.", "3": "anything"}
     assert hallucination_rate(texts, problems) == 50.0
     assert hallucination_rate({"2": "It is red or blue."}, problems) == 100.0
+    # With an image_fact the rationale is checked against what the picture shows, not the answer.
+    chained = {"4": {"image": "image.png", "choices": ["hot", "cold"], "answer": 1, "image_fact": "green"}}
+    assert hallucination_rate({"4": "The star is green. Green things are cold."}, chained) == 0.0
+    assert hallucination_rate({"4": "The star is blue. Blue things are cold."}, chained) == 100.0
 
 
 @pytest.mark.slow

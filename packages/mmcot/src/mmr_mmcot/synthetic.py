@@ -1,14 +1,22 @@
 """Generated ScienceQA-format problems for the miniature reproduction and the tests.
 
-Three families, written in the released file formats (``problems.json``, ``pid_splits.json``, captions,
-features ``.npy`` + name map):
+The image questions need a short chain, as ScienceQA's do: a fact perceived in the image AND a rule
+given in the context, combined. Four families, written in the released file formats (``problems.json``,
+``pid_splits.json``, captions, features ``.npy`` + name map):
 
-* NAT / IMG: "What color is the shape in the picture?" The colour (and the shape) exist only in the
-  image features, so the answer and a faithful rationale need vision.
-* SOC / IMG: "Which way does the arrow point?" Same, with a direction.
-* LAN / TXT or NO: questions answerable from text (counts in the hint, or memorised word classes).
+* NAT / IMG (+TXT): the image holds a shape of some colour; the hint gives this problem's rules mapping
+  each colour to a property ("Red things are soft. Blue things are hot. ..."), permuted per problem and
+  listed in a random order; the options are properties. Rationale: "The circle is red. Red things are soft."
+* SOC / IMG (+TXT): the image holds an arrow; the hint places four towns at the four compass points
+  (permuted per problem); the options are towns. Rationale: "The arrow points east. Pine is to the east."
+* LAN / TXT: "Which thing is there more of?" with the counts in the hint.
+* LAN / NO: "Which word is a noun?" (word classes memorised from training).
 
-Texts are short (no lectures) so that the miniature reproduction trains in seconds per model.
+Each hop is a 4-way lookup, but the direct mapping (image value x rule permutation x rule order) has
+4 x 24 x 24 cases, so a small seq2seq model learns the answer more easily through the rationale: stage 1
+perceives the value and copies the matching rule, stage 2 copies the property out of the rationale.
+The perceived value is stored as ``image_fact`` (an extra key; the official loaders ignore it) so that
+hallucinated rationales can be counted.
 
 Image features are ``(patch_num, patch_dim)`` arrays: noise plus one patch carrying a one-hot of the
 attribute (first block of dims) and of the object (second block), at a random position.
@@ -29,6 +37,8 @@ DIRECTIONS = ("north", "south", "east", "west")
 NOUNS = ("dog", "table", "river", "apple", "teacher", "cloud")
 VERBS = ("run", "jump", "sing", "write", "swim", "build")
 NUMBERS = ("two", "three", "four", "five", "six", "seven")
+PROPERTIES = ("hot", "cold", "soft", "hard")
+TOWNS = ("Oakton", "Pine", "Milford", "Riverdale")
 
 
 @dataclass
@@ -71,25 +81,32 @@ def generate_problems(
         grade = f"grade{rng.randint(1, 12)}"
         if rng.random() < image_fraction:
             obj, attr = rng.randrange(4), rng.randrange(4)
-            # All four values in a fixed order: the letter follows from the value, so a stage-2 model
-            # only has to read the value off the rationale (the hard part is seeing it).
+            # Per-problem rules: value i of the image maps to word perm[i]; the rules are listed in a
+            # random order so that neither the word nor its position follows from the image alone.
+            perm = rng.sample(range(4), 4)
+            order = rng.sample(range(4), 4)
             if rng.random() < 0.5:
                 color, shape = COLORS[attr], SHAPES[obj]
+                rules = [f"{COLORS[i].capitalize()} things are {PROPERTIES[perm[i]]}." for i in range(4)]
                 problem = {
-                    "question": "What color is the shape in the picture?",
+                    "question": "Which word describes the shape in the picture?",
                     "subject": "natural science",
-                    "solution": f"The {shape} in the picture is {color}.",
-                    "choices": list(COLORS),
+                    "solution": f"The {shape} is {color}. {rules[attr]}",
+                    "choices": list(PROPERTIES),
+                    "image_fact": color,
                 }
             else:
                 direction = DIRECTIONS[attr]
+                rules = [f"{TOWNS[perm[i]]} is to the {DIRECTIONS[i]}." for i in range(4)]
                 problem = {
-                    "question": "Which way does the arrow point?",
+                    "question": "Which town does the arrow point to?",
                     "subject": "social science",
-                    "solution": f"The arrow in the picture points {direction}.",
-                    "choices": list(DIRECTIONS),
+                    "solution": f"The arrow points {direction}. {rules[attr]}",
+                    "choices": list(TOWNS),
+                    "image_fact": direction,
                 }
-            problem.update(answer=attr, hint="", lecture="", image="image.png", grade=grade)
+            problem["hint"] = " ".join(rules[i] for i in order)
+            problem.update(answer=perm[attr], lecture="", image="image.png", grade=grade)
             images[pid] = _image(nprng, patch_num, patch_dim, attr, obj)
         elif rng.random() < 0.5:
             count_a, count_b = rng.sample(range(len(NUMBERS)), 2)
@@ -165,5 +182,5 @@ def corpus(problems: dict[str, dict]) -> list[str]:
     texts = ["Question: Context: N/A Options: (A) (B) (C) (D) (E) Solution: Answer: The answer is (A). (B). (C)."]
     for p in problems.values():
         texts += [p["question"], p["hint"], p["lecture"], p["solution"], " ".join(p["choices"])]
-    texts += [" ".join(COLORS + SHAPES + DIRECTIONS + NOUNS + VERBS + NUMBERS)]
+    texts += [" ".join(COLORS + SHAPES + DIRECTIONS + NOUNS + VERBS + NUMBERS + PROPERTIES + TOWNS)]
     return [t for t in texts if t]
