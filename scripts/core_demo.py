@@ -239,7 +239,7 @@ def drive(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/report/core")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per rank per step")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--procs", type=int, default=2, help="processes for the deepspeed launcher")
