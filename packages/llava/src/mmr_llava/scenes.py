@@ -91,6 +91,34 @@ def make_scene(rng: random.Random, size: int = 32) -> Scene:
     return Scene(objects, img)
 
 
+def make_quadrant_scene(rng: random.Random, size: int = 32) -> Scene:
+    """1-3 shapes, one per quadrant of the canvas (the miniature reproduction's layout).
+
+    Every object sits wholly inside a left or right quadrant, so "left"/"right" is never ambiguous, and
+    with 8-px patches each quadrant is exactly 2x2 patches of the vision tower.
+    """
+    img = np.full((size, size, 3), 255, dtype=np.uint8)
+    n = rng.randint(1, 3)
+    q = size // 2
+    objects = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for slot in sorted(rng.sample(range(4), n)):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        s = rng.randint(q // 2 + 2, q - 2)
+        x1 = (slot % 2) * q + rng.randint(1, q - s - 1)
+        y1 = (slot // 2) * q + rng.randint(1, q - s - 1)
+        cx, cy, r = x1 + s / 2, y1 + s / 2, s / 2
+        if shape == "square":
+            m = (xx >= x1) & (xx < x1 + s) & (yy >= y1) & (yy < y1 + s)
+        elif shape == "circle":
+            m = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+        else:
+            m = (yy >= y1) & (yy < y1 + s) & (np.abs(xx + 0.5 - cx) <= (yy + 1 - y1) / 2)
+        img[m] = COLORS[color]
+        objects.append(SceneObject(shape, color, (x1 / size, y1 / size, (x1 + s) / size, (y1 + s) / size)))
+    return Scene(objects, img)
+
+
 def _conversation(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     objs = scene.objects
     qa = [("How many shapes are in the image?", f"There {'is' if len(objs) == 1 else 'are'} "
@@ -115,7 +143,9 @@ def _detail(scene: Scene) -> str:
     return "The image shows " + "; ".join(parts) + " on a white background."
 
 
-def _complex(scene: Scene, rng: random.Random) -> tuple[str, str]:
+def _complex(scene: Scene, rng: random.Random, balanced: bool = False) -> tuple[str, str]:
+    if balanced:
+        return _complex_balanced(scene, rng)
     objs = sorted(scene.objects, key=lambda o: o.box[0])
     if len(objs) >= 2:
         a, b = objs[0], objs[-1]
@@ -126,9 +156,40 @@ def _complex(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return ("What would you see if the shape was removed?", f"Without the {o.name} the image would be empty.")
 
 
+def left_right_pair(scene: Scene, rng: random.Random) -> tuple[SceneObject, SceneObject] | None:
+    """One object from each side, told apart by shape (or, failing that, by colour); None if impossible."""
+    left = [o for o in scene.objects if o.side == "left"]
+    right = [o for o in scene.objects if o.side == "right"]
+    pairs = [(a, b) for a in left for b in right if a.shape != b.shape or a.color != b.color]
+    return rng.choice(pairs) if pairs else None
+
+
+def complex_question(a: SceneObject, b: SceneObject, rng: random.Random) -> str:
+    """"Which is further left" about ``a`` (left) and ``b`` (right), named in random order."""
+    x, y = (a, b) if rng.random() < 0.5 else (b, a)
+    if a.shape != b.shape:
+        return f"Which shape is further left, the {x.shape} or the {y.shape}?"
+    return f"Which is further left, the {x.color} one or the {y.color} one?"
+
+
+def _complex_balanced(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    # The answer is not the first-named object more often than chance, so only the image can tell.
+    pair = left_right_pair(scene, rng)
+    if pair is None:
+        o = rng.choice(scene.objects)
+        return "What would you see if the shape was removed?", f"Without the {o.name} the image would be empty."
+    a, b = pair
+    return complex_question(a, b, rng), f"The {a.name} is further left than the {b.name}."
+
+
 def rule_based_instructions(scene: Scene, image: str, scene_id: str, rng: random.Random,
-                            types: tuple[str, ...] = ("conversation", "detail", "complex")) -> list[dict[str, Any]]:
-    """LLaVA JSON records of the requested response types for one scene."""
+                            types: tuple[str, ...] = ("conversation", "detail", "complex"),
+                            balanced: bool = False) -> list[dict[str, Any]]:
+    """LLaVA JSON records of the requested response types for one scene.
+
+    ``balanced`` names the two objects of a complex-reasoning question in random order (the default
+    names the left one first, which a model can learn without looking).
+    """
     out = []
     if "conversation" in types:
         turns = _conversation(scene, rng)
@@ -141,7 +202,7 @@ def rule_based_instructions(scene: Scene, image: str, scene_id: str, rng: random
             {"from": "human", "value": "<image>\n" + rng.choice(DETAILED_INSTRUCTIONS)},
             {"from": "gpt", "value": _detail(scene)}]})
     if "complex" in types:
-        q, a = _complex(scene, rng)
+        q, a = _complex(scene, rng, balanced)
         out.append({"id": f"{scene_id}-complex", "image": image, "type": "complex", "conversations": [
             {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
     return out
@@ -155,8 +216,16 @@ def caption_record(scene: Scene, image: str, scene_id: str, rng: random.Random) 
 
 
 def write_dataset(out_dir: str | Path, n_scenes: int, seed: int = 0, size: int = 32,
-                  types: tuple[str, ...] = ("conversation", "detail", "complex")) -> dict[str, Path]:
-    """Write PNG images, ``captions.json`` (stage 1), ``instruct.json`` (stage 2) and ``scenes.json``."""
+                  types: tuple[str, ...] = ("conversation", "detail", "complex"),
+                  layout: str = "thirds") -> dict[str, Path]:
+    """Write PNG images, ``captions.json`` (stage 1), ``instruct.json`` (stage 2) and ``scenes.json``.
+
+    ``layout``: ``thirds`` (:func:`make_scene`) or ``quadrants`` (:func:`make_quadrant_scene`, with
+    balanced complex-reasoning questions).
+    """
+    makers = {"thirds": make_scene, "quadrants": make_quadrant_scene}
+    if layout not in makers:
+        raise ValueError(f"unknown scene layout '{layout}'; use one of {sorted(makers)}")
     from PIL import Image
 
     out = Path(out_dir)
@@ -164,12 +233,12 @@ def write_dataset(out_dir: str | Path, n_scenes: int, seed: int = 0, size: int =
     rng = random.Random(seed)
     caps, inst, meta = [], [], []
     for i in range(n_scenes):
-        scene = make_scene(rng, size)
+        scene = makers[layout](rng, size)
         name = f"images/{seed}_{i:05d}.png"
         Image.fromarray(scene.image).save(out / name)
         sid = f"{seed}-{i}"
         caps.append(caption_record(scene, name, sid, rng))
-        inst += rule_based_instructions(scene, name, sid, rng, types)
+        inst += rule_based_instructions(scene, name, sid, rng, types, balanced=layout == "quadrants")
         meta.append({"id": sid, "image": name, "captions": scene.captions(), "boxes": scene.boxes(),
                      "objects": [{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in scene.objects]})
     paths = {"captions": out / "captions.json", "instruct": out / "instruct.json", "scenes": out / "scenes.json"}
