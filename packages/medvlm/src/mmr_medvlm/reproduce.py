@@ -40,8 +40,8 @@ KNOWLEDGE_EXTRA = ("grass sky coin cherry plum snow lemon dice tomato ocean the 
 # Pretraining grounds whole noun phrases (as GLIP's GoldG captions do), so attribute words get pixel-level
 # supervision of their own; at test only the class name is grounded, as in the paper.
 PHRASE_GROUNDING = True
-# Phrases describing absent objects per pretraining image: they make the alignment discriminate attributes.
-NEGATIVES = (1, 3)
+# Phrases describing absent objects per pretraining image (1-3 scored lower than 0-2 in a 300-step run).
+NEGATIVES = (0, 2)
 
 
 def build_tokenizer() -> Any:
@@ -333,13 +333,19 @@ def _run(out_dir: Path, pretrain_steps: int, batch_size: int, n_val: int, seed: 
     total = time.time() - t0
     by_name = dict(rows)
     gain = by_name["+ shape + color"]["AP"] - by_name["names"]["AP"]
-    reproduced = gain > 1.0 and by_name["+ shape + color"]["AP"] > by_name["medical synonyms"]["AP"]
+    # Run-to-run spread between pretraining settings was about +-1 AP, so only a gain well above it counts.
+    reproduced = gain > 3.0 and by_name["+ shape + color"]["AP"] > by_name["medical synonyms"]["AP"]
+    if reproduced:
+        tail = "**the paper's trend (attributes beat names) is reproduced at this scale.**"
+    elif gain > 0.5:
+        tail = ("**the paper's trend is NOT clearly reproduced**: the direction matches but the gain is within "
+                "the about +-1 AP spread we saw between runs; names-only prompts still score because the tiny "
+                "model's scores depend mostly on objectness, not on the prompt words.")
+    else:
+        tail = ("**the paper's trend is NOT reproduced at this training budget**: the tiny model has not learned "
+                "to carry attribute words into the class-name tokens (see the natural-scene check and the loss).")
     verdict = (f"Adding shape and colour changed zero-shot AP by {gain:+.1f} points over names only "
-               f"({by_name['names']['AP']:.1f} -> {by_name['+ shape + color']['AP']:.1f}); "
-               + ("**the paper's trend (attributes beat names) is reproduced at this scale.**" if reproduced else
-                  "**the paper's trend is NOT reproduced at this training budget**: the tiny model has not "
-                  "learned to carry attribute words into the class-name tokens (see the natural-scene check "
-                  "and the loss curve)."))
+               f"({by_name['names']['AP']:.1f} -> {by_name['+ shape + color']['AP']:.1f}); " + tail)
     lines = [
         "## MedVLM: attributes beat names (miniature BCCD)",
         "",
