@@ -89,3 +89,22 @@ def test_photo_detections_picture(tmp_path, monkeypatch):
                                      tmp_path / "det.png", top=5)
     with Image.open(out) as im:
         assert im.size == (64 * 3, 64 * 3)
+
+
+def test_scenes_have_separated_objects_and_a_colour_dataset(tmp_path):
+    import json
+
+    from mmr_medvlm.synthetic import natural_dataset, natural_scene
+
+    rng = random.Random(3)
+    for scene in [natural_scene(rng, 64) for _ in range(10)] + [blood_scene(rng, 64) for _ in range(10)]:
+        boxes = [o.box for o in scene[1]]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                # Boxes of separated round-ish objects may touch at corners but never share much area.
+                ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+                iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+                assert ix * iy < 0.25 * min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    coco = json.loads(natural_dataset(tmp_path, 4, seed=0).read_text())
+    assert [c["name"] for c in coco["categories"]] == list(reproduce.COLORS)
+    assert len(coco["images"]) == 4 and coco["annotations"]
