@@ -67,6 +67,6 @@ def test_write_dataset_layouts(tmp_path):
 def test_reproduce_smoke(tmp_path):
     from mmr_llava.reproduce import run
 
-    section = run(tmp_path, n_train=16, n_eval=6, stage0_steps=20, stage1_steps=2, stage2_steps=2)
+    section = run(tmp_path, n_train=16, n_eval=6, stage0_steps=20, lm_steps=2, stage1_steps=2, stage2_steps=2)
     assert "| No instruction tuning |" in section and "| Full data |" in section and "Question only" in section
     assert (tmp_path / "llava_ablation.png").stat().st_size > 0 and (tmp_path / "llava_loss.png").is_file()

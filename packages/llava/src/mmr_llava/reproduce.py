@@ -119,7 +119,9 @@ def _evaluate(model_dir: Path, items: list[dict[str, Any]], image_root: Path, bl
         chunk = items[start: start + 64]
         convs = [[{"from": "human", "value": "<image>\n" + it["question"]}] for it in chunk]
         imgs = [[str(blank) if blank else str(image_root / it["image"])] for it in chunk]
-        replies = answer_batch(model, tok, "v1", convs, imgs, max_new_tokens=40)
+        # Short answers need few tokens; only descriptions are long (chunks are grouped by type).
+        budget = 40 if any(it["type"] == "detail" for it in chunk) else 16
+        replies = answer_batch(model, tok, "v1", convs, imgs, max_new_tokens=budget)
         for it, reply in zip(chunk, replies):
             s = score_reply(reply, it)
             scores.setdefault(it["type"], []).append(s)
@@ -128,7 +130,7 @@ def _evaluate(model_dir: Path, items: list[dict[str, Any]], image_root: Path, bl
         if swap:
             # Image sensitivity: ask again with another scene's image; an image-blind model answers the same.
             alt = answer_batch(model, tok, "v1", convs, [[str(image_root / o)] for o in other[start: start + 64]],
-                               max_new_tokens=40)
+                               max_new_tokens=budget)
             changed += [int(a != b) for a, b in zip(replies, alt)]
     out = {k: 100.0 * sum(v) / max(1, len(v)) for k, v in scores.items()}
     out["All"] = sum(out[t] for t in TYPES) / len(TYPES)  # mean over the three types, like the paper
@@ -193,8 +195,25 @@ def pretrain_vision(model: LlavaModel, steps: int, seed: int, batch: int = 64, l
 
 # -- the run -----------------------------------------------------------------------------------------
 
-def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int = 300, stage1_steps: int = 60,
-        stage2_steps: int = 150, seed: int = 0) -> str:
+def text_only_records(records: list[dict[str, Any]], scenes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Instruction records with the image replaced by a written list of the objects (no image at all).
+
+    Training the LM on these first is our stand-in for starting from a chat LLM (Vicuna): it knows the
+    language and the question formats when the scene is described in words, but has never seen an image.
+    """
+    by_id = {m["id"]: m for m in scenes}
+    out = []
+    for r in records:
+        meta = by_id[r["id"].rsplit("-", 1)[0]]
+        objs = [SceneObject(o["shape"], o["color"], tuple(o["box"])) for o in meta["objects"]]
+        context = "Objects: " + ", ".join(f"{o.name} ({o.side})" for o in objs) + ".\n"
+        convs = [dict(t, value=t["value"].replace("<image>\n", context)) for t in r["conversations"]]
+        out.append({"id": r["id"] + "-text", "type": r["type"], "conversations": convs})
+    return out
+
+
+def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int = 200, lm_steps: int = 100,
+        stage1_steps: int = 60, stage2_steps: int = 150, seed: int = 0) -> str:
     """Run the ablation; write plots and ``scores.json`` into ``out_dir``; return a markdown section.
 
     Protocol: equal stage-2 steps for the conversation-only and the full-data arm (same compute and the
@@ -213,6 +232,8 @@ def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int =
     records = json.loads(paths["instruct"].read_text())
     conv_only = [r for r in records if r["type"] == "conversation"]
     (work / "data" / "conversation.json").write_text(json.dumps(conv_only))
+    text_records = text_only_records(records, json.loads(paths["scenes"].read_text()))
+    (work / "data" / "text_only.json").write_text(json.dumps(text_records))
 
     # Held-out scenes (another seed), balanced questions, and a blank image for the question-only baseline.
     eval_paths = write_dataset(work / "eval", n_scenes=n_eval, seed=seed + 1000, layout="quadrants")
@@ -221,6 +242,7 @@ def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int =
     for meta in json.loads(eval_paths["scenes"].read_text()):
         scene = Scene([SceneObject(o["shape"], o["color"], tuple(o["box"])) for o in meta["objects"]], image=None)
         eval_items += balanced_eval_items(scene, meta["image"], rng)
+    eval_items.sort(key=lambda it: TYPES.index(it["type"]))  # stable: batches of one type, one token budget
     from PIL import Image
 
     blank = work / "eval" / "blank.png"
@@ -228,7 +250,7 @@ def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int =
 
     # One tokenizer for every run, trained on every prompt format it will see.
     texts = [render("plain", r["conversations"][:2])[0] for r in json.loads(paths["captions"].read_text())]
-    texts += [render("v1", r["conversations"])[0] for r in records]
+    texts += [render("v1", r["conversations"])[0] for r in records + text_records]
     texts += [render("v1", [("user", "<image>\n" + it["question"])], add_generation_prompt=True)[0]
               for it in eval_items]
     tok = train_tiny_tokenizer(texts, vocab_size=320)
@@ -250,9 +272,16 @@ def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int =
 
     common = dict(tokenizer=str(work / "tokenizer"), image_folder=str(work / "data"), micro_batch_size=16,
                   log_every=5, seed=seed, distributed="none", max_length=512)
+    lm_init = work / "stage0"
+    lm_losses: list[float] = [float("nan")]
+    if lm_steps:
+        lm = train(TrainConfig(stage="lm", data=str(work / "data" / "text_only.json"), template="v1", tune="full",
+                               lr=2e-3, warmup_ratio=0.05, max_steps=lm_steps, output_dir=str(work / "lm"),
+                               init_from=str(work / "stage0"), packing=True, **common))
+        lm_init, lm_losses = work / "lm" / "model", lm["losses"]
     s1 = train(TrainConfig(stage="pretrain", data=str(paths["captions"]), template="plain", tune="projector",
                            lr=1e-3, max_steps=stage1_steps, output_dir=str(work / "stage1"),
-                           init_from=str(work / "stage0"), **common))
+                           init_from=str(lm_init), **common))
     runs = {"No instruction tuning": (work / "stage1" / "model", None)}
     data_sizes = {"Conversation": len(conv_only), "Full data": len(records)}
     for name, data in (("Conversation", work / "data" / "conversation.json"), ("Full data", paths["instruct"])):
@@ -278,6 +307,9 @@ def run(out_dir: Path, n_train: int = 400, n_eval: int = 60, stage0_steps: int =
         f"- Stage 0 (stand-in for CLIP pretraining): the vision tower learns for {stage0_steps} steps "
         f"({t_s0:.0f} s) to name each quadrant's content from every layer -2 patch token; held-out patch "
         f"accuracy {vision_acc:.1f}%. Frozen afterwards.",
+        f"- LM warm-up (stand-in for starting from a chat LLM like Vicuna): {lm_steps} steps on the same "
+        "instruction data as text only, the scene written as an object list instead of an image (loss "
+        f"{lm_losses[0]:.2f} -> {lm_losses[-1]:.2f}); every arm starts from it.",
         f"- Stage 1: {stage1_steps} steps, projector only, brief captions (`plain`); loss "
         f"{s1['losses'][0]:.2f} -> {s1['losses'][-1]:.2f}.",
         f"- Stage 2: projector + LM (`v1`), **{stage2_steps} steps of 16 samples for each arm** (equal steps: "
