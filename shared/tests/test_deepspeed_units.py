@@ -254,3 +254,17 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export_fp32_state_dict(tmp_path)
+
+
+def test_preset_from_environment_overrides_the_recipe_default(monkeypatch):
+    from mmr_core.distributed.presets import preset
+
+    monkeypatch.setenv("MMR_DS_PRESET", "v100_zero3")
+    config = preset("cpu_zero2", micro_batch_size=4)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["fp16"]["enabled"] and config["train_micro_batch_size_per_gpu"] == 4
+    monkeypatch.setenv("MMR_DS_PRESET", "h100_zero9")
+    with pytest.raises(KeyError, match="h100_zero9"):
+        preset("cpu_zero2")
+    monkeypatch.delenv("MMR_DS_PRESET")
+    assert preset("cpu_zero2")["zero_optimization"]["stage"] == 2

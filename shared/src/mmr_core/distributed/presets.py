@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,9 +149,24 @@ def preset(name: str, **overrides: Any) -> dict[str, Any]:
     Raises:
         KeyError: If ``name`` is not a preset; the message lists the known ones.
     """
+    name = resolve_preset_name(name)
     if name not in PRESETS:
         raise KeyError(f"unknown DeepSpeed preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return deepspeed_config(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+
+def resolve_preset_name(requested: str) -> str:
+    """The preset to use: ``$MMR_DS_PRESET`` when set (the SLURM scripts export it), else ``requested``.
+
+    A recipe names the preset it defaults to (``cpu_zero2`` for a laptop run); the batch script knows the
+    hardware (``v100_zero2`` = fp16, ``a100_zero3`` = bf16), so its choice wins. The switch is logged.
+    """
+    chosen = os.environ.get("MMR_DS_PRESET", "").strip() or requested
+    if chosen != requested:
+        logging.getLogger(__name__).info(
+            "DeepSpeed preset %r from $MMR_DS_PRESET replaces the recipe's %r", chosen, requested
+        )
+    return chosen
 
 
 def write_presets(directory: str | Path) -> list[Path]:
