@@ -10,8 +10,9 @@ from mmr_mmcot.reproduce import hallucination_rate
 from mmr_mmcot.synthetic import COLORS, DIRECTIONS, generate_problems, write_release
 
 
-def test_synthetic_release_needs_the_image_and_the_rule(tmp_path):
-    files = write_release(tmp_path, n_train=60, n_test=10, seed=1)
+@pytest.mark.parametrize("chain", ["keyed", "listed"])
+def test_synthetic_release_needs_the_image_and_the_rule(tmp_path, chain):
+    files = write_release(tmp_path, n_train=60, n_test=10, seed=1, chain=chain)
     data = ScienceQA.load(files.problems, files.pid_splits, files.captions)
     feats = VisionFeatures.load(files.features, files.name_map)
     assert len(data.split("train")) == 60 and len(data.split("test")) == 10
@@ -30,11 +31,20 @@ def test_synthetic_release_needs_the_image_and_the_rule(tmp_path):
         # The perceived value is in neither the question nor the caption; the rule is in the context.
         assert fact not in source.split("Context:")[0].lower() and "drawing" in source
         answer = problem["choices"][problem["answer"]]
-        rule = next(r for r in problem["hint"].split(". ") if fact in r.lower())
-        assert answer in rule and fact in target and answer in target
+        assert fact in target and answer in target
+        if chain == "listed":  # the context lists the rule that gives the answer
+            rule = next(r for r in problem["hint"].split(". ") if fact in r.lower())
+            assert answer in rule
+        else:  # the context names a place only; the answer is not in it
+            assert answer not in source.split("Options:")[0]
         answers_by_value.setdefault(fact, set()).add(problem["answer"])
     # Rules vary per problem: the image value alone does not fix the answer.
     assert any(len(answers) > 1 for answers in answers_by_value.values())
+
+
+def test_bad_chain_is_named():
+    with pytest.raises(ValueError, match="chain"):
+        generate_problems(3, chain="nope")
 
 
 def test_generation_is_deterministic():

@@ -73,7 +73,8 @@ def test_two_stage_run_end_to_end(synthetic, tmp_path):
     losses_file = tmp_path / "run" / "stage2" / "losses.json"
     before = losses_file.stat().st_mtime_ns
     again = main(overrides + ["max_steps=3", "stage2_train_rationales=generated"])
-    assert again == metrics and losses_file.stat().st_mtime_ns == before
+    # Compared as JSON: a category without test problems scores NaN, and NaN != NaN.
+    assert json.dumps(again) == json.dumps(metrics) and losses_file.stat().st_mtime_ns == before
 
 
 def test_stage2_sees_generated_rationales(synthetic):

@@ -34,6 +34,7 @@ from .synthetic import COLORS, DIRECTIONS, corpus, write_release
 
 N_TRAIN, N_TEST = 320, 80
 STEPS = 120
+CHAIN = "keyed"  # see synthetic.py; "listed" (copy the rule out of the context) is not learned in this budget
 VARIANTS = ("no-CoT", "one-stage", "two-stage w/o vision", "two-stage with vision")
 _ATTR_WORDS = re.compile(r"\b(" + "|".join(COLORS + DIRECTIONS) + r")\b")
 
@@ -159,7 +160,7 @@ def run(out_dir: Path, workers: int = 2) -> str:
     start = time.perf_counter()
     out_dir = Path(out_dir)
     data_dir = out_dir / "data"
-    files = write_release(data_dir, N_TRAIN, N_TEST, seed=0)
+    files = write_release(data_dir, N_TRAIN, N_TEST, seed=0, chain=CHAIN)
     problems = json.loads(files.problems.read_text())
     train_sentencepiece(corpus(problems), data_dir / "tok.model", 200)
     jobs = [(name, str(data_dir), str(out_dir / "runs")) for name in VARIANTS]
@@ -186,10 +187,22 @@ def run(out_dir: Path, workers: int = 2) -> str:
     lines = [
         f"Generated ScienceQA-format problems ({N_TRAIN} train, {N_TEST} test, {n_img} of the test questions "
         "with an image). An image question needs a two-hop chain: the colour of a shape or the direction of an "
-        "arrow exists only in the image features (a one-hot patch at a random position among 8 tokens), and the "
-        "context gives this problem's rules (four colour->property or direction->town rules, permuted per "
-        "problem and listed in random order); the options are properties or towns. The gold rationale states "
-        "both hops (\"The circle is red. Red things are soft.\"). Text-only questions need the hint (counts, "
+        "arrow exists only in the image features (a one-hot patch at a random position among 8 tokens), and "
+        + (
+            "the context names one of two places; a fixed place x value table (the same in every problem, "
+            "learned from training) maps the perceived value to the answer (a property or a town), so the "
+            "direct mapping has 8 cases per subject where the hops have 4 and 2"
+            if CHAIN == "keyed"
+            else "the context gives this problem's rules (four colour->property or direction->town rules, "
+            "permuted per problem and listed in random order)"
+        )
+        + ". The gold rationale states both hops ("
+        + (
+            '"The circle is red. On Tal, red things are soft."'
+            if CHAIN == "keyed"
+            else '"The circle is red. Red things are soft."'
+        )
+        + "). Text-only questions need the hint (counts, "
         f"TXT) or word knowledge (NO). Each row trains the `mini` gated-fusion T5 (d_model 64, 2+2 layers) from "
         f"scratch for {STEPS} steps per stage with random initialisation; answers are extracted from `The answer "
         "is (X)` without a random fallback (failures count as wrong). Stage 2 is trained on gold rationales and "
@@ -255,11 +268,15 @@ def run(out_dir: Path, workers: int = 2) -> str:
         "|---|---|---|",
         *[f"| {claim} | {numbers} | {'yes' if ok else 'no'} |" for claim, numbers, ok in claims],
         "",
+        f"The accuracy margins are small next to the test set: one question is {100 / N_TEST:.2f} points "
+        f"(two-stage with vision vs the best direct row: {(mm - direct) * N_TEST / 100:+.0f} questions), "
+        "and this is one seed, so the first two rows of this table are suggestive, not significant; the "
+        "vision and hallucination effects are large.",
+        "",
         "Hallucinated = the stage-1 rationale misreports what the image shows (names a wrong colour/direction, "
         "or none). The paper's numbers come from ScienceQA with pretrained backbones (UnifiedQA-T5 and DETR/CLIP "
         "features); this miniature trains a tiny model from scratch on generated problems, so only the "
-        "direction of each effect is comparable, and with "
-        f"{N_TEST} test questions one question is {100 / N_TEST:.2f} points.",
+        "direction of each effect is comparable.",
         "",
         f"Wall time {minutes:.1f} min with {workers} worker processes (one thread each); per-row seconds: "
         + ", ".join(f"{n} {rows[n]['seconds']:.0f}" for n in VARIANTS)

@@ -1,22 +1,28 @@
 """Generated ScienceQA-format problems for the miniature reproduction and the tests.
 
 The image questions need a short chain, as ScienceQA's do: a fact perceived in the image AND a rule
-given in the context, combined. Four families, written in the released file formats (``problems.json``,
+tied to the text, combined. Four families, written in the released file formats (``problems.json``,
 ``pid_splits.json``, captions, features ``.npy`` + name map):
 
-* NAT / IMG (+TXT): the image holds a shape of some colour; the hint gives this problem's rules mapping
-  each colour to a property ("Red things are soft. Blue things are hot. ..."), permuted per problem and
-  listed in a random order; the options are properties. Rationale: "The circle is red. Red things are soft."
-* SOC / IMG (+TXT): the image holds an arrow; the hint places four towns at the four compass points
-  (permuted per problem); the options are towns. Rationale: "The arrow points east. Pine is to the east."
+* NAT / IMG (+TXT): the image holds a shape of some colour; the options are properties (hot, cold, ...).
+* SOC / IMG (+TXT): the image holds an arrow; the options are towns.
 * LAN / TXT: "Which thing is there more of?" with the counts in the hint.
 * LAN / NO: "Which word is a noun?" (word classes memorised from training).
 
-Each hop is a 4-way lookup, but the direct mapping (image value x rule permutation x rule order) has
-4 x 24 x 24 cases, so a small seq2seq model learns the answer more easily through the rationale: stage 1
-perceives the value and copies the matching rule, stage 2 copies the property out of the rationale.
-The perceived value is stored as ``image_fact`` (an extra key; the official loaders ignore it) so that
-hallucinated rationales can be counted.
+How the context turns the perceived value into the answer (``chain``):
+
+* ``"keyed"`` (default): the hint names one of two places ("The shapes come from Tal."); a fixed
+  place x value table, the same in every problem and learned from training like ScienceQA's background
+  knowledge, gives the answer. Rationale: "The circle is red. On Tal, red things are soft."
+* ``"listed"``: the hint lists this problem's four value->word rules, permuted per problem and in a random
+  order ("Red things are soft. Blue things are hot. ..."). Rationale: "The circle is red. Red things are
+  soft." Stage 1 has to copy the matching rule out of the context.
+
+Each hop is a small function, but the direct mapping is their composition (4 x 2 cases for ``keyed``,
+4 x 24 x 24 for ``listed``), so that a rationale stating the perceived value and the rule is meant to be
+an easier intermediate step (whether a small model learns it so in the reproduction's budget is what
+``reproduce.py`` measures). The perceived value is stored as ``image_fact`` (an extra key; the official loaders
+ignore it) so that hallucinated rationales can be counted.
 
 Image features are ``(patch_num, patch_dim)`` arrays: noise plus one patch carrying a one-hot of the
 attribute (first block of dims) and of the object (second block), at a random position.
@@ -39,6 +45,8 @@ VERBS = ("run", "jump", "sing", "write", "swim", "build")
 NUMBERS = ("two", "three", "four", "five", "six", "seven")
 PROPERTIES = ("hot", "cold", "soft", "hard")
 TOWNS = ("Oakton", "Pine", "Milford", "Riverdale")
+PLACES = ("Zog", "Tal")
+REGIONS = ("Alba", "Cora")
 
 
 @dataclass
@@ -62,16 +70,71 @@ def _image(rng: np.random.Generator, patch_num: int, patch_dim: int, attr: int, 
     return feats
 
 
+def _chain_problem(rng: random.Random, chain: str, attr: int, obj: int) -> tuple[dict, int]:
+    """An image question whose answer combines the image value ``attr`` with a rule from the context."""
+    nat = rng.random() < 0.5
+    values, words = (COLORS, PROPERTIES) if nat else (DIRECTIONS, TOWNS)
+    value = values[attr]
+    if chain == "listed":
+        # Value i maps to word perm[i]; the four rules are listed in a random order, so neither the word
+        # nor its position in the context follows from the image alone.
+        perm, order = rng.sample(range(4), 4), rng.sample(range(4), 4)
+        if nat:
+            rules = [f"{COLORS[i].capitalize()} things are {PROPERTIES[perm[i]]}." for i in range(4)]
+        else:
+            rules = [f"{TOWNS[perm[i]]} is to the {DIRECTIONS[i]}." for i in range(4)]
+        hint, rule, answer = " ".join(rules[i] for i in order), rules[attr], perm[attr]
+    elif chain == "keyed":
+        # The context names one of two places; a fixed place x value table (learned from training, like
+        # ScienceQA's background knowledge) gives the word.
+        key = rng.randrange(len(PLACES))
+        answer = (attr + 2 * key) % 4  # one place keeps the order, the other shifts it by two
+        if nat:
+            hint = f"The shapes come from {PLACES[key]}."
+            rule = f"On {PLACES[key]}, {value} things are {words[answer]}."
+        else:
+            hint = f"The map shows {REGIONS[key]}."
+            rule = f"In {REGIONS[key]}, {words[answer]} is to the {value}."
+    else:
+        raise ValueError(f"chain must be 'listed' or 'keyed', got {chain!r}")
+    if nat:
+        problem = {
+            "question": "Which word describes the shape in the picture?",
+            "subject": "natural science",
+            "solution": f"The {SHAPES[obj]} is {value}. {rule}",
+        }
+    else:
+        problem = {
+            "question": "Which town does the arrow point to?",
+            "subject": "social science",
+            "solution": f"The arrow points {value}. {rule}",
+        }
+    problem.update(choices=list(words), image_fact=value, hint=hint)
+    return problem, answer
+
+
 def generate_problems(
-    n: int, seed: int = 0, patch_num: int = 8, patch_dim: int = 16, image_fraction: float = 0.7
+    n: int,
+    seed: int = 0,
+    patch_num: int = 8,
+    patch_dim: int = 16,
+    image_fraction: float = 0.7,
+    chain: str = "keyed",
 ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """``n`` problems and the features of those with an image.
+
+    Args:
+        chain: How the context turns the image value into the answer: ``"keyed"`` (the context names a
+            place; a fixed place x value table, learned from training, gives the answer) or ``"listed"``
+            (the context lists this problem's four value->word rules in a random order).
 
     Returns:
         ``(problems, {pid: features})``.
     """
     if patch_dim < 8:
         raise ValueError("patch_dim must be >= 8 (4 attribute + 4 object dims)")
+    if chain not in ("keyed", "listed"):
+        raise ValueError(f"chain must be 'listed' or 'keyed', got {chain!r}")
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
     problems: dict[str, dict] = {}
@@ -81,32 +144,8 @@ def generate_problems(
         grade = f"grade{rng.randint(1, 12)}"
         if rng.random() < image_fraction:
             obj, attr = rng.randrange(4), rng.randrange(4)
-            # Per-problem rules: value i of the image maps to word perm[i]; the rules are listed in a
-            # random order so that neither the word nor its position follows from the image alone.
-            perm = rng.sample(range(4), 4)
-            order = rng.sample(range(4), 4)
-            if rng.random() < 0.5:
-                color, shape = COLORS[attr], SHAPES[obj]
-                rules = [f"{COLORS[i].capitalize()} things are {PROPERTIES[perm[i]]}." for i in range(4)]
-                problem = {
-                    "question": "Which word describes the shape in the picture?",
-                    "subject": "natural science",
-                    "solution": f"The {shape} is {color}. {rules[attr]}",
-                    "choices": list(PROPERTIES),
-                    "image_fact": color,
-                }
-            else:
-                direction = DIRECTIONS[attr]
-                rules = [f"{TOWNS[perm[i]]} is to the {DIRECTIONS[i]}." for i in range(4)]
-                problem = {
-                    "question": "Which town does the arrow point to?",
-                    "subject": "social science",
-                    "solution": f"The arrow points {direction}. {rules[attr]}",
-                    "choices": list(TOWNS),
-                    "image_fact": direction,
-                }
-            problem["hint"] = " ".join(rules[i] for i in order)
-            problem.update(answer=perm[attr], lecture="", image="image.png", grade=grade)
+            problem, answer = _chain_problem(rng, chain, attr, obj)
+            problem.update(answer=answer, lecture="", image="image.png", grade=grade)
             images[pid] = _image(nprng, patch_num, patch_dim, attr, obj)
         elif rng.random() < 0.5:
             count_a, count_b = rng.sample(range(len(NUMBERS)), 2)
@@ -148,11 +187,12 @@ def write_release(
     seed: int = 0,
     patch_num: int = 8,
     patch_dim: int = 16,
+    chain: str = "keyed",
 ) -> SyntheticFiles:
     """Write a generated release (train/val/test splits; val = test) under ``root``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    problems, images = generate_problems(n_train + n_test, seed, patch_num, patch_dim)
+    problems, images = generate_problems(n_train + n_test, seed, patch_num, patch_dim, chain=chain)
     pids = list(problems)
     splits = {"train": pids[:n_train], "val": pids[n_train:], "test": pids[n_train:]}
     for name in ("train", "test"):
@@ -182,5 +222,5 @@ def corpus(problems: dict[str, dict]) -> list[str]:
     texts = ["Question: Context: N/A Options: (A) (B) (C) (D) (E) Solution: Answer: The answer is (A). (B). (C)."]
     for p in problems.values():
         texts += [p["question"], p["hint"], p["lecture"], p["solution"], " ".join(p["choices"])]
-    texts += [" ".join(COLORS + SHAPES + DIRECTIONS + NOUNS + VERBS + NUMBERS + PROPERTIES + TOWNS)]
+    texts += [" ".join(COLORS + SHAPES + DIRECTIONS + NOUNS + VERBS + NUMBERS + PROPERTIES + TOWNS + PLACES + REGIONS)]
     return [t for t in texts if t]
