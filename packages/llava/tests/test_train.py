@@ -83,8 +83,8 @@ def test_deepspeed_two_gloo_ranks_zero3(scenes, tmp_path):
     train(_cfg(scenes, s1, data=str(scenes["captions"]), template="plain", tune="projector", lr=1e-3,
                max_steps=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--no_local_rank", str(TRAIN_SCRIPT), "--preset", "finetune",
+    # The runner module, not the `deepspeed` script: nox session venvs have no bin/deepspeed.
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", str(TRAIN_SCRIPT), "--preset", "finetune",
            f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", f"output_dir={tmp_path / 'ds'}",
            f"tokenizer={s1 / 'tokenizer'}", f"projector_from={s1 / 'mm_projector.bin'}", "micro_batch_size=2",
            "max_steps=2", "save_every=2", "zero_stage=3", "gradient_checkpointing=true", "tokenizer_vocab=200"]
