@@ -72,24 +72,30 @@ def make_scene(rng: random.Random, size: int = 32) -> Scene:
     n = rng.randint(1, 3)
     slots = rng.sample(range(3), n)
     objects = []
-    yy, xx = np.mgrid[0:size, 0:size]
     for slot in sorted(slots):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         w = size // 3
         s = rng.randint(w // 2 + 1, w - 1)
         x1 = slot * w + rng.randint(0, w - s)
         y1 = rng.randint(0, size - s)
-        cx, cy, r = x1 + s / 2, y1 + s / 2, s / 2
-        if shape == "square":
-            m = (xx >= x1) & (xx < x1 + s) & (yy >= y1) & (yy < y1 + s)
-        elif shape == "circle":
-            m = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
-        else:
-            m = (yy >= y1) & (yy < y1 + s) & (np.abs(xx + 0.5 - cx) <= (yy + 1 - y1) / 2)
-        img[m] = COLORS[color]
-        objects.append(SceneObject(shape, color, (x1 / size, y1 / size, (x1 + s) / size, (y1 + s) / size)))
+        objects.append(_draw(img, shape, color, x1, y1, s))
     return Scene(objects, img)
 
+
+
+def _draw(img: np.ndarray, shape: str, color: str, x1: int, y1: int, s: int) -> SceneObject:
+    """Paint one ``s``-pixel shape with its top-left corner at (x1, y1); return it with its normalised box."""
+    size = img.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size]
+    cx, cy, r = x1 + s / 2, y1 + s / 2, s / 2
+    if shape == "square":
+        m = (xx >= x1) & (xx < x1 + s) & (yy >= y1) & (yy < y1 + s)
+    elif shape == "circle":
+        m = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+    else:  # triangle, apex up
+        m = (yy >= y1) & (yy < y1 + s) & (np.abs(xx + 0.5 - cx) <= (yy + 1 - y1) / 2)
+    img[m] = COLORS[color]
+    return SceneObject(shape, color, (x1 / size, y1 / size, (x1 + s) / size, (y1 + s) / size))
 
 def make_quadrant_scene(rng: random.Random, size: int = 32) -> Scene:
     """1-3 shapes, one per quadrant of the canvas (the miniature reproduction's layout).
@@ -101,21 +107,12 @@ def make_quadrant_scene(rng: random.Random, size: int = 32) -> Scene:
     n = rng.randint(1, 3)
     q = size // 2
     objects = []
-    yy, xx = np.mgrid[0:size, 0:size]
     for slot in sorted(rng.sample(range(4), n)):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         s = rng.randint(q // 2 + 2, q - 2)
         x1 = (slot % 2) * q + rng.randint(1, q - s - 1)
         y1 = (slot // 2) * q + rng.randint(1, q - s - 1)
-        cx, cy, r = x1 + s / 2, y1 + s / 2, s / 2
-        if shape == "square":
-            m = (xx >= x1) & (xx < x1 + s) & (yy >= y1) & (yy < y1 + s)
-        elif shape == "circle":
-            m = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
-        else:
-            m = (yy >= y1) & (yy < y1 + s) & (np.abs(xx + 0.5 - cx) <= (yy + 1 - y1) / 2)
-        img[m] = COLORS[color]
-        objects.append(SceneObject(shape, color, (x1 / size, y1 / size, (x1 + s) / size, (y1 + s) / size)))
+        objects.append(_draw(img, shape, color, x1, y1, s))
     return Scene(objects, img)
 
 
