@@ -39,7 +39,7 @@ class CheckpointMismatchError(RuntimeError):
         )
 
 
-def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(state: Mapping) -> dict[str, torch.Tensor]:
     # Re-saved checkpoints are often wrapped ({"model": ...}) or carry a DataParallel "module." prefix.
     while isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in _WRAPPER_KEYS:
         state = state[next(iter(state))]
@@ -70,7 +70,7 @@ def load_state_dict_strict(
     Raises:
         CheckpointMismatchError: Missing, unexpected (outside skipped modalities) or mis-shaped keys.
     """
-    state = _unwrap(state)
+    state = unwrap_state_dict(state)
     built = set(getattr(model, "modalities", MODALITIES))
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own or _modality_of(k) not in MODALITIES or _modality_of(k) in built}

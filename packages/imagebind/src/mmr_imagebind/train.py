@@ -138,7 +138,7 @@ def model_config(cfg: TrainConfig) -> ImageBindConfig:
 
 def build_model(cfg: TrainConfig) -> ImageBind:
     """Vision + text + the bound modality, from ``init_checkpoint`` where shapes allow."""
-    from .checkpoint import _unwrap
+    from .checkpoint import unwrap_state_dict
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ImageBind(model_config(cfg))
@@ -152,7 +152,7 @@ def build_model(cfg: TrainConfig) -> ImageBind:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state = _unwrap(state)
+        state = unwrap_state_dict(state)
         own = model.state_dict()
         frozen_keys = [k for k in own if k.split(".")[1] in FROZEN]
         missing = [k for k in frozen_keys if k not in state]
