@@ -64,6 +64,12 @@ def _relink(markdown: str, subdir: str) -> str:
     return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", fix, markdown)
 
 
+def _last_redraw(line: bytes) -> bytes:
+    """Return what a terminal would finally show for ``line`` (the text after its last carriage return)."""
+    segments = [segment for segment in line.rstrip(b"\r").split(b"\r") if segment.strip()]
+    return segments[-1] if segments else b""
+
+
 def run_step(name: str, out_root: Path) -> dict:
     out_dir = out_root / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,12 +82,21 @@ def run_step(name: str, out_root: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
     start = time.perf_counter()
     log_path = out_dir / "log.txt"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
-        for line in proc.stdout:  # stream to the terminal and keep a copy next to the results
-            sys.stdout.write(line)
-            log.write(line)
+        pending = b""
+        # Stream raw bytes so progress bars redraw live on the terminal, but keep only the final state of
+        # each carriage-return-redrawn line in the log (otherwise every tqdm refresh becomes a log line).
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                log.write(_last_redraw(line) + b"\n")
+        if pending:
+            log.write(_last_redraw(pending) + b"\n")
         returncode = proc.wait()
     seconds = time.perf_counter() - start
     section_path = out_dir / "section.md"

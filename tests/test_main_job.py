@@ -40,3 +40,17 @@ def test_report_links_point_into_each_step_folder() -> None:
     assert _relink(text, "core") == (
         "![a](core/loss.png) [log](core/log.txt) [web](https://x.org/a.png) ![abs](/tmp/p.png)"
     )
+
+
+def test_step_log_keeps_only_the_final_state_of_redrawn_progress_bars() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from reproduce import _last_redraw
+    finally:
+        sys.path.pop(0)
+    assert _last_redraw(b"train:  10%|#   | 1/10\rtrain:  50%|#####| 5/10\rtrain: 100%|##########| 10/10") == (
+        b"train: 100%|##########| 10/10"
+    )
+    assert _last_redraw(b"plain line") == b"plain line"
+    assert _last_redraw(b"done\r") == b"done"
+    assert _last_redraw(b"") == b""
