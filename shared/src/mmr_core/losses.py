@@ -31,6 +31,30 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own slice.
+
+    Every rank's loss depends on every gathered slice, so the gradient of rank r's features is the sum
+    over ranks of the gradient each one computed for slice r: an all-reduce, then the local slice. (Our
+    own function because ``torch.distributed.nn`` is deprecated; all-reduce also works on gloo, which
+    has no reduce-scatter.)
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
+        rank, world = _distributed()
+        ctx.rank, ctx.local = rank, features.shape[0]
+        gathered = [torch.empty_like(features) for _ in range(world)]
+        dist.all_gather(gathered, features.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.local:(ctx.rank + 1) * ctx.local]
+
+
 def gather_features(features: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     """Concatenate a tensor from all ranks along dim 0.
 
@@ -47,9 +71,7 @@ def gather_features(features: torch.Tensor, with_grad: bool = True) -> torch.Ten
     if world == 1:
         return features
     if with_grad:
-        import torch.distributed.nn.functional as dist_nn
-
-        return torch.cat(dist_nn.all_gather(features), dim=0)
+        return _AllGatherWithGrad.apply(features)
     gathered = [torch.empty_like(features) for _ in range(world)]
     dist.all_gather(gathered, features.detach())
     gathered[rank] = features
