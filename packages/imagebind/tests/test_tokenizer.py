@@ -43,13 +43,27 @@ def test_decode_roundtrip(synthetic_vocab: Path) -> None:
     assert len(set(byte_symbols().values())) == 256
 
 
-def test_missing_vocab_error(monkeypatch, tmp_path: Path) -> None:
+def test_vocab_lookup_order_and_errors(monkeypatch, tmp_path: Path) -> None:
+    import mmr_imagebind.tokenizer as T
+
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(T, "packaged_bpe_vocab", lambda: None)
     with pytest.raises(FileNotFoundError, match=ENV_VAR):
+        find_bpe_vocab()
+    # A given path that does not exist is an error naming it, not a silent fallback.
+    with pytest.raises(FileNotFoundError, match="nope.txt.gz"):
         find_bpe_vocab(tmp_path / "nope.txt.gz")
-    monkeypatch.setenv(ENV_VAR, str(tmp_path / "x.gz"))
     (tmp_path / "x.gz").write_bytes(b"")
+    (tmp_path / "y.gz").write_bytes(b"")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "x.gz"))
     assert find_bpe_vocab() == tmp_path / "x.gz"
+    assert find_bpe_vocab(tmp_path / "y.gz") == tmp_path / "y.gz"  # the argument wins over the variable
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "gone.gz"))
+    with pytest.raises(FileNotFoundError, match="gone.gz"):
+        find_bpe_vocab()
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setattr(T, "packaged_bpe_vocab", lambda: tmp_path / "y.gz")
+    assert find_bpe_vocab() == tmp_path / "y.gz"
 
 
 @pytest.mark.skipif("real_ids" not in FIXTURE, reason="fixture made without the real vocabulary")
@@ -57,7 +71,7 @@ def test_matches_official_ids_on_real_vocabulary() -> None:
     try:
         path = find_bpe_vocab()
     except FileNotFoundError:
-        pytest.skip(f"set {ENV_VAR} to CLIP's bpe_simple_vocab_16e6.txt.gz to run this test")
+        pytest.skip(f"install open_clip_torch (the test extra) or set {ENV_VAR} to CLIP's vocabulary file")
     tok = CLIPTokenizer(path)
     assert (tok.sot_id, tok.eot_id) == (49406, 49407)
     for text, expected in zip(FIXTURE["texts"], FIXTURE["real_ids"], strict=True):

@@ -3,7 +3,8 @@
 The merges file is CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (MIT licence, shipped by the official ImageBind,
 OpenAI CLIP and OpenCLIP repositories). It is not bundled here; :func:`find_bpe_vocab` looks for it in this
 order: the ``path`` argument, the ``MMR_IMAGEBIND_BPE`` environment variable, an installed ``open_clip``
-package. Token ids: 256 byte symbols, the same with an end-of-word mark ``</w>``, one id per merge, then
+package (``pip install open_clip_torch``, MIT; this package's ``test`` extra installs it). Token ids: 256
+byte symbols, the same with an end-of-word mark ``</w>``, one id per merge, then
 ``<|startoftext|>`` and ``<|endoftext|>`` (49406 and 49407 with the full file).
 
 Sequences are ``[SOT] + tokens + [EOT]`` padded with 0 to the context length (77); a text that is too long
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -30,30 +32,37 @@ _PATTERN = regex.compile(
 )
 
 
+def packaged_bpe_vocab() -> Path | None:
+    """CLIP's merges file inside an installed OpenCLIP (PyPI ``open_clip_torch``, MIT), if there is one.
+
+    Found without importing ``open_clip`` (its import pulls in timm and huggingface_hub).
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / VOCAB_FILENAME
+    return path if path.is_file() else None
+
+
 def find_bpe_vocab(path: str | os.PathLike | None = None) -> Path:
-    """Locate CLIP's BPE merges file.
+    """Locate CLIP's BPE merges file: ``path``, else ``$MMR_IMAGEBIND_BPE``, else an installed OpenCLIP.
 
     Raises:
-        FileNotFoundError: With the places searched and how to provide the file.
+        FileNotFoundError: If ``path`` or ``$MMR_IMAGEBIND_BPE`` names a missing file (no silent fallback
+            to another vocabulary), or nothing was found; the message says how to provide the file.
     """
-    candidates: list[Path] = []
-    if path is not None:
-        candidates.append(Path(path))
-    if os.environ.get(ENV_VAR):
-        candidates.append(Path(os.environ[ENV_VAR]))
-    try:  # OpenCLIP ships the same file inside its package.
-        import open_clip  # type: ignore[import-not-found]
-
-        candidates.append(Path(open_clip.__file__).parent / VOCAB_FILENAME)
-    except ImportError:
-        pass
-    for c in candidates:
-        if c.is_file():
-            return c
+    for given, what in ((path, "bpe_path"), (os.environ.get(ENV_VAR) or None, f"${ENV_VAR}")):
+        if given is not None:
+            if not Path(given).is_file():
+                raise FileNotFoundError(f"CLIP BPE vocabulary {what}={str(given)!r} is not a file")
+            return Path(given)
+    found = packaged_bpe_vocab()
+    if found is not None:
+        return found
     raise FileNotFoundError(
-        f"CLIP BPE vocabulary {VOCAB_FILENAME} not found (looked at: {[str(c) for c in candidates] or 'nothing'}). "
-        f"Pass its path, set {ENV_VAR}=/path/to/{VOCAB_FILENAME}, or `pip install open_clip_torch`; the file is "
-        "in the official ImageBind repository under imagebind/bpe/."
+        f"CLIP BPE vocabulary {VOCAB_FILENAME} not found: pass its path, set {ENV_VAR}=/path/to/{VOCAB_FILENAME}, "
+        "or `pip install open_clip_torch` (ships it); the file is also in the official ImageBind repository "
+        "under imagebind/bpe/."
     )
 
 
