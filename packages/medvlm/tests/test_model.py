@@ -173,3 +173,64 @@ def test_load_official_checkpoint_reports_every_key(tiny):
     assert "1 unexpected" in report.summary()
     with pytest.raises(RuntimeError, match="some_future_layer"):
         load_official_checkpoint(fresh, state, strict=True)
+
+
+# -- half precision: GLIP's clamping of attention scores and BERT activations ------------------------
+
+
+def _half_layer():
+    from mmr_medvlm.model import BertEncoderLayer
+
+    torch.manual_seed(0)
+    cfg = GLIPConfig.from_name("test")
+    layer = BertEncoderLayer(cfg).eval()
+    h = torch.randn(2, 6, cfg.text_dim)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    return layer, h, mask
+
+
+def test_bert_layer_fp16_matches_fp32_in_range():
+    """In a sane range the clamps change nothing: half and float outputs agree to half precision."""
+    layer, h, mask = _half_layer()
+    ref = layer({"visual": None, "lang": {"hidden": h, "masks": mask}})["lang"]["hidden"]
+    out = layer.half()({"visual": None, "lang": {"hidden": h.half(), "masks": mask}})["lang"]["hidden"]
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_bert_layer_fp16_overflow_is_clamped_not_nan():
+    """Scores and activations past float16's 65504 would give inf and then NaN (softmax of inf - inf, a
+    LayerNorm of inf); with GLIP's +-50000 clamps the half-precision output stays finite."""
+    layer, h, mask = _half_layer()
+    layer = layer.half()
+    with torch.no_grad():
+        layer.attention.self.query.weight.mul_(3000.0)  # q.k / sqrt(d) far beyond 65504
+        layer.attention.self.key.weight.mul_(3000.0)
+        layer.intermediate.dense.weight.mul_(1e5)  # intermediate activations overflow too
+    x = h.half() * 4
+    q = layer.attention.self.query(x)
+    k = layer.attention.self.key(x)
+    assert not torch.isfinite(q[0, :4] @ k[0, :4].T).all()  # the raw scores do overflow
+    out = layer({"visual": None, "lang": {"hidden": x, "masks": mask}})["lang"]["hidden"]
+    assert torch.isfinite(out).all()
+
+
+def test_fusion_attention_fp16_masks_and_clamps():
+    """The bidirectional image-text attention runs in half precision with a text mask (GLIP's -9e15 fill
+    is not representable in float16) and keeps overflowing similarities finite."""
+    from mmr_medvlm.model import BiMultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = BiMultiHeadAttention(v_dim=16, l_dim=8, embed_dim=16, num_heads=2, dropout=0.0).eval()
+    v, lang = torch.randn(2, 10, 16), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ref_v, ref_l = attn(v, lang, mask)
+    half = attn.half()
+    out_v, out_l = half(v.half(), lang.half(), mask)
+    torch.testing.assert_close(out_v.float(), ref_v, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out_l.float(), ref_l, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        half.v_proj.weight.mul_(1000.0)
+        half.l_proj.weight.mul_(1000.0)
+    out_v, out_l = half(v.half() * 4, lang.half() * 4, mask)
+    assert torch.isfinite(out_v).all() and torch.isfinite(out_l).all()

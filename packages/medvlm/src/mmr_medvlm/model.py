@@ -342,6 +342,11 @@ class DyConv(nn.Module):
         return {"visual": out, "lang": x["lang"]}
 
 
+# GLIP clamps attention scores and BERT activations to this magnitude ("do not increase: half has a limited
+# range"); float16's largest finite value is 65504.
+_HALF_LIMIT = 50000.0
+
+
 class BiMultiHeadAttention(nn.Module):
     """Image-text cross attention in both directions from one shared similarity matrix."""
 
@@ -373,11 +378,13 @@ class BiMultiHeadAttention(nn.Module):
         k = self._heads(self.l_proj(lang))
         vv = self._heads(self.values_v_proj(v))
         vl = self._heads(self.values_l_proj(lang))
-        attn = (q @ k.transpose(-1, -2)).clamp(-50000, 50000)  # (B, H, Nv, Nl); clamps as in GLIP (fp16)
+        attn = _clamp_half(q @ k.transpose(-1, -2))  # (B, H, Nv, Nl)
         attn_t = attn.transpose(-1, -2)
-        attn_l = (attn_t - attn_t.max(dim=-1, keepdim=True).values).clamp(-50000, 50000).softmax(dim=-1)
+        attn_l = _clamp_half(attn_t - attn_t.max(dim=-1, keepdim=True).values).softmax(dim=-1)
         if lang_mask is not None:
-            attn = attn.masked_fill(lang_mask[:, None, None, :] == 0, -9e15)
+            # GLIP fills -9e15, which is not representable in half precision; the dtype's minimum is.
+            fill = max(-9e15, torch.finfo(attn.dtype).min)
+            attn = attn.masked_fill(lang_mask[:, None, None, :] == 0, fill)
         attn_v = attn.softmax(dim=-1)
         attn_v = F.dropout(attn_v, self.dropout, self.training)
         attn_l = F.dropout(attn_l, self.dropout, self.training)
@@ -434,7 +441,14 @@ class _BertSelfAttention(nn.Module):
         q, k, v = (m(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
                    for m in (self.query, self.key, self.value))
         bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.1 if self.training else 0.0)
+        p = 0.1 if self.training else 0.0
+        if x.dtype != torch.float16:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        else:
+            # Half precision: GLIP clamps the scaled scores to +-50000 before the mask is added, so that an
+            # overflowing q.k (inf) cannot turn the softmax into NaN. SDPA gives no hook for that.
+            scores = _clamp_half(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)) + bias
+            out = F.dropout(scores.softmax(dim=-1), p, self.training) @ v
         return out.transpose(1, 2).reshape(b, n, d)
 
 
@@ -447,6 +461,14 @@ class _DenseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+def _clamp_half(x: torch.Tensor) -> torch.Tensor:
+    """GLIP's ``clamp_values``: keep activations inside +-50000 so that float16 (max 65504) cannot overflow.
+
+    A no-op for values in a sane range, so it is applied in every precision, as the official code does.
+    """
+    return x.clamp(-_HALF_LIMIT, _HALF_LIMIT)
 
 
 class _BertAttention(nn.Module):
@@ -474,7 +496,11 @@ class BertEncoderLayer(nn.Module):
     def forward(self, x: dict[str, Any]) -> dict[str, Any]:
         h, mask = x["lang"]["hidden"], x["lang"]["masks"]
         a = self.attention.output(self.attention.self(h, mask), h)
-        h = self.output(F.gelu(self.intermediate.dense(a)), a)
+        # Clamped before and after the activation and around the output LayerNorm, as GLIP's
+        # BertIntermediate / BertOutput do for float16 training.
+        mid = _clamp_half(F.gelu(_clamp_half(self.intermediate.dense(a))))
+        out = self.output
+        h = _clamp_half(out.LayerNorm(_clamp_half(out.dropout(out.dense(mid))) + a))
         return {"visual": x["visual"], "lang": {**x["lang"], "hidden": h}}
 
 
@@ -523,7 +549,7 @@ class VLDyHead(nn.Module):
             out["centerness"].append(self.centerness(v))
             q = self.dot_product_projection_image(v).flatten(2).transpose(1, 2)  # (B, HW, C)
             logit = q @ tokens.transpose(1, 2) / self.log_scale.exp() + token_bias[:, None, :]
-            out["logits"].append(logit.clamp(-50000, 50000))
+            out["logits"].append(_clamp_half(logit))  # GLIP's CLAMP_DOT_PRODUCT
         return out
 
 
