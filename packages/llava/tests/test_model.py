@@ -132,3 +132,52 @@ def test_training_loss_on_supervised_positions_only_equals_full_logits_loss():
     torch.testing.assert_close(fast["loss"], full["loss"])
     fast["loss"].backward()
     assert model.projector[0].weight.grad is not None
+
+
+def test_packed_training_step_equals_padded_batch():
+    """Packed rows (mmr_sdpa: causal attention per sample, no mask) give the padded batch's loss and grads."""
+    from mmr_llava.data import Collator, PackingCollator
+    from mmr_llava.model import LlavaModel, packed_segments
+
+    cfg = LlavaConfig.from_name("tiny")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for n_text, n_img in [(9, 1), (30, 0), (4, 1), (17, 2)]:
+        ids = torch.randint(5, 250, (n_text,), generator=g)
+        ids = torch.cat([torch.tensor([1]), torch.full((16 * n_img,), 255), ids])
+        labels = ids.clone()
+        labels[: 1 + 16 * n_img + n_text // 2] = -100
+        items.append({"input_ids": ids, "labels": labels,
+                      "pixel_values": torch.randn(n_img, 3, 32, 32, generator=g) if n_img else None})
+    grads, losses = [], []
+    for packed in (False, True):
+        torch.manual_seed(0)
+        model = LlavaModel(cfg).train()
+        assert model.language_model.config._attn_implementation == "mmr_sdpa"
+        b = PackingCollator()(items) if packed else Collator(0, "right")(items)
+        if packed:
+            assert b["input_ids"].shape[0] == 1 and len(packed_segments(b["position_ids"])[0]) == 4
+        loss = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
+                     position_ids=b.get("position_ids"))["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and any("q_proj" in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_vision_tower_runs_only_to_the_selected_layer():
+    model = build_model("tiny", seed=0).eval()
+    pix = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.vision_tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(model.encode_images(pix), model.projector(ref))
+    calls = []
+    tower = getattr(model.vision_tower, "vision_model", model.vision_tower)
+    hook = tower.encoder.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    model.encode_images(pix)
+    hook.remove()
+    assert calls == []  # layer -2 is the output of all but the last layer: the last one never runs

@@ -95,3 +95,33 @@ def test_deepspeed_two_gloo_ranks_zero3(scenes, tmp_path):
     assert (tmp_path / "ds" / "checkpoints" / "latest").is_file()
     model = ckpt.load_pretrained(tmp_path / "ds" / "model")
     assert model.config.num_patches == 16
+
+
+@pytest.mark.distributed
+def test_zero3_partitioned_projector_load(tmp_path):
+    """A stage-1 ``mm_projector.bin`` loaded into an already ZeRO-3-partitioned model (2 gloo ranks)."""
+    import socket
+
+    from mmr_llava.model import LlavaConfig, LlavaModel
+
+    torch.manual_seed(7)
+    src = LlavaModel(LlavaConfig.from_name("tiny", mm_use_im_start_end=True))
+    path = ckpt.save_projector(src, tmp_path / "mm_projector.bin")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parent / "ds_scripts" / "zero3_projector.py"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(path), str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["world"] == 2 and r["partitioned"], r  # each rank held only a shard before loading
+        assert max(r["diffs"].values()) == 0.0, r  # gathered projector == the file, on every rank
+        assert r["start_end"] == 0.0 and r["rest_changed"], r  # <im_start>/<im_end> rows only
+        assert torch.isfinite(torch.tensor(r["loss"]))

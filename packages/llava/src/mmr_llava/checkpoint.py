@@ -69,7 +69,7 @@ def config_to_original(cfg: LlavaConfig) -> dict[str, Any]:
         mm_vision_tower=cfg.vision_tower_name, mm_hidden_size=cfg.vision["hidden_size"],
         mm_projector_type=cfg.projector_type, mm_vision_select_layer=cfg.vision_select_layer,
         mm_vision_select_feature=cfg.vision_select_feature, mm_use_im_start_end=cfg.mm_use_im_start_end,
-        mm_use_im_patch_token=False, mm_patch_merge_type="flat", image_aspect_ratio="pad", use_mm_proj=True,
+        mm_use_im_patch_token=cfg.mm_use_im_patch_token, mm_patch_merge_type="flat", image_aspect_ratio="pad", use_mm_proj=True,
         # Ours, so that a checkpoint is self-contained offline (the original relies on the Hub name).
         mmr_vision_config=dict(cfg.vision), mmr_image_token_index=cfg.image_token_index,
     )
@@ -102,6 +102,7 @@ def config_from_original(d: dict[str, Any], where: str = "config.json") -> Llava
         vision_select_feature=d.get("mm_vision_select_feature", "patch"),
         image_token_index=int(d.get("mmr_image_token_index", text.get("vocab_size", 32000))),
         vision_tower_name=str(tower), mm_use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
+        mm_use_im_patch_token=bool(d.get("mm_use_im_patch_token", False)),
     )
 
 
@@ -110,6 +111,9 @@ def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
     if cfg.projector_type != "mlp2x_gelu":
         raise ValueError(f"the Hugging Face llava layout only holds an mlp2x_gelu projector, not "
                          f"'{cfg.projector_type}'; keep this model in the original layout")
+    if cfg.mm_use_im_start_end:
+        raise ValueError("the Hugging Face llava layout has no mm_use_im_start_end (its processor never inserts "
+                         "<im_start>/<im_end>); keep this model in the original layout")
     import transformers
 
     from mmr_llava.model import build_text_config
@@ -298,11 +302,20 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> Ll
     return model
 
 
+EMBED_KEY = "model.embed_tokens.weight"
+
+
 def save_projector(model: LlavaModel, path: str | Path) -> Path:
-    """Stage-1 output: ``mm_projector.bin`` with ``model.mm_projector.*`` keys."""
+    """Stage-1 output: ``mm_projector.bin`` with ``model.mm_projector.*`` keys.
+
+    With ``mm_use_im_start_end`` the input embedding matrix is stored too (``model.embed_tokens.weight``,
+    as the original does), since stage 1 trained the ``<im_start>``/``<im_end>`` rows.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model.mm_projector." + k: v.detach().cpu().clone() for k, v in model.projector.state_dict().items()}
+    if model.config.mm_use_im_start_end:
+        state[EMBED_KEY] = model.language_model.get_input_embeddings().weight.detach().cpu().clone()
     torch.save(state, path)
     return path
 
@@ -326,7 +339,11 @@ def load_projector(model: LlavaModel, path: str | Path) -> None:
     if set(state) != set(own):
         raise KeyError(f"{path}: projector keys {sorted(state)} do not match the model's {sorted(own)} "
                        f"(projector_type '{model.config.projector_type}')")
+    embed = raw.get(EMBED_KEY) if model.config.mm_use_im_start_end else None
     params = list(own.values())
+    emb_weight = model.language_model.get_input_embeddings().weight
+    if embed is not None:
+        params.append(emb_weight)
     if any(hasattr(p, "ds_id") for p in params):
         # ZeRO-3: each rank holds a shard; gather, write on rank 0, and let DeepSpeed re-partition.
         import deepspeed
@@ -334,8 +351,24 @@ def load_projector(model: LlavaModel, path: str | Path) -> None:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if torch.distributed.get_rank() == 0:
                 _copy_into(own, state, path)
+                if embed is not None:
+                    _copy_start_end_rows(emb_weight, embed, path)
     else:
         _copy_into(own, state, path)
+        if embed is not None:
+            _copy_start_end_rows(emb_weight, embed, path)
+
+
+def _copy_start_end_rows(weight: torch.nn.Parameter, saved: torch.Tensor, path: Any) -> None:
+    """The trained ``<im_start>``/``<im_end>`` rows are the last two (the original's convention)."""
+    with torch.no_grad():
+        if saved.shape == weight.shape:
+            weight[-2:] = saved[-2:].to(weight.dtype)
+        elif saved.shape[0] == 2 and saved.shape[1:] == weight.shape[1:]:
+            weight[-2:] = saved.to(weight.dtype)
+        else:
+            raise ValueError(f"{path}: '{EMBED_KEY}' has shape {tuple(saved.shape)}; expected "
+                             f"{tuple(weight.shape)} or (2, {weight.shape[1]}) for <im_start>/<im_end>")
 
 
 def _copy_into(own: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], path: Any) -> None:

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+# Optional extra tokens of the original code: <im_start>/<im_end> around each image's features
+# (``mm_use_im_start_end``) and <im_patch> (``mm_use_im_patch_token``: only added to the vocabulary).
+IM_START, IM_END, IM_PATCH = "<im_start>", "<im_end>", "<im_patch>"
 
 _V0_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -204,6 +207,24 @@ def prepare_tokenizer(tokenizer, template: Template | str | None = None) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 
 
+def add_vision_tokens(tokenizer, use_im_start_end: bool = False, use_im_patch_token: bool = False
+                      ) -> tuple[int, int] | None:
+    """Add the original's optional image tokens to the tokenizer (in its order: patch, then start/end).
+
+    Returns:
+        ``(im_start_id, im_end_id)`` to pass as ``image_wrap`` to :func:`tokenize_with_labels`, or None
+        without ``use_im_start_end``. The start/end tokens are the last two ids when newly added, which
+        the stage-1 file format relies on (it stores the whole input embedding matrix).
+    """
+    extra = ([IM_PATCH] if use_im_patch_token else []) + ([IM_START, IM_END] if use_im_start_end else [])
+    missing = [t for t in extra if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if not use_im_start_end:
+        return None
+    return tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
+
+
 def tokenize_with_labels(
     tokenizer,
     template: Template | str,
@@ -212,6 +233,7 @@ def tokenize_with_labels(
     num_patches: int = 1,
     add_generation_prompt: bool = False,
     on_mismatch: str = "error",
+    image_wrap: tuple[int, int] | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels (``-100`` outside answers and their end-of-turn tokens).
 
@@ -222,6 +244,8 @@ def tokenize_with_labels(
         image_token_id: Id of ``<image>``; each one is expanded to ``num_patches`` copies.
         num_patches: Image positions per image.
         add_generation_prompt: Render a prompt for generation (no labels needed).
+        image_wrap: ``(im_start_id, im_end_id)`` put around every image block (``mm_use_im_start_end``;
+            the original writes ``<im_start><image><im_end>`` into the text, which tokenizes the same).
         on_mismatch: ``error`` raises TokenizationMismatch; ``warn`` counts it in ``MISMATCHES`` and
             keeps the overlap-based labels.
 
@@ -264,8 +288,11 @@ def tokenize_with_labels(
         out_ids, out_labels = [], []
         for tok, lab in zip(ids, labels):
             if tok == image_token_id:
-                out_ids += [image_token_id] * num_patches
-                out_labels += [IGNORE_INDEX] * num_patches
+                block = [image_token_id] * num_patches
+                if image_wrap is not None:
+                    block = [image_wrap[0]] + block + [image_wrap[1]]
+                out_ids += block
+                out_labels += [IGNORE_INDEX] * len(block)
             else:
                 out_ids.append(tok)
                 out_labels.append(lab)

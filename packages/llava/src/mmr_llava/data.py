@@ -148,11 +148,12 @@ class LlavaDataset(Dataset):
         image_folder: Folder that image paths are relative to.
         max_length: Longest sequence in tokens (truncated beyond).
         on_mismatch: ``error`` or ``warn`` (see :func:`tokenize_with_labels`).
+        image_wrap: ``(im_start_id, im_end_id)`` around each image (``mm_use_im_start_end``), or None.
     """
 
     def __init__(self, records: str | Path | list[dict[str, Any]], tokenizer, template: str, image_token_id: int,
                  num_patches: int, image_size: int, image_folder: str | Path | None = None,
-                 max_length: int = 2048, on_mismatch: str = "error"):
+                 max_length: int = 2048, on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None):
         if isinstance(records, str | Path):
             records = json.loads(Path(records).read_text())
         if not isinstance(records, list):
@@ -161,6 +162,7 @@ class LlavaDataset(Dataset):
         self.tokenizer, self.template = tokenizer, template
         self.image_token_id, self.num_patches, self.image_size = image_token_id, num_patches, image_size
         self.image_folder, self.max_length, self.on_mismatch = image_folder, max_length, on_mismatch
+        self.image_wrap = image_wrap
 
     def __len__(self) -> int:
         return len(self.records)
@@ -178,17 +180,17 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return encode_record(self.records[i], self.tokenizer, self.template, self.image_token_id,
                              self.num_patches, self.image_size, self.image_folder, self.max_length,
-                             self.on_mismatch)
+                             self.on_mismatch, self.image_wrap)
 
 
 def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_id: int, num_patches: int,
                   image_size: int, image_folder: str | Path | None = None, max_length: int = 2048,
-                  on_mismatch: str = "error") -> dict[str, Any]:
+                  on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None) -> dict[str, Any]:
     """One record -> ``{"input_ids", "labels", "pixel_values" (N, 3, S, S) or None}``."""
     rid = str(record.get("id", "?"))
     convs = normalize_conversations(record)
     enc = tokenize_with_labels(tokenizer, template, convs, image_token_id=image_token_id,
-                               num_patches=num_patches, on_mismatch=on_mismatch)
+                               num_patches=num_patches, on_mismatch=on_mismatch, image_wrap=image_wrap)
     ids, labels, kept = truncate(enc["input_ids"], enc["labels"], max_length, image_token_id, num_patches, rid)
     refs = record_images(record)
     if template == "plain" and refs:

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from mmr_llava.checkpoint import load_pretrained
-from mmr_llava.conversation import get_template, prepare_tokenizer, stop_strings, tokenize_with_labels
+from mmr_llava.conversation import (
+    add_vision_tokens,
+    get_template,
+    prepare_tokenizer,
+    stop_strings,
+    tokenize_with_labels,
+)
 from mmr_llava.data import Collator, load_image, preprocess_image
 from mmr_llava.model import LlavaModel
 
@@ -24,6 +30,10 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) 
     if image_id != model.config.image_token_index:
         raise ValueError(f"tokenizer's <image> id {image_id} differs from the model's image_token_index "
                          f"{model.config.image_token_index}")
+    add_vision_tokens(tok, model.config.mm_use_im_start_end, model.config.mm_use_im_patch_token)
+    if len(tok) > model.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocabulary only {model.vocab_size} "
+                         "(a tokenizer from another run?)")
     return model, tok
 
 
@@ -56,10 +66,11 @@ def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[
     """
     get_template(template)
     cfg = model.config
+    wrap = add_vision_tokens(tok, cfg.mm_use_im_start_end) if cfg.mm_use_im_start_end else None
     samples = []
     for conv, imgs in zip(conversations, images):
         enc = tokenize_with_labels(tok, template, conv, image_token_id=cfg.image_token_index,
-                                   num_patches=cfg.num_patches, add_generation_prompt=True)
+                                   num_patches=cfg.num_patches, add_generation_prompt=True, image_wrap=wrap)
         pix = (torch.stack([preprocess_image(load_image(i, image_folder, "prompt"), cfg.image_size) for i in imgs])
                if imgs else None)
         samples.append({"input_ids": torch.tensor(enc["input_ids"]), "pixel_values": pix})

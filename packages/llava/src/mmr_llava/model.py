@@ -21,7 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 IGNORE_INDEX = -100
 
@@ -44,6 +46,62 @@ KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
 }
 
 
+# -- padding-free attention ----------------------------------------------------------------------------
+# transformers' ``sdpa`` turns packed rows (positions restarting at 0, no attention_mask) into a dense
+# block-diagonal (T x T) mask that is rebuilt every step and makes attention cost T^2 for the whole row.
+# ``mmr_sdpa`` instead runs causal SDPA on each packed sample separately (cost sum of n_i^2, no mask), the
+# same thing flash-attention's varlen kernel does on GPUs. Everything that is not a packed row (padding
+# masks, KV-cache decoding) goes to the stock sdpa code, so results are identical to ``sdpa`` there.
+PACKED_SDPA = "mmr_sdpa"
+
+
+def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """``(start, end)`` of each packed sample per row: a new sample starts where positions do not step by 1."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    out = []
+    for row in starts:
+        idx = row.nonzero().flatten().tolist() + [row.shape[0]]
+        out.append(list(zip(idx[:-1], idx[1:], strict=True)))
+    return out
+
+
+def _packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed sample (``query``: (B, heads, T, head_dim))."""
+    position_ids = kwargs.get("position_ids")
+    q_len = query.shape[2]
+    if attention_mask is not None or position_ids is None or q_len == 1 or key.shape[2] != q_len:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    segments = kwargs.get("packed_segments") or packed_segments(position_ids.expand(query.shape[0], -1))
+    if all(len(row) == 1 for row in segments):
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    rows = []
+    for q, k, v, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments, strict=True):
+        # split, not slicing: the backward of a split is one concatenation, while each slice's backward
+        # would allocate and add a zero tensor of the whole row.
+        lengths = [e - s for s, e in row]
+        parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout, is_causal=True,
+                                                scale=scaling, enable_gqa=gqa)[0]
+                 for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)]
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _packed_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """No mask for unpadded full-length inputs (the attention handles causality and packing)."""
+    if kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length"):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, _packed_sdpa_mask)
+
+
 @dataclass
 class LlavaConfig:
     """Sizes and choices of a LLaVA model.
@@ -59,7 +117,10 @@ class LlavaConfig:
             outside the vocabulary (it is never embedded).
         vision_tower_name: Hub name written to ``mm_vision_tower`` in the original checkpoint layout.
         freeze_vision: Keep the vision tower frozen (LLaVA never trains it).
-        mm_use_im_start_end: Recorded for checkpoint compatibility; not used by our tokenization.
+        mm_use_im_start_end: ``<im_start>``/``<im_end>`` tokens around every image's features (the
+            original's option; see :func:`mmr_llava.conversation.add_vision_tokens`). In stage 1 their
+            input embeddings train along with the projector.
+        mm_use_im_patch_token: The original's ``<im_patch>`` token, added to the vocabulary only.
     """
 
     vision: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +132,7 @@ class LlavaConfig:
     vision_tower_name: str = "openai/clip-vit-large-patch14-336"
     freeze_vision: bool = True
     mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -163,7 +225,8 @@ class LlavaModel(nn.Module):
         self.config = config
         self.vision_tower = CLIPVisionModel(CLIPVisionConfig(**config.vision))
         text_config = build_text_config(config.text)
-        text_config._attn_implementation = attn_implementation
+        # "sdpa" means our packing-aware SDPA (identical results, no dense mask for packed rows).
+        text_config._attn_implementation = PACKED_SDPA if attn_implementation == "sdpa" else attn_implementation
         self.language_model = AutoModelForCausalLM.from_config(text_config)
         self.projector = build_projector(config.projector_type, config.vision["hidden_size"],
                                          text_config.hidden_size)
@@ -175,14 +238,58 @@ class LlavaModel(nn.Module):
     def vocab_size(self) -> int:
         return self.language_model.get_input_embeddings().num_embeddings
 
+    def resize_token_embeddings(self, vocab_size: int, mean_init_ids: list[int] | tuple[int, ...] = ()) -> None:
+        """Grow the language model's vocabulary (a tokenizer gained tokens).
+
+        Args:
+            vocab_size: New number of rows.
+            mean_init_ids: Ids whose input and output embeddings start at the mean of all other rows
+                (what the original does for newly added ``<im_start>``/``<im_end>``).
+        """
+        old = self.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        if vocab_size > old:
+            self.language_model.resize_token_embeddings(vocab_size)
+        self.config.text["vocab_size"] = vocab_size
+        ids = sorted({int(i) for i in mean_init_ids})
+        if any(not 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"mean_init_ids {ids} lie outside the vocabulary of {vocab_size}")
+        if not ids:
+            return
+        others = torch.ones(vocab_size, dtype=torch.bool)
+        others[ids] = False
+        with torch.no_grad():
+            for emb in {id(e): e for e in (self.language_model.get_input_embeddings(),
+                                           self.language_model.get_output_embeddings())}.values():
+                emb.weight[ids] = emb.weight[others.to(emb.weight.device)].mean(0, keepdim=True)
+
+    def train_new_token_embeddings(self, token_ids: list[int] | tuple[int, ...]) -> None:
+        """Let only the given rows of the input embedding learn (stage 1 with ``mm_use_im_start_end``).
+
+        The whole matrix gets ``requires_grad`` (a parameter is trainable or not) and a gradient hook zeroes
+        every other row, so the pretrained vocabulary stays exactly as it was. Keep weight decay at 0 for
+        this parameter: decoupled decay would still shrink the frozen rows.
+        """
+        weight = self.language_model.get_input_embeddings().weight
+        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        mask[list(token_ids)] = 1
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected patch features, shape ``(num_images, num_patches, text_hidden)``."""
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, H, W), got {tuple(pixel_values.shape)}")
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # transformers 4 nests it
+        layers = tower.encoder.layers
+        # hidden_states[i] is the output of the first i layers (0: embeddings): run only those.
+        n_run = self.config.vision_select_layer % (len(layers) + 1)
+        dtype = tower.embeddings.patch_embedding.weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
-            feats = out.hidden_states[self.config.vision_select_layer]
+            feats = tower.pre_layrnorm(tower.embeddings(pixel_values.to(dtype)))
+            for layer in layers[:n_run]:
+                feats = layer(feats, None)
         if self.config.vision_select_feature == "patch":
             feats = feats[:, 1:]
         elif self.config.vision_select_feature != "cls_patch":
@@ -246,8 +353,11 @@ class LlavaModel(nn.Module):
         if labels is not None and self.training and not use_cache:
             # Training: project only the supervised positions onto the vocabulary. Full logits would
             # be (tokens x vocab) floats, most of them for prompt and image positions that carry no loss.
+            extra = {}
+            if attention_mask is None and position_ids is not None:
+                extra["packed_segments"] = packed_segments(position_ids)  # once per step, not per layer
             hidden = self.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                                       position_ids=position_ids).last_hidden_state
+                                                       position_ids=position_ids, **extra).last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
             picked = self.language_model.get_output_embeddings()(hidden[:, :-1][keep])

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mmr_llava import checkpoint as ckpt
-from mmr_llava.conversation import prepare_tokenizer
+from mmr_llava.conversation import add_vision_tokens, prepare_tokenizer
 from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
 from mmr_llava.model import LlavaConfig, LlavaModel
 
@@ -57,6 +57,10 @@ class TrainConfig:
         stop_after_steps: Stop early at this step (as if preempted) without changing the schedule.
         packing: Padding-free batches (samples concatenated, block-diagonal attention).
         on_mismatch: ``error`` or ``warn`` for tokenization mismatches.
+        mm_use_im_start_end: ``<im_start>``/``<im_end>`` around image features (new tokens, embeddings
+            initialised to the vocabulary mean; in stage 1 only their rows of the input embedding learn).
+            A checkpoint that was trained with them keeps them.
+        mm_use_im_patch_token: Add the original's ``<im_patch>`` token to the vocabulary.
     """
 
     stage: str = "finetune"
@@ -95,6 +99,8 @@ class TrainConfig:
     log_every: int = 10
     on_mismatch: str = "error"
     tokenizer_vocab: int = 256
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
 
 
 # The paper's schedules (LLaVA-1.5 scripts: global batch 256 / 128, cosine, warmup 3%, one epoch).
@@ -171,7 +177,17 @@ def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Pa
     return tok
 
 
-def build_model_for(cfg: TrainConfig, tok, image_token_id: int) -> LlavaModel:
+def vision_token_flags(cfg: TrainConfig) -> tuple[bool, bool]:
+    """``(mm_use_im_start_end, mm_use_im_patch_token)``: the run's choice, or the checkpoint's when it set them."""
+    start_end, patch = cfg.mm_use_im_start_end, cfg.mm_use_im_patch_token
+    if cfg.init_from:
+        saved, _ = ckpt.read_config(cfg.init_from)
+        start_end, patch = start_end or saved.mm_use_im_start_end, patch or saved.mm_use_im_patch_token
+    return start_end, patch
+
+
+def build_model_for(cfg: TrainConfig, tok, image_token_id: int,
+                    image_wrap: tuple[int, int] | None = None) -> LlavaModel:
     attn = _attn_for(cfg.hardware)
     if cfg.init_from:
         model = ckpt.load_pretrained(cfg.init_from, attn_implementation=attn)
@@ -182,10 +198,14 @@ def build_model_for(cfg: TrainConfig, tok, image_token_id: int) -> LlavaModel:
                          eos_token_id=tok.eos_token_id)
         torch.manual_seed(cfg.seed)
         model = LlavaModel(mcfg, attn_implementation=attn)
-    if len(tok) > model.vocab_size:
-        model.language_model.resize_token_embeddings(len(tok))
-        model.config.text["vocab_size"] = len(tok)
+    start_end, patch = vision_token_flags(cfg)
+    # <im_start>/<im_end> start at the vocabulary mean when they are new to the weights (a fresh model, or
+    # a checkpoint trained without them); a checkpoint trained with them keeps its rows.
+    new = [i for i in (image_wrap or ()) if i >= model.vocab_size or not cfg.init_from]
+    if len(tok) > model.vocab_size or new:
+        model.resize_token_embeddings(max(len(tok), model.vocab_size), mean_init_ids=new)
     model.config.image_token_index = image_token_id
+    model.config.mm_use_im_start_end, model.config.mm_use_im_patch_token = start_end, patch
     if cfg.projector_from:
         ckpt.load_projector(model, cfg.projector_from)
     return model
@@ -197,6 +217,9 @@ def set_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
     model.projector.requires_grad_(True)
     if cfg.tune == "projector":
         model.language_model.requires_grad_(False)
+        if model.config.mm_use_im_start_end:
+            n = model.vocab_size
+            model.train_new_token_embeddings([n - 2, n - 1])  # <im_start>, <im_end> (added last)
     elif cfg.tune == "full":
         model.language_model.requires_grad_(True)
     elif cfg.tune == "lora":
@@ -223,7 +246,9 @@ def param_groups(model: LlavaModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
     groups = [{"params": proj, "lr": cfg.projector_lr or cfg.lr, "weight_decay": cfg.weight_decay}]
     if rest:
-        groups.append({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        # Stage 1 trains only the <im_start>/<im_end> rows of the embedding: decay would move the others.
+        decay = 0.0 if cfg.tune == "projector" else cfg.weight_decay
+        groups.append({"params": rest, "lr": cfg.lr, "weight_decay": decay})
     return groups
 
 
@@ -284,10 +309,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     records = json.loads(Path(cfg.data).read_text())
     tok = build_tokenizer(cfg, records, out_dir, rank == 0)
     image_id = prepare_tokenizer(tok, cfg.template)
-    model = set_trainable(build_model_for(cfg, tok, image_id), cfg)
+    wrap = add_vision_tokens(tok, *vision_token_flags(cfg))
+    if rank == 0:
+        tok.save_pretrained(str(out_dir / "tokenizer"))  # with the vision tokens, for resume and export
+    model = set_trainable(build_model_for(cfg, tok, image_id, wrap), cfg)
     mcfg = model.config
     ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
-                      cfg.max_length, cfg.on_mismatch)
+                      cfg.max_length, cfg.on_mismatch, image_wrap=wrap)
     collate = (PackingCollator(row_tokens=cfg.max_length, pad_token_id=tok.pad_token_id) if cfg.packing
                else Collator(tok.pad_token_id, "right"))
     steps_per_epoch = max(1, len(ds) // world // (cfg.micro_batch_size * cfg.grad_accum))
