@@ -1,4 +1,4 @@
-"""Feature extraction: tiny timm ViT end to end, file layouts, missing image errors, plug-in extractors."""
+"""Feature extraction: ViT / DETR / CLIP / ResNet shapes, file layouts, missing image errors, plug-ins."""
 
 import json
 
@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from mmr_mmcot.data import DataError, VisionFeatures
-from mmr_mmcot.features import TimmExtractor, build_extractor, extract, main, register_extractor
+from mmr_mmcot.features import DetrExtractor, TimmExtractor, build_extractor, extract, main, register_extractor
+from mmr_mmcot.model import VISION_SHAPES
 
 PROBLEMS = {
     "1": {"image": "image.png", "split": "train"},
@@ -77,3 +78,45 @@ def test_missing_image_names_the_problem(tmp_path):
 @pytest.mark.slow
 def test_paper_vit_shape_is_145_by_1024():
     assert TimmExtractor().shape == (145, 1024)
+
+
+def test_tiny_detr_gives_one_state_per_object_query(tmp_path):
+    _images(tmp_path / "images")
+    extractor = DetrExtractor(
+        backbone="resnet18",
+        d_model=32,
+        num_queries=10,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+    )
+    assert extractor.shape == (10, 32) and extractor.model.config.dilation  # DC5: dilated last stage
+    feats_file, map_file = extract(PROBLEMS, tmp_path / "images", extractor, tmp_path / "out", batch_size=2)
+    feats = VisionFeatures.load(feats_file, map_file)
+    assert feats_file.name == "detr.npy" and feats.array.shape == (2, 10, 32)
+    assert torch.isfinite(feats.array).all() and not torch.allclose(feats.array[0], feats.array[1])
+
+
+@pytest.mark.parametrize("kind", ["clip", "resnet"])
+def test_clip_and_resnet_files_load_as_the_official_shapes(tmp_path, kind):
+    _images(tmp_path / "images")
+    extractor = build_extractor(kind)
+    # CLIP: the 7x7x2048 map of the ResNet tower at 224 px; ResNet: one pooled 2048-d vector per image.
+    assert extractor.shape == {"clip": (49, 2048), "resnet": (2048,)}[kind]
+    feats_file, map_file = extract(PROBLEMS, tmp_path / "images", extractor, tmp_path / "out", batch_size=2)
+    assert np.load(feats_file).shape == (2, *extractor.shape)
+    # The loader repeats pooled vectors to 512 rows, as the release's loader does.
+    feats = VisionFeatures.load(feats_file, map_file, patch_num=VISION_SHAPES[kind][0])
+    assert feats.shape == VISION_SHAPES[kind]
+    image, has_image = feats.lookup("10", PROBLEMS["10"])
+    assert has_image and image.shape == VISION_SHAPES[kind]
+
+
+@pytest.mark.slow
+def test_paper_detr_shape_is_100_by_256():
+    extractor = build_extractor("detr")
+    assert extractor.shape == (100, 256)
+    assert extractor([Image.new("RGB", (300, 200))]).shape == (1, 100, 256)
