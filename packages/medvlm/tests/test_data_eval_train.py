@@ -197,3 +197,47 @@ def test_hf_grounding_dino_adapter(tokenizer):
     assert d.boxes.shape[1] == 4 and d.boxes.shape[0] == d.scores.shape[0] == d.labels.shape[0]
     assert set(d.labels.tolist()) <= {0, 1, 2}
     assert _match_phrase("white blood cell", PROMPT) == 2 and _match_phrase("", PROMPT) == -1
+
+
+def test_hf_owlv2_adapter(tokenizer):
+    """The same prompt set drives a transformers OWLv2 (tiny random config): one query per class, boxes in
+    input pixels of a non-square image, labels indexing the prompt's classes."""
+    from transformers import (
+        BertTokenizerFast,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
+
+    from mmr_medvlm.evaluate import HFZeroShotDetector
+
+    # OWL pads queries to 16 tokens (the CLIP tokenizer's model_max_length); give the BERT vocabulary the same.
+    tok = BertTokenizerFast(vocab=dict(tokenizer.get_vocab()), do_lower_case=True, model_max_length=16)
+    torch.manual_seed(0)
+    cfg = Owlv2Config(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16},
+        projection_dim=32)
+    model = Owlv2ForObjectDetection(cfg).eval()
+    proc = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok)
+    det = HFZeroShotDetector(model, proc, threshold=0.0)
+    assert det.per_class
+    images = [torch.rand(3, 40, 64), torch.rand(3, 64, 48)]
+    out = det.detect(images, PROMPT)
+    assert len(out) == 2
+    for d, im in zip(out, images):
+        h, w = im.shape[1:]
+        n = (64 // 16) ** 2  # one box per patch
+        assert d.boxes.shape == (n, 4) and d.scores.shape == (n,) and d.labels.shape == (n,)
+        assert d.labels.dtype == torch.long and set(d.labels.tolist()) <= {0, 1, 2}
+        assert (d.boxes[:, 0::2] <= w).all() and (d.boxes[:, 1::2] <= h).all() and (d.boxes >= 0).all()
+        assert ((d.scores >= 0) & (d.scores <= 1)).all()
+    # The queries are the classes' rendered phrases, attributes included, in prompt order.
+    inputs = proc(text=[[c.text() for c in PROMPT.classes]], images=[images[0].permute(1, 2, 0).numpy()],
+                  return_tensors="pt")
+    assert inputs["input_ids"].shape == (3, 16)
+    assert tok.decode(inputs["input_ids"][0], skip_special_tokens=True) == "small, colorless platelet"

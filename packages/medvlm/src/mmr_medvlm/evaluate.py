@@ -35,7 +35,10 @@ class GLIPDetector:
 
     @torch.no_grad()
     def detect(self, images: Sequence[torch.Tensor], prompt: PromptSet) -> list[Detections]:
-        key = prompt.caption
+        caption, spans = prompt.caption_and_spans()
+        # Keyed by the grounded spans too: "small, colorless platelet" grounding only "platelet" and the same
+        # caption grounding the whole phrase are different prompts.
+        key = (caption, str(spans))
         if key not in self._cache:
             self._cache = {key: prompt.encode(self.tokenizer, self.model.cfg.max_query_len)}
         enc = self._cache[key]
@@ -52,8 +55,9 @@ class GLIPDetector:
 class HFZeroShotDetector:
     """Adapter for transformers zero-shot detectors (``AutoModelForZeroShotObjectDetection``).
 
-    Grounding DINO takes one caption (the prompt's, ``". "``-joined); OWLv2 takes one query per class
-    (each class's rendered phrase). Labels are mapped back to prompt classes.
+    Grounding DINO takes one caption (the prompt's, ``". "``-joined) and its predicted phrases are matched
+    back to class names; OWLv2 takes one query per class (each class's rendered phrase, attributes
+    included) and its labels are the query indices, i.e. the prompt's class indices.
     """
 
     def __init__(self, model: Any, processor: Any, threshold: float = 0.05, per_class_queries: bool | None = None
@@ -73,8 +77,18 @@ class HFZeroShotDetector:
         outputs = self.model(**inputs)
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         if self.per_class:
-            res = self.processor.post_process_object_detection(outputs, threshold=self.threshold, target_sizes=sizes)
-            return [Detections(r["boxes"], r["scores"], r["labels"]) for r in res]
+            # OWLv2 pads each image to a square at the bottom/right before resizing, so its boxes are
+            # relative to that square: scale by the longer side, then clip to the real image.
+            squares = [(max(h, w), max(h, w)) for h, w in sizes]
+            res = self.processor.post_process_grounded_object_detection(
+                outputs, threshold=self.threshold, target_sizes=squares)
+            out = []
+            for r, (h, w) in zip(res, sizes):
+                boxes = r["boxes"].clone()
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+                out.append(Detections(boxes, r["scores"], r["labels"].long()))
+            return out
         res = self.processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=self.threshold, target_sizes=sizes)
         out = []
