@@ -24,6 +24,7 @@ real image geometry (336 px, patch 14 -> 576 patches), so token counts and paddi
 the model fits a CPU.
 
     python bench/bench_llava.py                         # CPU, 1 thread, 3 rounds
+    python bench/bench_llava.py --ablation              # + ours on padded batches (packing's share)
     python bench/bench_llava.py --device cuda --batch 16
 """
 
@@ -126,7 +127,7 @@ def worker(which: str, args: argparse.Namespace) -> dict:
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = make_batches(args.steps + args.warmup, args.batch, cfg.text["vocab_size"], cfg.image_size)
-    collate = Collator(PAD, "right") if which == "hf" else PackingCollator(pad_token_id=PAD)
+    collate = PackingCollator(pad_token_id=PAD) if which == "ours" else Collator(PAD, "right")
     losses, tokens, padded, elapsed = [], 0, 0, 0.0
     for step, items in enumerate(batches):
         b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in collate(items).items()}
@@ -138,7 +139,8 @@ def worker(which: str, args: argparse.Namespace) -> dict:
                         labels=b["labels"])
             loss = out.loss
         else:
-            loss = model(b["input_ids"], b["pixel_values"], None, b["labels"], position_ids=b["position_ids"])["loss"]
+            loss = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
+                         position_ids=b.get("position_ids"))["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -184,7 +186,7 @@ def worker(which: str, args: argparse.Namespace) -> dict:
 
 def _run(which: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", which] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                            if k not in ("worker", "json")]
+                                                            if k not in ("worker", "json", "ablation")]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -201,16 +203,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating hf/ours runs; medians are reported")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--worker", choices=["ours", "hf"], default=None)
+    p.add_argument("--ablation", action="store_true",
+                   help="also run ours on the padded batches (what packing alone is worth)")
+    p.add_argument("--worker", choices=["ours", "hf", "ours_padded"], default=None)
     p.add_argument("--json", default=None, help="also write all results here")
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return
     load0 = os.getloadavg()
-    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    sides = ("hf", "ours", "ours_padded") if args.ablation else ("hf", "ours")
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
     for r in range(args.rounds):
-        for which in ("hf", "ours"):
+        for which in sides:
             runs[which].append(_run(which, args))
             print(f"round {r}: {which:4s} {runs[which][-1]['tokens_per_s']:8.0f} tokens/s", flush=True)
     load1 = os.getloadavg()
@@ -233,6 +238,9 @@ def main() -> None:
           f"{', '.join(f'{x:.2f}' for x in tps)}) |")
     print(f"| peak memory (MiB) | {med('hf', 'peak_mib'):.0f} | {med('ours', 'peak_mib'):.0f} | "
           f"{med('ours', 'peak_mib') / med('hf', 'peak_mib'):.2f}x |")
+    if args.ablation:
+        print(f"| train tokens/s, ours on the padded batches | | {med('ours_padded', 'tokens_per_s'):.0f} | "
+              f"{med('ours_padded', 'tokens_per_s') / med('hf', 'tokens_per_s'):.2f}x |")
     for k in ("gen_b1_ms", "gen_b8_ms"):
         print(f"| {k} | {med('hf', k):.1f} | {med('ours', k):.1f} | {med('hf', k) / med('ours', k):.2f}x faster |")
     diff = max(abs(a - b) for a, b in zip(hf["losses"], ours["losses"], strict=True))

@@ -153,7 +153,11 @@ def _quadrant_labels(scene: Scene) -> list[int]:
 
 
 def pretrain_vision(model: LlavaModel, steps: int, seed: int, batch: int = 64, lr: float = 3e-3) -> float:
-    """Train the vision tower so every layer-(-2) patch token names its quadrant's content.
+    """Train the vision tower so every layer-(-2) patch token names its quadrant's content and its side.
+
+    The side (left/right half of the image) is part of each patch's label: a real CLIP patch token carries
+    where it is, so the LM can answer "where" from the same token that says "what". Without it the LM
+    would have to decode the side from the patch order alone, which the tiny LM does not learn in time.
 
     Returns held-out per-patch accuracy (%). A stand-in for CLIP: real LLaVA starts from a vision tower
     that already sees objects; a random tower does not, and then no amount of LM tuning can help.
@@ -164,7 +168,9 @@ def pretrain_vision(model: LlavaModel, steps: int, seed: int, batch: int = 64, l
         raise ValueError(f"stage 0 needs an even patch grid, got {side}x{side}")
     # Patch (r, c) of the grid lies in quadrant (r >= side/2) * 2 + (c >= side/2).
     quad_of_patch = torch.tensor([(r >= side // 2) * 2 + (c >= side // 2) for r in range(side) for c in range(side)])
-    head = torch.nn.Linear(cfg.vision["hidden_size"], 1 + len(COLORS) * len(SHAPES))
+    right_of_patch = torch.tensor([int(c >= side // 2) for r in range(side) for c in range(side)])
+    n_content = 1 + len(COLORS) * len(SHAPES)
+    head = torch.nn.Linear(cfg.vision["hidden_size"], 2 * n_content)
     tower = model.vision_tower
     tower.requires_grad_(True)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr)
@@ -173,7 +179,8 @@ def pretrain_vision(model: LlavaModel, steps: int, seed: int, batch: int = 64, l
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         scenes = [make_quadrant_scene(rng, cfg.image_size) for _ in range(n)]
         pix = torch.stack([preprocess_image(s.image, cfg.image_size) for s in scenes])
-        return pix, torch.tensor([_quadrant_labels(s) for s in scenes])[:, quad_of_patch]
+        content = torch.tensor([_quadrant_labels(s) for s in scenes])[:, quad_of_patch]
+        return pix, content + n_content * right_of_patch
 
     def logits(pix: torch.Tensor) -> torch.Tensor:
         feats = tower(pix, output_hidden_states=True).hidden_states[cfg.vision_select_layer][:, 1:]
@@ -307,7 +314,8 @@ def run(out_dir: Path, n_train: int = 400, n_eval: int = 80, stage0_steps: int =
         "tokens) + mlp2x_gelu projector + random-init 4-layer 128-wide LLaMA, BPE vocab 320.",
         "",
         f"- Stage 0 (stand-in for CLIP pretraining): the vision tower learns for {stage0_steps} steps "
-        f"({t_s0:.0f} s) to name each quadrant's content from every layer -2 patch token; held-out patch "
+        f"({t_s0:.0f} s) to name its quadrant's content and its side (left/right) from every layer -2 patch "
+        "token; held-out patch "
         f"accuracy {vision_acc:.1f}%. Frozen afterwards.",
         f"- LM warm-up (stand-in for starting from a chat LLM like Vicuna): {lm_steps} steps on the same "
         "instruction data as text only, the scene written as an object list instead of an image (loss "

@@ -59,7 +59,8 @@ class TrainConfig:
         distributed: ``auto`` (DeepSpeed when launched by deepspeed/torchrun), ``deepspeed`` or ``none``.
         save_every: Write a resumable checkpoint every N steps (and at the end); 0: never.
         stop_after_steps: Stop early at this step (as if preempted) without changing the schedule.
-        packing: Padding-free batches (samples concatenated, block-diagonal attention).
+        packing: Padding-free batches (a micro-batch's samples concatenated in one row, attention within
+            each sample).
         on_mismatch: ``error`` or ``warn`` for tokenization mismatches.
         mm_use_im_start_end: ``<im_start>``/``<im_end>`` around image features (new tokens, embeddings
             initialised to the vocabulary mean; in stage 1 only their rows of the input embedding learn).
@@ -327,7 +328,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mcfg = model.config
     ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
                       cfg.max_length, cfg.on_mismatch, image_wrap=wrap)
-    collate = (PackingCollator(row_tokens=cfg.max_length, pad_token_id=tok.pad_token_id) if cfg.packing
+    # Packing: one row per micro-batch, no padding at all. Both attentions we pick (mmr_sdpa and flash-attention
+    # varlen) attend within each sample at sum(n_i^2) cost, so a long row costs nothing extra.
+    collate = (PackingCollator(pad_token_id=tok.pad_token_id) if cfg.packing
                else Collator(tok.pad_token_id, "right"))
     steps_per_epoch = max(1, len(ds) // world // (cfg.micro_batch_size * cfg.grad_accum))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
