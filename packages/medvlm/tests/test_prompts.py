@@ -158,3 +158,50 @@ def test_vqa_and_hybrid():
     m = PromptSet([ClassPrompt("wbc", "white blood cell", shape="irregular", color="blue", location="in blood")])
     h = hybrid_prompt_set(m, v, from_vqa=("color",))
     assert h.caption == "irregular, purple white blood cell in blood"
+
+
+def test_phrase_span_grounds_attributes_like_the_paper_files(tokenizer, tmp_path):
+    """span="phrase": colour and shape sit inside the grounded span ("pink round wound" in the paper's
+    files), space-joined; the location stays outside it."""
+    ps = PromptSet([ClassPrompt("platelet", shape="small", color="colorless", location="in blood"),
+                    ClassPrompt("rbc", name="red blood cell")], span="phrase")
+    assert ps.caption == "small colorless platelet in blood. red blood cell"
+    _, spans = ps.caption_and_spans()
+    assert [ps.caption[s:e] for (s, e), in spans] == ["small colorless platelet", "red blood cell"]
+    enc = ps.encode(tokenizer, max_length=16)
+    tokens = tokenizer.convert_ids_to_tokens(enc.input_ids.tolist())
+    assert [[tokens[i] for i in t] for t in enc.label_to_tokens().values()] == [
+        ["small", "colorless", "platelet"], ["red", "blood", "cell"]]
+    loaded = PromptSet.load(ps.save(tmp_path / "p.yaml"))
+    assert loaded.span == "phrase" and loaded.caption == ps.caption
+    with pytest.raises(ValueError, match="span 'words'"):
+        PromptSet(ps.classes, span="words")
+
+
+def test_vqa_prompts_with_a_tiny_random_vilt(tokenizer):
+    """VQA auto-prompts from a real transformers VQA model (ViLT answer classifier, tiny random config): each
+    answer is one of the model's answer labels and lands in the class's attribute slot."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+
+    from mmr_medvlm.prompts import hf_vqa_model
+
+    answers = ["purple", "round", "blue or purple", "irregular"]
+    torch.manual_seed(0)
+    cfg = ViltConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, image_size=64, patch_size=32, max_position_embeddings=40,
+                     num_labels=len(answers), id2label=dict(enumerate(answers)),
+                     label2id={a: i for i, a in enumerate(answers)})
+    model = ViltForQuestionAnswering(cfg).eval()
+    proc = ViltProcessor(image_processor=ViltImageProcessor(size={"shortest_edge": 64}, size_divisor=32),
+                         tokenizer=tokenizer)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    ask = hf_vqa_model(model, proc)
+    assert ask(image, "what is the color of these white blood cell?") in answers
+    ps = vqa_prompt_set(image, {"wbc": "white blood cell", "platelet": "platelet"}, ask)
+    raw = ps.meta["answers"]
+    assert set(raw) == {"wbc", "platelet"} and all(a in answers for r in raw.values() for a in r.values())
+    wbc = ps.classes[0]
+    assert (wbc.color, wbc.shape) == (raw["wbc"]["color"], raw["wbc"]["shape"])
+    assert ps.caption.startswith(f"{wbc.shape}, {wbc.color} white blood cell")

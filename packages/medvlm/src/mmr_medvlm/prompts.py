@@ -4,7 +4,9 @@ A detection prompt lists every class as ``prefix + name + suffix``, joined by ``
 separation token). Only the *name* span is grounded: the tokens that overlap it form that class's row
 of the positive map (GLIP's ``tokens_positive``), and a box of that class is trained to align with
 exactly those tokens. Attributes (colour, shape, location) sit in the prefix and suffix and shape the
-contextual embedding of the name tokens without being grounded themselves.
+contextual embedding of the name tokens without being grounded themselves. The paper's released prompt
+files instead put colour and shape inside the grounded name ("pink round wound", location in the suffix):
+``PromptSet(..., span="phrase")`` builds prompts that way.
 
 Three ways to fill the attribute slots:
 
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 
 SEPARATOR = ". "
+# What a class grounds: its name only (GLIP) or its attributes and name (the paper's prompt files).
+SPANS = ("name", "phrase")
 ATTRIBUTE_SLOTS = ("shape", "color", "location")
 
 # Templates of the paper's MLM auto-prompts; ``{mask}`` becomes the tokenizer's mask token.
@@ -94,6 +98,13 @@ class ClassPrompt:
         """The rendered phrase for this class."""
         return "".join(self.render())
 
+    def render_phrase(self) -> tuple[str, str]:
+        """Return ``(phrase, suffix)`` with the attributes inside the phrase, space-joined, e.g.
+        ``("small colorless platelet", " in blood")``: how the paper's own prompt files write them (their
+        ``name`` field holds "pink round wound", the location goes in ``suffix``)."""
+        words = [p.strip() for p in (self.prefix, self.shape, self.color, self.name) if p and p.strip()]
+        return " ".join(words), self.render()[2]
+
 
 @dataclass
 class PromptEncoding:
@@ -132,16 +143,22 @@ class PromptSet:
         classes: One :class:`ClassPrompt` per category, in the order they appear in the caption.
         name: A label for reports (e.g. ``"+ color"``).
         separator: Text between classes (GLIP: ``". "``).
+        span: What each class grounds: ``"name"`` (GLIP's ``tokens_positive``: the name only; attributes
+            in a comma-separated prefix) or ``"phrase"`` (the attributes and the name, space-joined, as in
+            the paper's released prompt files, e.g. ``"pink round wound"``; location stays outside).
     """
 
     classes: list[ClassPrompt]
     name: str = "prompt"
     separator: str = SEPARATOR
     meta: dict[str, Any] = field(default_factory=dict)
+    span: str = "name"
 
     def __post_init__(self) -> None:
         if not self.classes:
             raise ValueError(f"prompt set {self.name!r} has no classes")
+        if self.span not in SPANS:
+            raise ValueError(f"prompt set {self.name!r}: span {self.span!r} is not one of {SPANS}")
         seen: set[str] = set()
         for c in self.classes:
             if c.category in seen:
@@ -163,7 +180,10 @@ class PromptSet:
         caption = ""
         spans: list[list[tuple[int, int]]] = []
         for i, cls_prompt in enumerate(self.classes):
-            prefix, name, suffix = cls_prompt.render()
+            if self.span == "phrase":
+                (name, suffix), prefix = cls_prompt.render_phrase(), ""
+            else:
+                prefix, name, suffix = cls_prompt.render()
             caption += prefix
             start = len(caption)
             caption += name
@@ -235,8 +255,9 @@ class PromptSet:
             "separator": self.separator,
             "caption": caption,  # for reviewers; recomputed (and checked) on load
             "meta": self.meta,
+            "span": self.span,
             "classes": [
-                {**dataclasses.asdict(c), "rendered": c.text(), "span": list(s[0])}
+                {**dataclasses.asdict(c), "rendered": caption[s[0][0]:s[0][1]], "span": list(s[0])}
                 for c, s in zip(self.classes, spans)
             ],
         }
@@ -253,7 +274,7 @@ class PromptSet:
                 raise ValueError(f"prompt class #{i} has no 'category'")
             classes.append(ClassPrompt(**{k: v for k, v in entry.items() if k in fields and v is not None}))
         out = cls(classes, name=data.get("name", "prompt"), separator=data.get("separator", SEPARATOR),
-                  meta=dict(data.get("meta") or {}))
+                  meta=dict(data.get("meta") or {}), span=data.get("span", "name"))
         if "caption" in data and data["caption"] != out.caption:
             raise ValueError(
                 f"prompt file caption {data['caption']!r} disagrees with its classes, which render "
@@ -431,11 +452,35 @@ transformers ``pipeline("visual-question-answering")``."""
 
 
 def hf_vqa_pipeline(pipe: Any) -> VQAModel:
-    """Adapt a transformers visual-question-answering pipeline to :data:`VQAModel`."""
+    """Adapt a transformers pipeline to :data:`VQAModel`: a ``visual-question-answering`` pipeline (transformers
+    4) or an ``image-text-to-text`` one (transformers 5 removed the former)."""
 
     def ask(image: Any, question: str) -> str:
-        out = pipe(image=image, question=question, top_k=1)
-        return (out[0] if isinstance(out, list) else out)["answer"]
+        if getattr(pipe, "task", "") == "image-text-to-text":
+            out = pipe(images=image, text=question, max_new_tokens=8, return_full_text=False)
+        else:
+            out = pipe(image=image, question=question, top_k=1)
+        first = out[0] if isinstance(out, list) else out
+        return first["answer"] if "answer" in first else first["generated_text"]
+
+    return ask
+
+
+def hf_vqa_model(model: Any, processor: Any, max_new_tokens: int = 8) -> VQAModel:
+    """Adapt a transformers VQA model and its processor to :data:`VQAModel`, without a pipeline.
+
+    A model that can generate (BLIP VQA, a chat VLM) answers with ``generate``; otherwise it is taken as an
+    answer classifier (ViLT: ``logits`` over ``config.id2label``), the paper's VQA setting.
+    """
+
+    @torch.no_grad()
+    def ask(image: Any, question: str) -> str:
+        inputs = processor(images=image, text=question, return_tensors="pt")
+        if model.can_generate():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+            return processor.batch_decode(ids, skip_special_tokens=True)[0]
+        logits = model(**inputs).logits
+        return model.config.id2label[int(logits[0].argmax())]
 
     return ask
 
