@@ -1,5 +1,7 @@
 """Model tests: shapes, parity with an official-style reference, checkpoint layouts, masking."""
 
+import math
+
 import pytest
 import torch
 
@@ -176,3 +178,20 @@ def test_generation_encodes_once_and_decodes_with_the_cache():
     assert out.shape[1] == 7
     assert len(encoder_calls) == 1  # fused encoder output computed once
     assert decoder_lengths == [1] * 6  # one new token per step: the KV cache holds the prefix
+
+
+def test_reproduction_size_starts_at_unit_scale_logits():
+    """``mini-unifiedqa`` (tied, rescaled head) starts near a uniform guess; untied ``mini`` far above it."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (4, 12))
+    labels = torch.randint(3, 256, (4, 6))
+    losses = {}
+    for name in ("mini", "mini-unifiedqa"):
+        model = build_model(name).eval()
+        images = torch.randn(4, model.config.patch_num, model.config.patch_dim)
+        losses[name] = model(ids, torch.ones_like(ids), images, labels=labels).loss.item()
+    uniform = math.log(256)
+    assert abs(losses["mini-unifiedqa"] - uniform) < 1.0
+    assert losses["mini"] > 3 * uniform
+    cfg = MMCoTConfig.from_name("mini-unifiedqa")
+    assert cfg.tie_word_embeddings and cfg.feed_forward_proj == "relu" and cfg.dropout_rate == 0.0

@@ -1,12 +1,14 @@
 """Reproduction pieces: the synthetic release, the hallucination rule; the full run is slow."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from mmr_mmcot.data import ScienceQA, VisionFeatures, render_pair
-from mmr_mmcot.reproduce import hallucination_rate
+from mmr_mmcot.metrics import CATEGORIES
+from mmr_mmcot.reproduce import claims, hallucination_rate, run, summarize
 from mmr_mmcot.synthetic import COLORS, DIRECTIONS, generate_problems, write_release
 
 
@@ -68,12 +70,54 @@ def test_hallucination_rate():
     assert hallucination_rate({"4": "The star is blue. Blue things are cold."}, chained) == 100.0
 
 
+def _row(avg: float, img: float, hallucination: float | None = None) -> dict:
+    accuracy = {cat: avg for cat in CATEGORIES}
+    accuracy["IMG"] = img
+    row = {"accuracy": accuracy, "failures": 1}
+    if hallucination is not None:
+        row.update(hallucination=hallucination, rougeL=80.0)
+    return row
+
+
+def test_summary_is_mean_and_std_over_seeds_and_claims_are_checked_per_seed():
+    runs = {
+        0: {
+            "no-CoT": _row(50, 50),
+            "one-stage": _row(40, 40, 10),
+            "two-stage w/o vision": _row(45, 30, 80),
+            "two-stage with vision": _row(70, 90, 0),
+        },
+        1: {
+            "no-CoT": _row(60, 60),
+            "one-stage": _row(62, 40, 20),
+            "two-stage w/o vision": _row(45, 55, 90),
+            "two-stage with vision": _row(58, 60, 10),
+        },
+    }
+    summary = summarize(runs)
+    mean, std = summary["two-stage with vision"]["accuracy"]["Avg"]
+    assert mean == pytest.approx(64.0) and std == pytest.approx(math.sqrt(72.0))  # sample std of 70, 58
+    assert summary["two-stage w/o vision"]["hallucination"] == pytest.approx((85.0, math.sqrt(50.0)))
+    assert "hallucination" not in summary["no-CoT"] and summary["no-CoT"]["failures"] == 2
+    held = {claim.split(" (")[0]: ok for claim, _, ok in claims(runs)}
+    assert held["Two-stage with vision beats no-CoT QCM->A"] == [True, False]
+    assert held["Two-stage beats one-stage QCM->RA"] == [True, False]
+    assert held["Two-stage without vision is much worse than with it"] == [True, False]  # IMG gap 60 vs 5
+    assert held["Vision features cut hallucinated rationales"] == [True, True]
+
+
+def test_run_needs_a_seed(tmp_path):
+    with pytest.raises(ValueError, match="seed"):
+        run(tmp_path, seeds=())
+
+
 @pytest.mark.slow
 def test_full_reproduction(tmp_path):
-    from mmr_mmcot.reproduce import run
-
     section = run(tmp_path)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "hallucination.png").is_file() and "](hallucination.png)" in section
-    assert rows["two-stage w/o vision"]["hallucination"] > rows["two-stage with vision"]["hallucination"]
-    assert rows["two-stage with vision"]["accuracy"]["IMG"] > rows["two-stage w/o vision"]["accuracy"]["IMG"]
+    assert len(results["runs"]) == 3 and "± " in section
+    # The paper's vision claims hold on every seed.
+    held = {claim.split(" (")[0]: ok for claim, _, ok in claims({int(s): r for s, r in results["runs"].items()})}
+    assert all(held["Vision features cut hallucinated rationales"])
+    assert all(held["Two-stage without vision is much worse than with it"])

@@ -219,7 +219,9 @@ def write_release(
 
 def corpus(problems: dict[str, dict]) -> list[str]:
     """Texts to train a tokenizer on (every field the prompts use, plus the template words)."""
-    texts = ["Question: Context: N/A Options: (A) (B) (C) (D) (E) Solution: Answer: The answer is (A). (B). (C)."]
+    texts = [
+        "Question: Context: N/A Options: (A) (B) (C) (D) (E) Solution: Answer: The answer is (A). (B). (C). (D). (E)."
+    ]
     for p in problems.values():
         texts += [p["question"], p["hint"], p["lecture"], p["solution"], " ".join(p["choices"])]
     texts += [" ".join(COLORS + SHAPES + DIRECTIONS + NOUNS + VERBS + NUMBERS + PROPERTIES + TOWNS + PLACES + REGIONS)]

@@ -50,17 +50,23 @@ class SentencePieceTokenizer:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
 
-def train_sentencepiece(texts: Iterable[str], path: str | Path, vocab_size: int = 256) -> SentencePieceTokenizer:
-    """Train a small unigram SentencePiece model on ``texts`` and write it to ``path``.
+def train_sentencepiece(
+    texts: Iterable[str], path: str | Path, vocab_size: int = 256, model_type: str = "unigram"
+) -> SentencePieceTokenizer:
+    """Train a small SentencePiece model on ``texts`` and write it to ``path``.
 
-    ``vocab_size`` is an upper bound (the trainer may stop lower on a small corpus).
+    Args:
+        vocab_size: An upper bound (the trainer may stop lower on a small corpus).
+        model_type: ``"unigram"`` (open vocabulary), or ``"word"`` for a closed generated vocabulary:
+            one piece per whitespace-separated word (punctuation stays attached), so prompts are about
+            half as long; words never seen in ``texts`` become ``<unk>``.
     """
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)),
         model_writer=buffer,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=model_type,
         pad_id=0,
         eos_id=1,
         unk_id=2,

@@ -34,7 +34,7 @@ from mmr_core.utils import get_logger, progress, seed_everything
 
 from .data import Collator, ScienceQA, ScienceQADataset, VisionFeatures, collapse_whitespace, render_pair
 from .metrics import category_accuracy, extract_predictions, rationale_scores
-from .model import MMCoTConfig, MMCoTModel
+from .model import SMALL_SIZES, MMCoTConfig, MMCoTModel
 
 log = get_logger(__name__)
 
@@ -109,7 +109,7 @@ def load_tokenizer(spec: str) -> Any:
 def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel:
     """Model from the named size; weights from ``init_checkpoint`` (ours or official) when given."""
     overrides: dict[str, Any] = {"fusion_mask": cfg.fusion_mask}
-    if cfg.model not in ("tiny", "mini"):  # the test sizes default to small 8x16 stand-in features
+    if cfg.model not in SMALL_SIZES:  # the test sizes default to small 8x16 stand-in features
         overrides["vision"] = cfg.vision
     if cfg.patch_num and cfg.patch_dim:
         overrides.update(patch_num=cfg.patch_num, patch_dim=cfg.patch_dim)
