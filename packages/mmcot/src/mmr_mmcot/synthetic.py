@@ -155,7 +155,9 @@ def generate_problems(
                 "hint": f"There are {NUMBERS[count_a]} {a}s and {NUMBERS[count_b]} {b}s.",
                 "subject": "language science",
                 "lecture": "",
-                "solution": f"There are more {a if count_a > count_b else b}s.",
+                # The rationale names the winner exactly as its option is written (one word-level token).
+                "solution": f"{NUMBERS[max(count_a, count_b)].capitalize()} is more than "
+                f"{NUMBERS[min(count_a, count_b)]}, so there are more of the {a if count_a > count_b else b} kind.",
                 "choices": [a, b],
                 "answer": 0 if count_a > count_b else 1,
                 "image": None,
@@ -169,7 +171,7 @@ def generate_problems(
                 "hint": "",
                 "subject": "language science",
                 "lecture": "",
-                "solution": f"{noun.capitalize()} names a thing.",
+                "solution": f"The word {noun} names a thing.",
                 "choices": [noun, verb] if answer == 0 else [verb, noun],
                 "answer": answer,
                 "image": None,
