@@ -1,6 +1,6 @@
 """ImageBind embedding throughput: mmr_imagebind vs the official implementation, same weights and inputs.
 
-    python bench/bench_imagebind.py --official /path/to/ImageBind [--config bench] [--batch 2] [--repeats 3]
+    OMP_NUM_THREADS=1 python bench/bench_imagebind.py --official /path/to/ImageBind --threads 1 [--batch 2] [--repeats 3]
 
 The official repository (https://github.com/facebookresearch/ImageBind) is not part of this project; point
 ``--official`` at a checkout. Both models are built at the same sizes, the official weights are loaded into
@@ -9,7 +9,9 @@ after one warm-up) under ``torch.inference_mode`` in fp32 on the CPU (``--device
 
 ``--config bench`` is ``imagebind_huge`` with the vision and text towers narrowed to ViT-B sizes
 (768/12/12 and 512/12/8) so that it runs on two CPU cores; audio, depth, thermal and IMU keep their real
-huge sizes and every modality keeps its real input size (224 px, 77 tokens, 128x204 fbank, 6x2000 IMU).
+huge sizes and every modality keeps its real input size (224 px, 128x204 fbank in 3 clips, 6x2000 IMU).
+Text is a batch of real prompts through the CLIP tokenizer (5-15 tokens, padded to 77, as users embed them);
+the ``text_77`` row fills all 77 positions, the worst case for us (nothing after the end-of-text token).
 ``--config imagebind_huge`` runs the full model (slow on a small CPU).
 
 It also measures the peak resident memory of loading one modality from a checkpoint vs the whole model.
@@ -30,6 +32,7 @@ import torch
 
 from mmr_imagebind.checkpoint import load_state_dict_strict
 from mmr_imagebind.model import MODALITIES, ImageBind, ImageBindConfig
+from mmr_imagebind.tokenizer import CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_OVERRIDES = dict(
@@ -52,17 +55,49 @@ def make_config(name: str) -> ImageBindConfig:
     return ImageBindConfig.from_name(name)
 
 
+# What users embed: short class prompts of zero-shot templates and retrieval captions (5-15 tokens).
+PROMPTS = [
+    "a photo of a dog.",
+    "the sound of rain falling on a window",
+    "a depth map of a kitchen with a table and chairs",
+    "a thermal image of a person walking at night.",
+    "a bad photo of the golden retriever.",
+    "someone is chopping vegetables in the kitchen",
+    "a car horn honking in traffic",
+    "a close-up photo of a cat sleeping on a sofa.",
+]
+
+
+def prompt_ids(cfg: ImageBindConfig, batch: int, full_length: bool = False) -> torch.Tensor:
+    """``batch`` real prompts through the CLIP tokenizer (random ids of the same lengths if its vocabulary
+    is not installed); ``full_length`` fills all 77 positions instead (the worst case, nothing to skip)."""
+    n = cfg.text_context_length
+    if full_length:
+        text = torch.randint(1, cfg.text_vocab_size - 1, (batch, n), generator=torch.Generator().manual_seed(1))
+        text[:, -1] = cfg.text_vocab_size - 1
+        return text
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    try:
+        return CLIPTokenizer(context_length=n, vocab_size=cfg.text_vocab_size)(texts)
+    except FileNotFoundError:
+        print("(CLIP vocabulary not found: random ids at typical prompt lengths)", flush=True)
+        g = torch.Generator().manual_seed(0)
+        text = torch.zeros(batch, n, dtype=torch.long)
+        for i, t in enumerate(texts):
+            length = min(len(t.split()) + 3, n)  # ~1.2 BPE tokens a word, plus start and end
+            text[i, :length] = torch.randint(1, cfg.text_vocab_size - 1, (length,), generator=g)
+            text[i, length - 1] = cfg.text_vocab_size - 1
+        return text
+
+
 def make_inputs(cfg: ImageBindConfig, batch: int) -> dict[str, torch.Tensor]:
+    """Model-ready inputs of the official shapes (audio: 3 clips per sample, as the official loader gives)."""
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(1, cfg.text_vocab_size - 1, (batch, cfg.text_context_length), generator=g)
-    for i in range(batch):
-        end = 5 + 3 * i
-        text[i, end] = cfg.text_vocab_size - 1
-        text[i, end + 1 :] = 0
     s = cfg.vision_image_size
     return {
         "vision": torch.randn(batch, 3, s, s, generator=g),
-        "text": text,
+        "text": prompt_ids(cfg, batch),
+        "text_77": prompt_ids(cfg, batch, full_length=True),
         "audio": torch.randn(batch, 3, 1, cfg.audio_num_mel_bins, cfg.audio_target_len, generator=g),
         "depth": torch.randn(batch, 1, cfg.depth_image_size, cfg.depth_image_size, generator=g),
         "thermal": torch.randn(batch, 1, cfg.thermal_image_size, cfg.thermal_image_size, generator=g),
@@ -130,12 +165,15 @@ def main() -> None:
     load_state_dict_strict(ours, official.state_dict(), "official model")
     official.to(device, dtype)
     ours.to(device, dtype)
-    inputs = {k: v.to(device) for k, v in make_inputs(cfg, args.batch).items() if k in args.modalities}
+    inputs = {k: v.to(device) for k, v in make_inputs(cfg, args.batch).items() if k.split("_")[0] in args.modalities}
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    if "text" in inputs:
+        print(f"prompt lengths (tokens): {(inputs['text'].argmax(-1) + 1).tolist()}", flush=True)
 
     rows = []
-    print(f"{'modality':<9} {'official ms':>12} {'ours ms':>9} {'ratio':>6}   (batch {args.batch}, {args.dtype})")
-    for m, x in inputs.items():
+    print(f"{'input':<9} {'official ms':>12} {'ours ms':>9} {'ratio':>6}   (batch {args.batch}, {args.dtype})")
+    for name, x in inputs.items():
+        m = name.split("_")[0]
         with torch.inference_mode():
             ref = official({m: x})[m]
             got = ours.encode(m, x)
@@ -144,11 +182,15 @@ def main() -> None:
             t_off, t_ours = timed_pair(
                 lambda m=m, x=x: official({m: x}), lambda m=m, x=x: ours.encode(m, x), args.repeats, sync
             )
-        rows.append({"modality": m, "official_ms": 1e3 * t_off, "ours_ms": 1e3 * t_ours, "ratio": t_off / t_ours})
-        print(f"{m:<9} {1e3 * t_off:12.1f} {1e3 * t_ours:9.1f} {t_off / t_ours:6.2f}", flush=True)
-    total_off = sum(r["official_ms"] for r in rows)
-    total_ours = sum(r["ours_ms"] for r in rows)
-    print(f"{'all':<9} {total_off:12.1f} {total_ours:9.1f} {total_off / total_ours:6.2f}")
+        err = (got.float() - ref.float()).abs().max().item()
+        row = {"input": name, "official_ms": 1e3 * t_off, "ours_ms": 1e3 * t_ours, "ratio": t_off / t_ours}
+        rows.append({**row, "max_abs_diff": err})
+        print(f"{name:<9} {1e3 * t_off:12.1f} {1e3 * t_ours:9.1f} {t_off / t_ours:6.2f}   max |diff| {err:.1e}", flush=True)
+    # The six modalities as users call them (prompts, not 77-token texts).
+    real = [r for r in rows if r["input"] != "text_77"]
+    total_off = sum(r["official_ms"] for r in real)
+    total_ours = sum(r["ours_ms"] for r in real)
+    print(f"{'all six':<9} {total_off:12.1f} {total_ours:9.1f} {total_off / total_ours:6.2f}")
 
     if not args.skip_memory and device.type == "cpu":
         with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +199,7 @@ def main() -> None:
             del official, ours
             whole = peak_rss_mib(ckpt, args.config, None)
             print(f"peak RSS loading the whole model: {whole:.0f} MiB")
-            for m in ("audio", "imu"):
+            for m in ("text", "audio", "imu"):
                 print(f"peak RSS loading {m} only: {peak_rss_mib(ckpt, args.config, [m]):.0f} MiB")
     print(json.dumps({"config": args.config, "batch": args.batch, "dtype": args.dtype, "rows": rows}))
 

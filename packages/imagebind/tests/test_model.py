@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmr_core.transformer import Transformer, TransformerConfig
 from mmr_imagebind.checkpoint import (
     CheckpointMismatchError,
     config_from_safetensors,
@@ -18,7 +19,14 @@ from mmr_imagebind.checkpoint import (
     load_state_dict_strict,
     save_safetensors,
 )
-from mmr_imagebind.model import MODALITIES, ImageBind, ImageBindConfig, build_imagebind, parameter_counts
+from mmr_imagebind.model import (
+    MODALITIES,
+    ImageBind,
+    ImageBindConfig,
+    build_imagebind,
+    parameter_counts,
+    pooled_last_block,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -169,3 +177,43 @@ def test_freeze_and_train_one_modality(parity) -> None:
     (audio * image).sum().backward()
     assert all(p.grad is None for n, p in model.named_parameters() if ".audio" not in n)
     assert all(p.grad is not None for n, p in model.named_parameters() if ".audio." in n and "log_logit" not in n)
+
+
+@pytest.mark.parametrize("causal,bias_kv,layer_scale", [(True, True, 0.5), (False, True, None), (True, False, None)])
+def test_pooled_last_block_equals_full_block(causal: bool, bias_kv: bool, layer_scale: float | None) -> None:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(16, 1, 2, causal=causal, add_bias_kv=bias_kv, layer_scale_init=layer_scale)
+    block = Transformer(cfg).blocks[0].eval()
+    x = torch.randn(3, 7, 16)
+    pool = torch.tensor([0, 6, 3])
+    with torch.no_grad():
+        full = block(x, None, causal)[torch.arange(3), pool]
+        got = pooled_last_block(block, x, pool, causal)
+    assert got.shape == (3, 1, 16)
+    torch.testing.assert_close(got[:, 0], full, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_shortcuts_equal_the_plain_trunk(parity, tiny_model, monkeypatch) -> None:
+    """Text runs only up to the batch's last end-of-text token (the parity test compares that with the
+    official full-length run) and the last block only for the pooled token: outputs equal the full last
+    block, and junk after the end-of-text token changes nothing."""
+    inputs = {m: parity["input"][m] for m in ("audio", "imu", "vision")}
+    inputs["text"] = text = parity["input"]["text"][[0, 1, 3]]  # the rows that end before the context length
+    seen = []
+    hook = tiny_model.modality_trunks["text"].blocks[0].register_forward_hook(
+        lambda mod, args, out: seen.append(out.shape[1])
+    )
+    try:
+        with torch.no_grad():
+            fast = {m: tiny_model.encode(m, x) for m, x in inputs.items()}
+            noisy = text.clone()
+            noisy[noisy == 0] = 7  # junk after the end-of-text token (which holds the largest id)
+            fast_noisy = tiny_model.encode("text", noisy)
+            monkeypatch.setattr(ImageBind, "_pooled_inference", lambda self, trunk: False)
+            plain = {m: tiny_model.encode(m, x) for m, x in inputs.items()}
+    finally:
+        hook.remove()
+    assert seen[0] == int(text.argmax(-1).max()) + 1 < text.shape[1]  # the fast text run was truncated
+    for m in fast:
+        torch.testing.assert_close(fast[m], plain[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_noisy, fast["text"], rtol=1e-5, atol=1e-5)

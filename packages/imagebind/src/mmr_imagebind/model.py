@@ -237,9 +237,15 @@ class TextPreprocessor(nn.Module):
             raise ValueError(f"text must be (B, L) integer token ids, got {tuple(text.shape)} {text.dtype}")
         if text.shape[1] > self.pos_embed.shape[1]:
             raise ValueError(f"text has {text.shape[1]} tokens, context length is {self.pos_embed.shape[1]}")
-        tokens = self.token_embedding(text) + self.pos_embed[:, : text.shape[1]]
         # The end-of-text token has the largest id of the vocabulary, so argmax finds it.
-        return {"tokens": tokens, "seq_len": text.argmax(dim=-1)}
+        seq_len = text.argmax(dim=-1)
+        if text.shape[0]:
+            # The trunk is causal and the head reads the end-of-text token, so positions after the batch's
+            # last end-of-text token cannot change any output: they are not computed (prompts are ~5-15 of
+            # the 77 tokens; the official code always runs all 77).
+            text = text[:, : int(seq_len.max()) + 1]
+        tokens = self.token_embedding(text) + self.pos_embed[:, : text.shape[1]]
+        return {"tokens": tokens, "seq_len": seq_len}
 
 
 class IMUPreprocessor(nn.Module):
@@ -317,6 +323,46 @@ class TextHead(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         return self.proj(x[torch.arange(x.shape[0], device=x.device), seq_len])
+
+
+def pooled_last_block(block: nn.Module, x: torch.Tensor, pool: torch.Tensor, causal: bool) -> torch.Tensor:
+    """An :class:`mmr_core.transformer.Block` evaluated for one token per sample: ``(B, L, D) -> (B, 1, D)``.
+
+    The heads read a single token (the class token, or end-of-text for text), so in the last block only that
+    token's query, attention output and MLP matter; keys and values still come from every token. Equal to
+    ``block(x)[arange(B), pool]`` up to float rounding, with about a sixth of the block's work.
+
+    Args:
+        block: The trunk's last block (its parameters are read, as its forward would).
+        x: Input tokens of the block.
+        pool: ``(B,)`` index of the token each sample is pooled at.
+        causal: The trunk is causal (the pooled query then sees keys up to its own position only).
+    """
+    b, n, d = x.shape
+    attn, heads = block.attn, block.attn.num_heads
+    rows = torch.arange(b, device=x.device)
+    y = block.norm_1(x)
+    w, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(y[rows, pool].unsqueeze(1), w[:d], None if bias is None else bias[:d])
+    k, v = F.linear(y, w[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
+    if attn.bias_k is not None:
+        k = torch.cat([k, attn.bias_k.expand(b, 1, d)], dim=1)
+        v = torch.cat([v, attn.bias_v.expand(b, 1, d)], dim=1)
+    mask = None
+    if causal:
+        keys = torch.arange(k.shape[1], device=x.device)
+        # Keys up to the pooled position, plus the learned bias key (visible to every query).
+        mask = ((keys[None] <= pool[:, None]) | (keys[None] >= n))[:, None, None, :]
+    q, k, v = (t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    a = attn.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+    if block.layer_scale_gamma1 is not None:
+        a = a * block.layer_scale_gamma1
+    h = x[rows, pool].unsqueeze(1) + a
+    m = block.mlp(block.norm_2(h))
+    if block.layer_scale_gamma2 is not None:
+        m = m * block.layer_scale_gamma2
+    return h + m
 
 
 def build_head(cfg: ImageBindConfig, modality: str) -> nn.Module:
@@ -409,6 +455,16 @@ class ImageBind(nn.Module):
         if modality not in self.modality_trunks:
             raise KeyError(f"modality {modality!r} was not built; this model has {list(self.modality_trunks)}")
 
+    def _pooled_inference(self, trunk: nn.Module) -> bool:
+        """Whether to run the last block for the pooled token only (see :func:`pooled_last_block`).
+
+        Inference only, so training keeps the plain trunk (gradient checkpointing, hooks); not with DeepSpeed
+        ZeRO-3 partitioned weights, which are gathered only inside a module's own forward.
+        """
+        if self.training or len(trunk.blocks) == 0:
+            return False
+        return not hasattr(trunk.blocks[-1].attn.in_proj_weight, "ds_id")
+
     def encode(self, modality: str, x: torch.Tensor, postprocess: bool = True) -> torch.Tensor:
         """Embed one modality.
 
@@ -432,9 +488,21 @@ class ImageBind(nn.Module):
             b, s = x.shape[:2]
             x = x.reshape(b * s, *x.shape[2:])
         pre = self.modality_preprocessors[modality](x)
-        tokens = self.modality_trunks[modality](pre["tokens"])
+        pool = pre.get("seq_len")  # text: the end-of-text position; the others pool the class token
+        trunk = self.modality_trunks[modality]
+        if self._pooled_inference(trunk):
+            if pool is None:
+                pool = torch.zeros(pre["tokens"].shape[0], dtype=torch.long, device=pre["tokens"].device)
+            tokens = trunk.pre_transformer_layer(pre["tokens"])
+            for blk in trunk.blocks[:-1]:
+                tokens = blk(tokens, None, trunk.cfg.causal)
+            # (B, 1, D): the pooled token only, so the heads read position 0.
+            tokens = pooled_last_block(trunk.blocks[-1], tokens, pool, trunk.cfg.causal)
+            pool = torch.zeros_like(pool)
+        else:
+            tokens = trunk(pre["tokens"])
         if modality == "text":
-            out = self.modality_heads[modality](tokens, pre["seq_len"])
+            out = self.modality_heads[modality](tokens, pool)
         else:
             out = self.modality_heads[modality](tokens)
         if postprocess:
