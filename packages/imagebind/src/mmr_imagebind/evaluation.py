@@ -52,18 +52,22 @@ def load_inputs(modality: str, items: Sequence[str | Path], cfg: ImageBindConfig
     """
     if modality == "text":
         return [str(t) for t in items]
-    if modality == "vision":
-        return T.load_and_transform_vision(items, size=cfg.vision_image_size)
-    if modality == "audio":
-        return T.load_and_transform_audio(items, num_mel_bins=cfg.audio_num_mel_bins,
-                                          target_length=cfg.audio_target_len, clip_duration=audio_clip_seconds(cfg))  # fmt: skip
-    if modality == "thermal":
-        return T.load_and_transform_thermal(items, size=cfg.thermal_image_size)
-    if modality == "depth":
-        return torch.stack([T.transform_depth(torch.from_numpy(_npy(p, 2)), cfg.depth_image_size) for p in items])
-    if modality == "imu":
-        return torch.stack([T.transform_imu(_npy(p, 2), cfg.imu_length, fit_length=True, name=str(p)) for p in items])
-    raise ValueError(f"unknown modality {modality!r}")
+    loaders = {
+        "vision": lambda p: T.load_and_transform_vision([p], size=cfg.vision_image_size)[0],
+        "audio": lambda p: T.load_and_transform_audio([p], num_mel_bins=cfg.audio_num_mel_bins,
+                                                      target_length=cfg.audio_target_len,
+                                                      clip_duration=audio_clip_seconds(cfg))[0],
+        "thermal": lambda p: T.load_and_transform_thermal([p], size=cfg.thermal_image_size)[0],
+        "depth": lambda p: T.transform_depth(torch.from_numpy(_npy(p, 2)), cfg.depth_image_size),
+        "imu": lambda p: T.transform_imu(_npy(p, 2), cfg.imu_length, fit_length=True, name=str(p)),
+    }  # fmt: skip
+    if modality not in loaders:
+        raise ValueError(f"unknown modality {modality!r}")
+    items = list(items)
+    if not items:
+        raise ValueError(f"no {modality} files given")
+    # One file at a time under a progress bar: decoding (audio above all) takes as long as embedding.
+    return torch.stack([loaders[modality](p) for p in progress(items, desc=f"load {modality}", total=len(items))])
 
 
 def _npy(path: str | Path, ndim: int) -> np.ndarray:
