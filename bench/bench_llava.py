@@ -101,15 +101,14 @@ def _peak_mem(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
 
 
-def worker(which: str, args: argparse.Namespace) -> dict:
+def build(which: str, device: torch.device):
+    """The model of one side (``hf``, ``ours``, ``ours_padded``) with the same weights, its optimizer, collator."""
     import transformers
 
     from mmr_llava import checkpoint as ckpt
     from mmr_llava.data import Collator, PackingCollator
     from mmr_llava.model import LlavaModel
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     cfg = bench_config()
     torch.manual_seed(0)
     ours = LlavaModel(cfg, attn_implementation="sdpa")
@@ -126,31 +125,68 @@ def worker(which: str, args: argparse.Namespace) -> dict:
         model = ours
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batches = make_batches(args.steps + args.warmup, args.batch, cfg.text["vocab_size"], cfg.image_size)
     collate = PackingCollator(pad_token_id=PAD) if which == "ours" else Collator(PAD, "right")
+    return cfg, model, opt, collate
+
+
+def train_step(which: str, model, opt, batch: dict, device: torch.device) -> tuple[float, float]:
+    """One optimizer step; returns ``(loss, seconds)``."""
+    b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if which == "hf":
+        loss = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"],
+                     labels=b["labels"]).loss
+    else:
+        loss = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
+                     position_ids=b.get("position_ids"))["loss"]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return float(loss), time.perf_counter() - t0
+
+
+def paired_worker(args: argparse.Namespace) -> dict:
+    """Both sides in one process, step by step in alternating order: load changes hit both alike."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sides = {w: build(w, device) for w in ("hf", "ours")}
+    cfg = sides["hf"][0]
+    batches = make_batches(args.paired_steps + args.warmup, args.batch, cfg.text["vocab_size"], cfg.image_size)
+    elapsed, tokens, ratios = {"hf": 0.0, "ours": 0.0}, 0, []
+    for step, items in enumerate(batches):
+        order = ("hf", "ours") if step % 2 == 0 else ("ours", "hf")
+        t = {}
+        for w in order:
+            _, model, opt, collate = sides[w]
+            t[w] = train_step(w, model, opt, collate(items), device)[1]
+        if step >= args.warmup:
+            for w in t:
+                elapsed[w] += t[w]
+            tokens += sum(len(it["input_ids"]) for it in items)
+            ratios.append(t["hf"] / t["ours"])
+    return {"tokens_per_s": {w: tokens / e for w, e in elapsed.items()}, "step_ratios": ratios}
+
+
+def worker(which: str, args: argparse.Namespace) -> dict:
+    from mmr_llava.data import Collator
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg, model, opt, collate = build(which, device)
+    batches = make_batches(args.steps + args.warmup, args.batch, cfg.text["vocab_size"], cfg.image_size)
     losses, tokens, padded, elapsed = [], 0, 0, 0.0
     for step, items in enumerate(batches):
-        b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in collate(items).items()}
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        if which == "hf":
-            out = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"],
-                        labels=b["labels"])
-            loss = out.loss
-        else:
-            loss = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
-                         position_ids=b.get("position_ids"))["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        b = collate(items)
+        loss, seconds = train_step(which, model, opt, b, device)
         if step >= args.warmup:  # warm-up steps excluded from timing
-            elapsed += time.perf_counter() - t0
+            elapsed += seconds
             tokens += sum(len(it["input_ids"]) for it in items)
             padded += b["input_ids"].numel()
-        losses.append(float(loss))
+        losses.append(loss)
     result = {"which": which, "tokens_per_s": tokens / elapsed, "peak_mib": _peak_mem(device), "losses": losses,
               "real_tokens": tokens, "computed_tokens": padded}
 
@@ -205,11 +241,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ablation", action="store_true",
                    help="also run ours on the padded batches (what packing alone is worth)")
-    p.add_argument("--worker", choices=["ours", "hf", "ours_padded"], default=None)
+    p.add_argument("--paired-steps", type=int, default=16,
+                   help="timed steps of the in-process comparison (both sides, step by step alternating)")
+    p.add_argument("--worker", choices=["ours", "hf", "ours_padded", "paired"], default=None)
     p.add_argument("--json", default=None, help="also write all results here")
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)))
+        print("RESULT " + json.dumps(paired_worker(args) if args.worker == "paired" else worker(args.worker, args)))
         return
     load0 = os.getloadavg()
     sides = ("hf", "ours", "ours_padded") if args.ablation else ("hf", "ours")
@@ -218,6 +256,7 @@ def main() -> None:
         for which in sides:
             runs[which].append(_run(which, args))
             print(f"round {r}: {which:4s} {runs[which][-1]['tokens_per_s']:8.0f} tokens/s", flush=True)
+    paired = _run("paired", args) if args.paired_steps else None
     load1 = os.getloadavg()
 
     def med(which: str, key: str) -> float:
@@ -238,6 +277,11 @@ def main() -> None:
           f"{', '.join(f'{x:.2f}' for x in tps)}) |")
     print(f"| peak memory (MiB) | {med('hf', 'peak_mib'):.0f} | {med('ours', 'peak_mib'):.0f} | "
           f"{med('ours', 'peak_mib') / med('hf', 'peak_mib'):.2f}x |")
+    if paired:
+        pt, r = paired["tokens_per_s"], sorted(paired["step_ratios"])
+        print(f"| train tokens/s, one process, steps alternating ({args.paired_steps} steps) | {pt['hf']:.0f} | "
+              f"{pt['ours']:.0f} | {pt['ours'] / pt['hf']:.2f}x (per step: median {statistics.median(r):.2f}, "
+              f"range {r[0]:.2f}-{r[-1]:.2f}) |")
     if args.ablation:
         print(f"| train tokens/s, ours on the padded batches | | {med('ours_padded', 'tokens_per_s'):.0f} | "
               f"{med('ours_padded', 'tokens_per_s') / med('hf', 'tokens_per_s'):.2f}x |")
@@ -249,7 +293,8 @@ def main() -> None:
     print(f"largest loss difference over {len(hf['losses'])} steps: {diff:.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": dev, "load": [load0, load1], "runs": runs}, f, indent=1)
+            json.dump({"args": vars(args), "device": dev, "load": [load0, load1], "runs": runs, "paired": paired},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
