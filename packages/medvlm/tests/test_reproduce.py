@@ -25,20 +25,37 @@ def test_blood_scene_classes_differ_by_size_and_colour():
     assert mean["colorless"] < mean["red"] < mean["purple"]
 
 
-def test_natural_batch_prompts_match_targets():
+def test_natural_batch_captions_match_targets():
+    """Detection-style captions ground each object to its own size, shape and colour words; phrase captions
+    ground "attributes + made-up noun"; every target label is a row of its caption's positive map."""
     tok = reproduce.build_tokenizer()
-    images, prompts, targets = reproduce.natural_batch(random.Random(1), 6)
-    for img, p, t in zip(images, prompts, targets):
-        assert img.shape == (3, reproduce.IMAGE_SIZE, reproduce.IMAGE_SIZE)
-        assert t.labels.numel() == t.boxes.shape[0] and int(t.labels.max()) < len(p.classes)
-        enc = p.encode(tok, 48)
-        assert "[UNK]" not in tok.convert_ids_to_tokens(enc.input_ids[enc.attention_mask.bool()].tolist())
-        # Every grounded phrase ends in a made-up noun; its attributes (if any) are known words.
-        for c in p.classes:
-            *attrs, noun = c.name.split()
-            assert noun in reproduce.NONCE
-            known = set(reproduce.COLORS) | set(reproduce.SHAPE_WORDS.values()) | set(reproduce.SIZES)
-            assert set(attrs) <= known
+    known = set(reproduce.ATTRIBUTE_WORDS)
+    kinds = set()
+    rng = random.Random(1)
+    for _ in range(3):
+        images, captions, targets = reproduce.natural_batch(rng, 6, tok)
+        for img, c, t in zip(images, captions, targets):
+            assert img.shape == (3, reproduce.IMAGE_SIZE, reproduce.IMAGE_SIZE)
+            assert t.labels.tolist() == list(range(t.boxes.shape[0])) == list(range(c.positive_map.shape[0]))
+            tokens = tok.convert_ids_to_tokens(c.input_ids.tolist())
+            assert "[UNK]" not in tokens
+            for row in c.positive_map:
+                grounded = [tokens[i] for i in row.nonzero().flatten().tolist()]
+                if set(c.caption.replace(".", "").split()) == known:  # detection-style: all words listed
+                    kinds.add("detection")
+                    assert len(grounded) == 3 and set(grounded) <= known
+                else:
+                    kinds.add("phrase")
+                    *attrs, noun = grounded
+                    assert noun in reproduce.NONCE and 1 <= len(attrs) <= 3 and set(attrs) <= known
+    assert kinds == {"detection", "phrase"}
+
+
+def test_verdict_needs_names_lowest_and_clear_gains():
+    ap = {"names": 5.0, "+ shape": 7.0, "+ color": 12.0, "+ color (purple or blue)": 11.0, "+ shape + color": 14.0}
+    assert reproduce.verdict(ap)[0]
+    assert not reproduce.verdict({**ap, "+ color": 7.0})[0]  # a gain inside the seed-to-seed spread
+    assert not reproduce.verdict({**ap, "+ shape": 4.0})[0]  # an attribute row below names
 
 
 def test_prompt_table_rows_tokenize_and_grow():
