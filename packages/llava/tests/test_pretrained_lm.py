@@ -54,3 +54,35 @@ def test_smollm2_as_the_language_model():
     loss.backward()
     print(f"SmolLM2-LLaVA forward+backward, {seq.shape[1]} tokens: {time.perf_counter() - t0:.2f} s")
     assert torch.isfinite(loss) and model.projector[0].weight.grad is not None
+
+
+def test_lm_from_a_transformers_folder(tmp_path):
+    """``lm_from``: a saved causal LM's config and weights become LLaVA's language model, then training runs."""
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmr_llava.scenes import write_dataset
+    from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
+    from mmr_llava.train import TrainConfig, train
+
+    paths = write_dataset(tmp_path / "data", n_scenes=6, seed=3)
+    tok = train_tiny_tokenizer(["a red circle on the left", "two shapes: a blue square and a green triangle"], 120)
+    torch.manual_seed(3)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(str(tmp_path / "lm"))
+    model, _ = ckpt.with_pretrained_lm(LlavaConfig.from_name("tiny"), str(tmp_path / "lm"))
+    assert model.config.text["hidden_size"] == 48 and model.projector[-1].out_features == 48
+    for k, v in lm.state_dict().items():
+        torch.testing.assert_close(model.language_model.state_dict()[k], v, msg=k)
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    out = train(TrainConfig(data=str(paths["captions"]), image_folder=str(paths["captions"].parent),
+                            output_dir=str(tmp_path / "run"), template="plain", tune="projector", max_steps=2,
+                            micro_batch_size=3, lm_from=str(tmp_path / "lm")))
+    assert out["step"] == 2
+    trained = ckpt.load_pretrained(tmp_path / "run" / "model")
+    # Stage 1 left the pretrained LM as it was (the vocabulary grew by <image>; old rows unchanged).
+    emb = trained.language_model.get_input_embeddings().weight
+    torch.testing.assert_close(emb[: len(tok)], lm.get_input_embeddings().weight)
