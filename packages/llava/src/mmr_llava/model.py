@@ -92,8 +92,13 @@ def _packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def _packed_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """No mask for unpadded full-length inputs (the attention handles causality and packing)."""
-    if kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length"):
+    """No mask for unpadded full-length inputs (the attention handles causality and packing).
+
+    Sliding-window and chunked layers (``local_size``) always get the stock mask: per-sample causal
+    attention would ignore the window.
+    """
+    if (kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+            and kwargs.get("local_size") is None):
         return None
     return sdpa_mask(*args, **kwargs)
 
@@ -354,7 +359,8 @@ class LlavaModel(nn.Module):
             # Training: project only the supervised positions onto the vocabulary. Full logits would
             # be (tokens x vocab) floats, most of them for prompt and image positions that carry no loss.
             extra = {}
-            if attention_mask is None and position_ids is not None:
+            if (attention_mask is None and position_ids is not None
+                    and self.language_model.config._attn_implementation == PACKED_SDPA):
                 extra["packed_segments"] = packed_segments(position_ids)  # once per step, not per layer
             hidden = self.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                                        position_ids=position_ids, **extra).last_hidden_state
