@@ -234,3 +234,24 @@ def test_fusion_attention_fp16_masks_and_clamps():
         half.l_proj.weight.mul_(1000.0)
     out_v, out_l = half(v.half() * 4, lang.half() * 4, mask)
     assert torch.isfinite(out_v).all() and torch.isfinite(out_l).all()
+
+
+def test_unfused_dot_product_uses_language_backbone_features():
+    """GLIP's USE_FUSED_FEATURES_DOT_PRODUCT=False: regions align with the BERT output, and the tower's last
+    BERT layer is dropped (the fused text of the last block feeds nothing)."""
+    from mmr_medvlm.model import BertEncoderLayer
+
+    torch.manual_seed(0)
+    cfg = GLIPConfig.from_name("test", use_fused_features_dot_product=False)
+    model = GLIP(cfg).eval()
+    tower = model.rpn.head.dyhead_tower
+    assert sum(isinstance(m, BertEncoderLayer) for m in tower) == cfg.num_convs - 1
+    x, ids, mask, pms = _batch(model)
+    with torch.no_grad():
+        feats, lang = model.backbone(x), model.language_backbone(ids, mask)
+        before = model.rpn.head(feats, lang)["logits"][0].clone()
+        tower[-2].b_attn.gamma_l.fill_(5.0)  # the last fusion's text update: unused by the alignment
+        after = model.rpn.head(feats, lang)["logits"][0]
+    torch.testing.assert_close(before, after)
+    fused = GLIP(GLIPConfig.from_name("test")).eval()
+    assert sum(isinstance(m, BertEncoderLayer) for m in fused.rpn.head.dyhead_tower) == cfg.num_convs

@@ -53,6 +53,10 @@ class GLIPConfig:
     use_deform: bool = True
     use_dyrelu: bool = True
     use_dyfuse: bool = True
+    # GLIP's FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT (True in GLIP-T): align regions with the text features
+    # after the fusion tower; False aligns them with the language backbone's output and drops the tower's
+    # last BERT layer, as the official head does.
+    use_fused_features_dot_product: bool = True
     fuse_embed_dim: int = 2048
     fuse_heads: int = 8
     fuse_dropout: float = 0.1
@@ -520,9 +524,13 @@ class VLDyHead(nn.Module):
         super().__init__()
         c = cfg.channels
         tower: list[nn.Module] = []
-        for _ in range(cfg.num_convs):
-            tower += [VLFuse(cfg), BertEncoderLayer(cfg), DyConv(cfg)]
+        for i in range(cfg.num_convs):
+            tower += [VLFuse(cfg)]
+            if i < cfg.num_convs - 1 or cfg.use_fused_features_dot_product:
+                tower += [BertEncoderLayer(cfg)]
+            tower += [DyConv(cfg)]
         self.dyhead_tower = nn.Sequential(*tower)
+        self.use_fused = cfg.use_fused_features_dot_product
         self.cls_logits = nn.Conv2d(c, cfg.legacy_num_classes, 1)  # unused by GLIP; kept for loading
         self.bbox_pred = nn.Conv2d(c, 4, 1)
         self.centerness = nn.Conv2d(c, 1, 1)
@@ -540,7 +548,8 @@ class VLDyHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], lang: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         x = self.dyhead_tower({"visual": feats, "lang": lang})
-        emb = F.normalize(x["lang"]["hidden"], p=2, dim=-1)
+        text = x["lang"]["hidden"] if self.use_fused else lang["embedded"]
+        emb = F.normalize(text, p=2, dim=-1)
         tokens = self.dot_product_projection_text(emb / 2.0)  # (B, L, C)
         token_bias = emb @ self.bias_lang + self.bias0  # (B, L)
         out: dict[str, list[torch.Tensor]] = {"logits": [], "bbox": [], "centerness": []}
