@@ -49,6 +49,8 @@ def test_natural_batch_captions_match_targets():
                     *attrs, noun = grounded
                     assert noun in reproduce.NONCE and 1 <= len(attrs) <= 3 and set(attrs) <= known
     assert kinds == {"detection", "phrase"}
+    empty = reproduce._detection_caption(rng, [], tok, 48)  # an image whose objects could not be placed
+    assert empty.positive_map.shape == (0, 48)
 
 
 def test_verdict_needs_names_lowest_and_clear_gains():

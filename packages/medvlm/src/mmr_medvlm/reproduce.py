@@ -43,16 +43,15 @@ KNOWLEDGE_EXTRA = ("grass sky coin cherry plum snow lemon dice tomato ocean the 
 # Pretraining mixes two kinds of captions, as GLIP mixes Objects365 category prompts with GoldG captions:
 # * detection-style: the caption lists every attribute word as a class ("red. small. ring. ..."), and each
 #   object is grounded to its size, shape and colour words, so every positive anchor sees all other
-#   attribute words as negatives: the dense contrast that teaches word grounding within a few hundred steps
-#   (caption-only pretraining reached objectness, class-agnostic AP ~40, but no colour grounding: colour-class
-#   AP 8, the level of random labels);
+#   attribute words as negatives. Added because caption-only pretraining reached objectness (class-agnostic
+#   AP ~40) but no colour grounding (colour-class AP 8, random-label level); measured: it did not make
+#   grounding appear within 300 steps either (README, "Miniature reproduction");
 # * grounding-style: one noun phrase per object ("small red ring wug", made-up noun, whole phrase grounded as
 #   in GoldG) plus descriptions of absent objects as negatives.
 DETECTION_SHARE = 0.5
 # Phrases describing absent objects per grounding-style image.
 NEGATIVES = (0, 2)
 ATTRIBUTE_WORDS = (*SIZES, *SHAPE_WORDS.values(), *COLORS)
-
 
 
 def build_tokenizer() -> Any:
@@ -91,7 +90,7 @@ def _detection_caption(rng: random.Random, objs: list[Any], tokenizer: Any, max_
     enc = PromptSet([ClassPrompt(w) for w in words]).encode(tokenizer, max_len)
     row = {w: enc.positive_map[i] for i, w in enumerate(words)}
     rows = [row[o.size] | row[SHAPE_WORDS[o.shape]] | row[o.color] for o in objs]
-    return GroundedCaption(enc.caption, enc.input_ids, enc.attention_mask, torch.stack(rows))
+    return GroundedCaption(enc.caption, enc.input_ids, enc.attention_mask, _stack(rows, enc.positive_map))
 
 
 def _phrase_caption(rng: random.Random, objs: list[Any], tokenizer: Any, max_len: int) -> GroundedCaption:
@@ -112,7 +111,12 @@ def _phrase_caption(rng: random.Random, objs: list[Any], tokenizer: Any, max_len
     rng.shuffle(order)
     enc = PromptSet([classes[k] for k in order], span="phrase").encode(tokenizer, max_len)
     rows = [enc.positive_map[order.index(i)] for i in range(len(objs))]
-    return GroundedCaption(enc.caption, enc.input_ids, enc.attention_mask, torch.stack(rows))
+    return GroundedCaption(enc.caption, enc.input_ids, enc.attention_mask, _stack(rows, enc.positive_map))
+
+
+def _stack(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Rows as one (objects, tokens) map; (0, tokens) for an image whose objects could not be placed."""
+    return torch.stack(rows) if rows else like[:0]
 
 
 def natural_batch(rng: random.Random, n: int, tokenizer: Any, max_len: int = 48
@@ -124,7 +128,8 @@ def natural_batch(rng: random.Random, n: int, tokenizer: Any, max_len: int = 48
     images, captions, targets = [], [], []
     for _ in range(n):
         img, objs = natural_scene(rng, IMAGE_SIZE, n_objects=(2, 4))
-        make = _detection_caption if rng.random() < DETECTION_SHARE else _phrase_caption
+        # An image with no object gets the detection caption (all words negative): a phrase caption would be empty.
+        make = _detection_caption if not objs or rng.random() < DETECTION_SHARE else _phrase_caption
         captions.append(make(rng, objs, tokenizer, max_len))
         images.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
         targets.append(Targets(torch.tensor([o.box for o in objs], dtype=torch.float32).view(-1, 4),
