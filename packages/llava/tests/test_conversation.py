@@ -111,3 +111,20 @@ def test_bad_conversations_are_named():
         conv.render("v1", [("robot", "a")])
     with pytest.raises(KeyError, match="unknown conversation template"):
         conv.get_template("vicuna")
+
+
+@pytest.mark.parametrize("answer", ["Yes, it is.", "12 shapes."])
+@pytest.mark.parametrize("name", sorted(conv.TEMPLATES))
+def test_everything_generated_after_the_generation_prompt_is_supervised(llama_tokenizer, name, answer):
+    # Training must teach exactly what generation asks for: the generation prompt is a prefix of the
+    # training sequence and every token after it is supervised, including a lone "▁" that LLaMA puts
+    # before digits (v1 prompts stop at "ASSISTANT:", so the model has to emit that space itself).
+    tok = copy.deepcopy(llama_tokenizer)
+    image_id = conv.prepare_tokenizer(tok, name)
+    user = {"from": "human", "value": "<image>\nHow many?"}
+    train = conv.tokenize_with_labels(tok, name, [user, {"from": "gpt", "value": answer}], image_token_id=image_id)
+    prompt = conv.tokenize_with_labels(tok, name, [user], image_token_id=image_id, add_generation_prompt=True)
+    n = len(prompt["input_ids"])
+    assert train["input_ids"][:n] == prompt["input_ids"]
+    assert all(lab != -100 for lab in train["labels"][n:])
+    assert all(lab == -100 for lab in train["labels"][:n])

@@ -262,7 +262,16 @@ def tokenize_with_labels(
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     labels = [IGNORE_INDEX] * len(ids)
     problems = []
+    # A whitespace-only token right before an answer (a small vocabulary splits " Yes" into "▁" + "Yes";
+    # LLaMA does so before digits) is supervised when the generation prompt stops at the role tag (v1
+    # "ASSISTANT:"), since then the model must emit it; the original's "instruction_len - 2" does the same.
+    # Templates whose generation prompt ends in that whitespace (chatml "assistant\n") keep it unsupervised.
+    generation_prompt = render(t, [{"from": "human", "value": "?"}], add_generation_prompt=True)[0]
+    starts = set() if generation_prompt != generation_prompt.rstrip() else {a for a, _ in spans}
     for i, (s, e) in enumerate(offsets):
+        if e in starts and s < e and not text[s:e].strip():
+            labels[i] = ids[i]
+            continue
         for a, b in spans:
             if s < b and e > a and e > s:
                 if e > b:
