@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmr_medvlm.model import (
     GLIP,
@@ -255,3 +256,27 @@ def test_unfused_dot_product_uses_language_backbone_features():
     torch.testing.assert_close(before, after)
     fused = GLIP(GLIPConfig.from_name("test")).eval()
     assert sum(isinstance(m, BertEncoderLayer) for m in fused.rpn.head.dyhead_tower) == cfg.num_convs
+
+
+def test_align_residual_adds_the_fpn_level_to_the_alignment_only():
+    """Our miniature's option (not GLIP's): alignment reads tower output + FPN level; boxes, centerness and
+    the state-dict keys are those of GLIP, so official checkpoints load either way."""
+    torch.manual_seed(0)
+    plain = GLIP(GLIPConfig.from_name("test")).eval()
+    residual = GLIP(GLIPConfig.from_name("test", align_residual=True)).eval()
+    residual.load_state_dict(plain.state_dict(), strict=True)
+    x, ids, mask, _ = _batch(plain)
+    with torch.no_grad():
+        feats, lang = plain.backbone(x), plain.language_backbone(ids, mask)
+        out_plain, out_res = plain.rpn.head(feats, lang), residual.rpn.head(feats, lang)
+        tower = plain.rpn.head.dyhead_tower({"visual": feats, "lang": lang})
+        head = plain.rpn.head
+        text = F.normalize(tower["lang"]["hidden"], p=2, dim=-1)
+        tokens = head.dot_product_projection_text(text / 2.0)
+        q = head.dot_product_projection_image(tower["visual"][0] + feats[0]).flatten(2).transpose(1, 2)
+        expected = q @ tokens.transpose(1, 2) / head.log_scale.exp() + (text @ head.bias_lang + head.bias0)[:, None]
+    torch.testing.assert_close(out_res["logits"][0], expected)
+    assert not torch.allclose(out_res["logits"][0], out_plain["logits"][0])
+    for key in ("bbox", "centerness"):
+        for a, b in zip(out_plain[key], out_res[key]):
+            torch.testing.assert_close(a, b)

@@ -62,6 +62,10 @@ class GLIPConfig:
     fuse_dropout: float = 0.1
     prior_prob: float = 0.01
     log_scale: float = 0.0
+    # Not in GLIP (False there): align regions with the tower output plus the FPN level it started from.
+    # From random weights the fusion/DyHead tower washes out the colour the FPN still carries; with this
+    # residual the miniature learns colour words. Adds no parameters, so official checkpoints load alike.
+    align_residual: bool = False
     legacy_num_classes: int = 80  # the unused closed-set ``cls_logits`` conv kept for checkpoint parity
     # Text (bert-base-uncased)
     vocab_size: int = 30522
@@ -531,6 +535,7 @@ class VLDyHead(nn.Module):
             tower += [DyConv(cfg)]
         self.dyhead_tower = nn.Sequential(*tower)
         self.use_fused = cfg.use_fused_features_dot_product
+        self.align_residual = cfg.align_residual
         self.cls_logits = nn.Conv2d(c, cfg.legacy_num_classes, 1)  # unused by GLIP; kept for loading
         self.bbox_pred = nn.Conv2d(c, 4, 1)
         self.centerness = nn.Conv2d(c, 1, 1)
@@ -553,10 +558,11 @@ class VLDyHead(nn.Module):
         tokens = self.dot_product_projection_text(emb / 2.0)  # (B, L, C)
         token_bias = emb @ self.bias_lang + self.bias0  # (B, L)
         out: dict[str, list[torch.Tensor]] = {"logits": [], "bbox": [], "centerness": []}
-        for level, v in enumerate(x["visual"]):
+        for level, (v, f) in enumerate(zip(x["visual"], feats)):
             out["bbox"].append(self.scales[level](self.bbox_pred(v)))
             out["centerness"].append(self.centerness(v))
-            q = self.dot_product_projection_image(v).flatten(2).transpose(1, 2)  # (B, HW, C)
+            aligned = v + f if self.align_residual else v
+            q = self.dot_product_projection_image(aligned).flatten(2).transpose(1, 2)  # (B, HW, C)
             logit = q @ tokens.transpose(1, 2) / self.log_scale.exp() + token_bias[:, None, :]
             out["logits"].append(_clamp_half(logit))  # GLIP's CLAMP_DOT_PRODUCT
         return out

@@ -71,6 +71,7 @@ def repro_config(tokenizer: Any) -> GLIPConfig:
         "test", vocab_size=len(tokenizer), channels=32, gn_groups=8, fuse_embed_dim=64, fuse_heads=4,
         swin_embed_dim=16, text_dim=32, text_heads=4, text_intermediate=64, num_convs=2,
         text_layers=2, max_query_len=48, anchor_sizes=(16, 32, 64, 128, 256), score_thresh=0.05,
+        align_residual=True,  # see GLIPConfig.align_residual: without it colour words are not grounded
     )
 
 
