@@ -165,3 +165,21 @@ def test_attention_is_causal() -> None:
     x2 = x.clone()
     x2[:, -1] += 1.0  # changing the last token must not change earlier outputs
     torch.testing.assert_close(attn(x2, causal=True)[:, :-1], y[:, :-1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+def test_pool_index_computes_only_the_pooled_token_of_the_last_block(causal: bool, add_bias_kv: bool) -> None:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(embed_dim=32, num_blocks=2, num_heads=4, causal=causal, add_bias_kv=add_bias_kv,
+                            layer_scale_init=0.5)
+    trunk = Transformer(cfg).eval()
+    x = torch.randn(3, 7, 32)
+    pool = torch.tensor([0, 4, 6])
+    with torch.no_grad():
+        full = trunk(x)[torch.arange(3), pool]
+        pooled = trunk(x, pool_index=pool)
+    assert pooled.shape == (3, 1, 32)
+    torch.testing.assert_close(pooled[:, 0], full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="query_index"):
+        trunk.blocks[-1].attn(x, torch.ones(7, 7, dtype=torch.bool), query_index=pool)

@@ -130,7 +130,13 @@ class Attention(nn.Module):
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        query_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend over ``x`` of shape ``(B, L, D)``.
 
         Args:
@@ -138,15 +144,33 @@ class Attention(nn.Module):
             attn_mask: Optional ``(L, L)`` (or broadcastable to ``(B, H, L, L)``) mask: boolean (True = attend)
                 or additive float.
             causal: Mask future positions.
+            query_index: ``(B,)`` positions: compute the output for that one query per sample only
+                (``(B, 1, D)``; keys and values still come from every token). For pooled heads at inference.
         """
         b, n, d = x.shape
         h = self.num_heads
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        if query_index is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            if attn_mask is not None:
+                raise ValueError("query_index does not combine with attn_mask")
+            w, bias = self.in_proj_weight, self.in_proj_bias
+            rows = torch.arange(b, device=x.device)
+            q = F.linear(x[rows, query_index].unsqueeze(1), w[:d], None if bias is None else bias[:d])
+            k, v = F.linear(x, w[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
         if self.bias_k is not None:
             # The bias token is appended after the projection, as in nn.MultiheadAttention.
             k = torch.cat([k, self.bias_k.expand(b, 1, d)], dim=1)
             v = torch.cat([v, self.bias_v.expand(b, 1, d)], dim=1)
         q, k, v = (t.reshape(b, t.shape[1], h, d // h).transpose(1, 2) for t in (q, k, v))
+        if query_index is not None:
+            mask = None
+            if causal:
+                keys = torch.arange(k.shape[2], device=x.device)
+                # Keys up to the query's own position, plus the learned bias key (visible to every query).
+                mask = ((keys[None] <= query_index[:, None]) | (keys[None] >= n))[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
         mask = self._build_mask(n, k.shape[2], attn_mask, causal, x)
         is_causal = causal and mask is None
         out = F.scaled_dot_product_attention(
@@ -206,10 +230,19 @@ class Block(nn.Module):
         else:
             self.layer_scale_gamma1 = self.layer_scale_gamma2 = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        a = self.attn(self.norm_1(x), attn_mask, causal)
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        query_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, L, D) -> (B, L, D)``, or ``(B, 1, D)`` at ``query_index`` (see :meth:`Attention.forward`)."""
+        a = self.attn(self.norm_1(x), attn_mask, causal, query_index)
         if self.layer_scale_gamma1 is not None:
             a = a * self.layer_scale_gamma1
+        if query_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_index].unsqueeze(1)
         x = x + drop_path(a, self.drop_path_rate, self.training)
         m = self.mlp(self.norm_2(x))
         if self.layer_scale_gamma2 is not None:
@@ -248,6 +281,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         return_hidden_states: bool = False,
+        pool_index: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the trunk.
 
@@ -257,19 +291,23 @@ class Transformer(nn.Module):
                 causal mask when ``cfg.causal``.
             return_hidden_states: Also return the input of every block and the final output
                 (``num_blocks + 1`` tensors), for feature-layer selection.
+            pool_index: ``(B,)`` position each sample is pooled at (class token, end-of-text): the last
+                block then computes that token only, about a sixth of its work; equal up to rounding.
 
         Returns:
-            ``(B, L, D)`` tokens, and the hidden states if asked for.
+            ``(B, L, D)`` tokens (``(B, 1, D)`` with ``pool_index``), and the hidden states if asked for.
         """
         if tokens.ndim != 3 or tokens.shape[-1] != self.cfg.embed_dim:
             raise ValueError(f"expected tokens of shape (B, L, {self.cfg.embed_dim}), got {tuple(tokens.shape)}")
         x = self.pre_transformer_layer(tokens)
         hidden = [x]
-        for blk in self.blocks:
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            query = pool_index if i == last else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(blk, x, attn_mask, self.cfg.causal, use_reentrant=False)
+                x = checkpoint(blk, x, attn_mask, self.cfg.causal, query, use_reentrant=False)
             else:
-                x = blk(x, attn_mask, self.cfg.causal)
+                x = blk(x, attn_mask, self.cfg.causal, query)
             if return_hidden_states:
                 hidden.append(x)
         return (x, hidden) if return_hidden_states else x

@@ -326,43 +326,13 @@ class TextHead(nn.Module):
 
 
 def pooled_last_block(block: nn.Module, x: torch.Tensor, pool: torch.Tensor, causal: bool) -> torch.Tensor:
-    """An :class:`mmr_core.transformer.Block` evaluated for one token per sample: ``(B, L, D) -> (B, 1, D)``.
+    """The trunk's last block evaluated for one token per sample: ``(B, L, D) -> (B, 1, D)``.
 
-    The heads read a single token (the class token, or end-of-text for text), so in the last block only that
-    token's query, attention output and MLP matter; keys and values still come from every token. Equal to
-    ``block(x)[arange(B), pool]`` up to float rounding, with about a sixth of the block's work.
-
-    Args:
-        block: The trunk's last block (its parameters are read, as its forward would).
-        x: Input tokens of the block.
-        pool: ``(B,)`` index of the token each sample is pooled at.
-        causal: The trunk is causal (the pooled query then sees keys up to its own position only).
+    The heads read a single token (the class token, or end-of-text for text), so only that token's query,
+    attention output and MLP matter; keys and values still come from every token. Equal to
+    ``block(x)[arange(B), pool]`` up to float rounding (``mmr_core.transformer.Block`` with ``query_index``).
     """
-    b, n, d = x.shape
-    attn, heads = block.attn, block.attn.num_heads
-    rows = torch.arange(b, device=x.device)
-    y = block.norm_1(x)
-    w, bias = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(y[rows, pool].unsqueeze(1), w[:d], None if bias is None else bias[:d])
-    k, v = F.linear(y, w[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
-    if attn.bias_k is not None:
-        k = torch.cat([k, attn.bias_k.expand(b, 1, d)], dim=1)
-        v = torch.cat([v, attn.bias_v.expand(b, 1, d)], dim=1)
-    mask = None
-    if causal:
-        keys = torch.arange(k.shape[1], device=x.device)
-        # Keys up to the pooled position, plus the learned bias key (visible to every query).
-        mask = ((keys[None] <= pool[:, None]) | (keys[None] >= n))[:, None, None, :]
-    q, k, v = (t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    a = attn.out_proj(out.transpose(1, 2).reshape(b, 1, d))
-    if block.layer_scale_gamma1 is not None:
-        a = a * block.layer_scale_gamma1
-    h = x[rows, pool].unsqueeze(1) + a
-    m = block.mlp(block.norm_2(h))
-    if block.layer_scale_gamma2 is not None:
-        m = m * block.layer_scale_gamma2
-    return h + m
+    return block(x, None, causal, pool)
 
 
 def build_head(cfg: ImageBindConfig, modality: str) -> nn.Module:
@@ -493,11 +463,8 @@ class ImageBind(nn.Module):
         if self._pooled_inference(trunk):
             if pool is None:
                 pool = torch.zeros(pre["tokens"].shape[0], dtype=torch.long, device=pre["tokens"].device)
-            tokens = trunk.pre_transformer_layer(pre["tokens"])
-            for blk in trunk.blocks[:-1]:
-                tokens = blk(tokens, None, trunk.cfg.causal)
             # (B, 1, D): the pooled token only, so the heads read position 0.
-            tokens = pooled_last_block(trunk.blocks[-1], tokens, pool, trunk.cfg.causal)
+            tokens = trunk(pre["tokens"], pool_index=pool)
             pool = torch.zeros_like(pool)
         else:
             tokens = trunk(pre["tokens"])
