@@ -15,6 +15,7 @@ default, or a counted warning when ``on_mismatch="warn"``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,6 +226,13 @@ def add_vision_tokens(tokenizer, use_im_start_end: bool = False, use_im_patch_to
     return tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
 
 
+@functools.lru_cache(maxsize=64)
+def _generation_prompt_ends_at_role_tag(template: Template) -> bool:
+    """Whether the generation prompt stops right after the assistant's tag, with no trailing whitespace."""
+    generation_prompt = render(template, [{"from": "human", "value": "?"}], add_generation_prompt=True)[0]
+    return generation_prompt == generation_prompt.rstrip()
+
+
 def tokenize_with_labels(
     tokenizer,
     template: Template | str,
@@ -266,8 +274,7 @@ def tokenize_with_labels(
     # LLaMA does so before digits) is supervised when the generation prompt stops at the role tag (v1
     # "ASSISTANT:"), since then the model must emit it; the original's "instruction_len - 2" does the same.
     # Templates whose generation prompt ends in that whitespace (chatml "assistant\n") keep it unsupervised.
-    generation_prompt = render(t, [{"from": "human", "value": "?"}], add_generation_prompt=True)[0]
-    starts = set() if generation_prompt != generation_prompt.rstrip() else {a for a, _ in spans}
+    starts = {a for a, _ in spans} if _generation_prompt_ends_at_role_tag(t) else set()
     for i, (s, e) in enumerate(offsets):
         if e in starts and s < e and not text[s:e].strip():
             labels[i] = ids[i]
