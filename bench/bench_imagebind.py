@@ -1,6 +1,7 @@
 """ImageBind embedding throughput: mmr_imagebind vs the official implementation, same weights and inputs.
 
-    OMP_NUM_THREADS=1 python bench/bench_imagebind.py --official /path/to/ImageBind --threads 1 [--batch 2] [--repeats 3]
+    OMP_NUM_THREADS=1 python bench/bench_imagebind.py --official /path/to/ImageBind --threads 1 [--batch 2] [--repeats 3] \
+        [--compile]
 
 The official repository (https://github.com/facebookresearch/ImageBind) is not part of this project; point
 ``--official`` at a checkout. Both models are built at the same sizes, the official weights are loaded into
@@ -13,6 +14,9 @@ huge sizes and every modality keeps its real input size (224 px, 128x204 fbank i
 Text is a batch of real prompts through the CLIP tokenizer (5-15 tokens, padded to 77, as users embed them);
 the ``text_77`` row fills all 77 positions, the worst case for us (nothing after the end-of-text token).
 ``--config imagebind_huge`` runs the full model (slow on a small CPU).
+
+``--compile`` adds a third column: ours through ``encode(compile=True)`` (inductor with frozen weights); the
+first call, which compiles, is timed apart ("compile s") and the steady state is timed with the other two.
 
 It also measures the peak resident memory of loading one modality from a checkpoint vs the whole model.
 """
@@ -105,19 +109,20 @@ def make_inputs(cfg: ImageBindConfig, batch: int) -> dict[str, torch.Tensor]:
     }
 
 
-def timed_pair(fn_a, fn_b, repeats: int, sync) -> tuple[float, float]:
-    """Best-of-``repeats`` wall time of two functions, run interleaved (after one warm-up each), so that
-    load from other processes on a shared machine hits both alike; the minimum is the least noisy estimate."""
-    fn_a(), fn_b()
+def timed(fns: list, repeats: int, sync) -> list[float]:
+    """Best-of-``repeats`` wall time of each function, run interleaved (after one warm-up each), so that
+    load from other processes on a shared machine hits all alike; the minimum is the least noisy estimate."""
+    for fn in fns:
+        fn()
     sync()
-    ta, tb = [], []
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in ((fn_a, ta), (fn_b, tb)):
+        for fn, out in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             sync()
             out.append(time.perf_counter() - t0)
-    return min(ta), min(tb)
+    return [min(t) for t in times]
 
 
 def peak_rss_mib(ckpt: Path, config: str, modalities: list[str] | None) -> float:
@@ -149,6 +154,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time ours with encode(compile=True)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -171,26 +177,46 @@ def main() -> None:
         print(f"prompt lengths (tokens): {(inputs['text'].argmax(-1) + 1).tolist()}", flush=True)
 
     rows = []
-    print(f"{'input':<9} {'official ms':>12} {'ours ms':>9} {'ratio':>6}   (batch {args.batch}, {args.dtype})")
+    head = f"{'input':<9} {'official ms':>12} {'ours ms':>9} {'ratio':>6}"
+    if args.compile:
+        head += f" {'compiled ms':>12} {'ratio':>6} {'compile s':>10}"
+    print(f"{head}   (batch {args.batch}, {args.dtype})")
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
     for name, x in inputs.items():
         m = name.split("_")[0]
+        fns = [lambda m=m, x=x: official({m: x}), lambda m=m, x=x: ours.encode(m, x)]
         with torch.inference_mode():
             ref = official({m: x})[m]
-            got = ours.encode(m, x)
-            tol = 1e-4 if dtype == torch.float32 else 5e-2
-            torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
-            t_off, t_ours = timed_pair(
-                lambda m=m, x=x: official({m: x}), lambda m=m, x=x: ours.encode(m, x), args.repeats, sync
-            )
-        err = (got.float() - ref.float()).abs().max().item()
+            outs = {"ours": ours.encode(m, x)}
+            if args.compile:
+                # The first call compiles (timed apart); steady state is timed with the others below.
+                t0 = time.perf_counter()
+                outs["compiled"] = ours.encode(m, x, compile=True)
+                sync()
+                t_compile = time.perf_counter() - t0
+                fns.append(lambda m=m, x=x: ours.encode(m, x, compile=True))
+            for got in outs.values():
+                torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+            times = timed(fns, args.repeats, sync)
+        err = max((got.float() - ref.float()).abs().max().item() for got in outs.values())
+        t_off, t_ours = times[:2]
         row = {"input": name, "official_ms": 1e3 * t_off, "ours_ms": 1e3 * t_ours, "ratio": t_off / t_ours}
+        line = f"{name:<9} {1e3 * t_off:12.1f} {1e3 * t_ours:9.1f} {t_off / t_ours:6.2f}"
+        if args.compile:
+            t_c = times[2]
+            row |= {"compiled_ms": 1e3 * t_c, "compiled_ratio": t_off / t_c, "compile_s": t_compile}
+            line += f" {1e3 * t_c:12.1f} {t_off / t_c:6.2f} {t_compile:10.1f}"
         rows.append({**row, "max_abs_diff": err})
-        print(f"{name:<9} {1e3 * t_off:12.1f} {1e3 * t_ours:9.1f} {t_off / t_ours:6.2f}   max |diff| {err:.1e}", flush=True)
+        print(f"{line}   max |diff| {err:.1e}", flush=True)
     # The modalities as users call them (prompts, not 77-token texts).
     real = [r for r in rows if r["input"] != "text_77"]
     total_off = sum(r["official_ms"] for r in real)
     total_ours = sum(r["ours_ms"] for r in real)
-    print(f"{'total':<9} {total_off:12.1f} {total_ours:9.1f} {total_off / total_ours:6.2f}")
+    line = f"{'total':<9} {total_off:12.1f} {total_ours:9.1f} {total_off / total_ours:6.2f}"
+    if args.compile:
+        total_c = sum(r["compiled_ms"] for r in real)
+        line += f" {total_c:12.1f} {total_off / total_c:6.2f} {sum(r['compile_s'] for r in real):10.1f}"
+    print(line)
 
     if not args.skip_memory and device.type == "cpu":
         with tempfile.TemporaryDirectory() as tmp:

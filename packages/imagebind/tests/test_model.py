@@ -19,10 +19,12 @@ from mmr_imagebind.checkpoint import (
     load_state_dict_strict,
     save_safetensors,
 )
+from mmr_imagebind.evaluation import embed
 from mmr_imagebind.model import (
     MODALITIES,
     ImageBind,
     ImageBindConfig,
+    ImageToVideoConv,
     build_imagebind,
     parameter_counts,
     pooled_last_block,
@@ -217,3 +219,81 @@ def test_inference_shortcuts_equal_the_plain_trunk(parity, tiny_model, monkeypat
     for m in fast:
         torch.testing.assert_close(fast[m], plain[m], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_noisy, fast["text"], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_stem_folds_the_repeated_frames(tiny_model) -> None:
+    """A still image repeated over one temporal kernel runs as a Conv2d with the kernel summed over time."""
+    stem = tiny_model.modality_preprocessors["vision"].rgbt_stem.proj
+    assert isinstance(stem, ImageToVideoConv)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        folded = stem(image)
+        plain = stem[1](image.unsqueeze(2).repeat(1, 1, 2, 1, 1))  # the official repeat + Conv3d
+        video = torch.randn(2, 3, 4, 32, 32)  # more frames than the kernel: the Conv3d path
+        torch.testing.assert_close(stem(video), stem[1](video))
+    assert folded.shape == plain.shape == (2, 16, 1, 4, 4)
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """``torch.compile`` with dynamo's eager backend: traces our code (graph breaks, guards) in seconds
+    without inductor's C++ build; the inductor run itself is the slow test below."""
+    calls = []
+    real = torch.compile
+
+    def fake(fn, **kwargs):
+        calls.append(kwargs)
+        return real(fn, backend="eager", dynamic=kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", fake)
+    return calls
+
+
+def test_compile_option_plumbing(parity, eager_compile) -> None:
+    torch._dynamo.reset()
+    model = ImageBind(ImageBindConfig.from_name("tiny", text_context_length=40)).eval()
+    state = {k: v for k, v in parity["state"].items() if "text" not in k}
+    model.load_state_dict(state, strict=False)
+    text = torch.zeros(3, 40, dtype=torch.long)
+    text[:, :5] = torch.randint(1, 60, (3, 5))
+    text[1, 17] = 63  # the end-of-text token (largest id) at position 17: 18 tokens -> bucket of 32
+    text[[0, 2], 4] = 63
+    lengths = []
+    hook = model.modality_trunks["text"].blocks[0].register_forward_hook(lambda m, a, o: lengths.append(o.shape[1]))
+    with torch.no_grad():
+        for m, x in [("text", text), ("audio", parity["input"]["audio"]), ("vision", parity["input"]["vision"])]:
+            torch.testing.assert_close(model.encode(m, x, compile=True), model.encode(m, x), rtol=1e-5, atol=1e-5)
+        model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
+    hook.remove()
+    assert lengths[:2] == [32, 18]  # compiled: a multiple of 16; eager: up to the last end-of-text token
+    assert all(c == {"dynamic": False, "options": {"freezing": True}} for c in eager_compile)
+    assert set(model._compiled) == {("text", True), ("audio", True), ("vision", True), ("imu", False)}
+    model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
+    assert len(eager_compile) == 4  # cached per modality
+    model.load_state_dict(model.state_dict())  # new weights: frozen copies are dropped
+    assert not model._compiled
+    # embed(compile=True) pads a short last batch so that the compiled encoder sees one batch shape.
+    imu = parity["input"]["imu"].repeat(3, 1, 1)[:5]
+    shapes = []
+    hook = model.modality_trunks["imu"].register_forward_hook(lambda m, a, o: shapes.append(a[0].shape[0]))
+    got = embed(model, "imu", imu, batch_size=2, compile=True)
+    hook.remove()
+    assert got.shape == (5, 16) and set(shapes) == {2}
+    torch.testing.assert_close(got, embed(model, "imu", imu, batch_size=2), rtol=1e-5, atol=1e-5)
+    model.train()
+    assert not model._compiled
+    with pytest.raises(ValueError, match="for inference"):
+        model.encode("imu", parity["input"]["imu"], compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_inductor_matches_official_outputs(parity) -> None:
+    """The real thing (inductor, frozen weights), about 10-40 s per modality on 2 cores."""
+    torch._dynamo.reset()
+    model = ImageBind(ImageBindConfig.from_name("tiny")).eval()
+    load_state_dict_strict(model, parity["state"], "parity fixture")
+    with torch.no_grad():
+        for name in ["vision", "vision_video", "text", "audio", "depth", "thermal", "imu"]:
+            got = model.encode(name.split("_")[0], parity["input"][name], compile=True)
+            torch.testing.assert_close(got, parity["output"][name], rtol=1e-5, atol=1e-5)

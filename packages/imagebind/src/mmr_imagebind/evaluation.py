@@ -88,8 +88,15 @@ def embed(
     tokenizer: Tokenizer | None = None,
     batch_size: int = 32,
     desc: str | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """Embeddings ``(N, out_embed_dim)`` of model-ready inputs (or strings for text), in batches."""
+    """Embeddings ``(N, out_embed_dim)`` of model-ready inputs (or strings for text), in batches.
+
+    Args:
+        compile: Use :meth:`ImageBind.encode` with ``compile=True`` (worth it from a few dozen batches on; see
+            docs/benchmarks.md). A short last batch is padded with copies of its last input so that the
+            compiled encoder sees one batch shape.
+    """
     if modality == "text" and tokenizer is None:
         raise ValueError("embedding text needs a tokenizer")
     device = next(model.parameters()).device
@@ -98,7 +105,10 @@ def embed(
     for i in progress(range(0, n, batch_size), desc=desc or f"embed {modality}", total=math.ceil(n / batch_size)):
         chunk = inputs[i : i + batch_size]
         x = tokenizer(list(chunk)) if modality == "text" else chunk
-        out.append(model.encode(modality, x.to(device)).float().cpu())
+        rows = x.shape[0]
+        if compile and n > batch_size and rows < batch_size:
+            x = torch.cat([x, x[-1:].expand(batch_size - rows, *x.shape[1:])])
+        out.append(model.encode(modality, x.to(device), compile=compile)[:rows].float().cpu())
     if not out:
         raise ValueError(f"no {modality} inputs to embed")
     return torch.cat(out)

@@ -15,6 +15,7 @@ so that checkpoint loads with ``strict=True`` and no renaming. Only the modaliti
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -157,6 +158,24 @@ class RepeatToFrames(nn.Module):
         return x.repeat(1, 1, self.frames, 1, 1) if x.shape[2] == 1 else x
 
 
+class ImageToVideoConv(nn.Sequential):
+    """:class:`RepeatToFrames` then a ``Conv3d`` patchifier (``proj.0`` / ``proj.1`` in the checkpoint).
+
+    A still image repeated to ``frames`` frames that one temporal kernel covers whole (kernel = stride =
+    ``frames`` in time, no temporal padding) gives ``conv3d(repeat(x)) = conv2d(x, weight.sum(time))``: the
+    repeat copy and half the stem's arithmetic are skipped. Equal up to float rounding (the official model
+    runs the Conv3d); videos and other geometries take the plain Conv3d path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        repeat, conv = self[0], self[1]
+        kt, st, pt = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        if x.ndim == 4 and kt == st == repeat.frames and pt == 0 and conv.groups == 1:
+            y = F.conv2d(x, conv.weight.sum(2), conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:])
+            return y.unsqueeze(2)  # (B, D, 1, H', W'), as the Conv3d gives
+        return super().forward(x)
+
+
 class PatchStem(nn.Module):
     """Convolutional (or linear) patchifier, flattened to tokens, with an optional LayerNorm."""
 
@@ -232,7 +251,14 @@ class TextPreprocessor(nn.Module):
             self.token_embedding.weight.normal_(std=0.02)
             self.pos_embed.normal_(std=0.01)
 
-    def forward(self, text: torch.Tensor) -> dict:
+    def forward(self, text: torch.Tensor, length_multiple: int = 1) -> dict:
+        """Embed ``(B, L)`` token ids, computing positions up to the batch's last end-of-text token only.
+
+        Args:
+            text: Token ids (the end-of-text token holds the largest id).
+            length_multiple: Round the computed length up to a multiple of this (capped at ``L``), so that a
+                compiled trunk sees a few shapes instead of one per prompt length.
+        """
         if text.ndim != 2 or text.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"text must be (B, L) integer token ids, got {tuple(text.shape)} {text.dtype}")
         if text.shape[1] > self.pos_embed.shape[1]:
@@ -243,7 +269,8 @@ class TextPreprocessor(nn.Module):
             # The trunk is causal and the head reads the end-of-text token, so positions after the batch's
             # last end-of-text token cannot change any output: they are not computed (prompts are ~5-15 of
             # the 77 tokens; the official code always runs all 77).
-            text = text[:, : int(seq_len.max()) + 1]
+            length = -(-(int(seq_len.max()) + 1) // length_multiple) * length_multiple
+            text = text[:, :length]
         tokens = self.token_embedding(text) + self.pos_embed[:, : text.shape[1]]
         return {"tokens": tokens, "seq_len": seq_len}
 
@@ -282,7 +309,7 @@ def build_preprocessor(cfg: ImageBindConfig, modality: str) -> nn.Module:
     if modality == "vision":
         d, k = cfg.vision_embed_dim, cfg.vision_kernel
         conv = nn.Conv3d(3, d, kernel_size=k, stride=k, bias=False)
-        stem = PatchStem(nn.Sequential(RepeatToFrames(cfg.vision_frames), conv))
+        stem = PatchStem(ImageToVideoConv(RepeatToFrames(cfg.vision_frames), conv))
         n = _conv_out(cfg.vision_frames, k[0], k[0]) * _conv_out(cfg.vision_image_size, k[1], k[1]) ** 2
         return PatchPreprocessor(stem, "rgbt_stem", n, d)
     if modality == "text":
@@ -416,6 +443,7 @@ class ImageBind(nn.Module):
         self.modality_trunks = nn.ModuleDict({m: Transformer(config.trunk_config(m)) for m in mods})
         self.modality_heads = nn.ModuleDict({m: build_head(config, m) for m in mods})
         self.modality_postprocessors = nn.ModuleDict({m: build_postprocessor(config, m) for m in mods})
+        self._compiled: dict[tuple[str, bool], object] = {}  # see encode(compile=True)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -435,7 +463,7 @@ class ImageBind(nn.Module):
             return False
         return not hasattr(trunk.blocks[-1].attn.in_proj_weight, "ds_id")
 
-    def encode(self, modality: str, x: torch.Tensor, postprocess: bool = True) -> torch.Tensor:
+    def encode(self, modality: str, x: torch.Tensor, postprocess: bool = True, compile: bool = False) -> torch.Tensor:
         """Embed one modality.
 
         Inputs of 5 or more dimensions are several clips per sample, ``(B, S, ...)`` (audio ``(B, S, 1, M, T)``,
@@ -448,35 +476,77 @@ class ImageBind(nn.Module):
             x: Model-ready input (see :mod:`mmr_imagebind.data`).
             postprocess: Apply normalisation and logit scale; ``False`` returns the raw head projection (for
                 training recipes that use their own temperature). Clips are averaged either way.
+            compile: Run trunk, head and postprocessor through ``torch.compile`` (inductor, weights frozen as
+                constants: prepacked GEMM weights, fused bias/GELU/LayerNorm/residual). Inference only, no
+                gradients; the first call per modality and input shape compiles (seconds to a minute), so use
+                it for many batches of one size. Text lengths are rounded up to multiples of 16 to bound the
+                number of shapes. Compile after loading weights and moving the model (see
+                :meth:`clear_compiled`).
 
         Returns:
             ``(B, out_embed_dim)`` embeddings.
         """
         self._check(modality)
+        if compile and self.training:
+            raise ValueError("encode(compile=True) is for inference: call model.eval() first")
         multi_clip = x.ndim >= 5
         if multi_clip:
             b, s = x.shape[:2]
             x = x.reshape(b * s, *x.shape[2:])
-        pre = self.modality_preprocessors[modality](x)
+        pre_args = {"length_multiple": 16} if compile and modality == "text" else {}
+        pre = self.modality_preprocessors[modality](x, **pre_args)
         pool = pre.get("seq_len")  # text: the end-of-text position; the others pool the class token
+        if compile:
+            with torch.no_grad():
+                out = self._compiled_tail(modality, postprocess)(pre["tokens"], pool)
+        else:
+            out = self._encode_tokens(modality, pre["tokens"], pool, postprocess)
+        if multi_clip:
+            out = out.reshape(b, s, -1).mean(dim=1)
+        return out
+
+    def _encode_tokens(
+        self, modality: str, tokens: torch.Tensor, pool: torch.Tensor | None, postprocess: bool
+    ) -> torch.Tensor:
+        """Trunk, head and postprocessor of one modality on preprocessed tokens."""
         trunk = self.modality_trunks[modality]
         if self._pooled_inference(trunk):
             if pool is None:
-                pool = torch.zeros(pre["tokens"].shape[0], dtype=torch.long, device=pre["tokens"].device)
+                pool = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
             # (B, 1, D): the pooled token only, so the heads read position 0.
-            tokens = trunk(pre["tokens"], pool_index=pool)
+            tokens = trunk(tokens, pool_index=pool)
             pool = torch.zeros_like(pool)
         else:
-            tokens = trunk(pre["tokens"])
+            tokens = trunk(tokens)
         if modality == "text":
             out = self.modality_heads[modality](tokens, pool)
         else:
             out = self.modality_heads[modality](tokens)
         if postprocess:
             out = self.modality_postprocessors[modality](out)
-        if multi_clip:
-            out = out.reshape(b, s, -1).mean(dim=1)
         return out
+
+    def _compiled_tail(self, modality: str, postprocess: bool):
+        key = (modality, postprocess)
+        if key not in self._compiled:
+            tail = functools.partial(self._encode_tokens, modality, postprocess=postprocess)
+            # freezing: parameters become constants of the graph (valid until the weights change).
+            self._compiled[key] = torch.compile(tail, dynamic=False, options={"freezing": True})
+        return self._compiled[key]
+
+    def clear_compiled(self) -> None:
+        """Drop the compiled encoders (they hold frozen copies of the weights). Done automatically by
+        ``train()`` and ``load_state_dict``; call it after changing weights any other way."""
+        self._compiled.clear()
+
+    def train(self, mode: bool = True) -> ImageBind:
+        if mode:
+            self.clear_compiled()
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.clear_compiled()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embed a dict ``{modality: input}`` -> ``{modality: embedding}`` (postprocessed)."""
