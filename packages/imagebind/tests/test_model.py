@@ -267,7 +267,7 @@ def test_compile_option_plumbing(parity, eager_compile) -> None:
         model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
     hook.remove()
     assert lengths[:2] == [32, 18]  # compiled: a multiple of 16; eager: up to the last end-of-text token
-    assert all(c == {"dynamic": False, "options": {"freezing": True}} for c in eager_compile)
+    assert all(c == {"dynamic": False} for c in eager_compile)
     assert set(model._compiled) == {("text", True), ("audio", True), ("vision", True), ("imu", False)}
     model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
     assert len(eager_compile) == 4  # cached per modality

@@ -206,27 +206,30 @@ def test_lora_and_selective_finetuning(shards: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_two_processes(shards: str, tmp_path: Path) -> None:
+    """ZeRO on 2 gloo processes, stopped after step 3 as a preemption would, then resumed to the end."""
     from mmr_core.distributed import deepspeed_command
 
     out = tmp_path / "ds"
-    cmd = deepspeed_command(
-        "mmr_imagebind.train",
-        [
-            "--recipe",
-            "tiny_audio",
-            "model=tiny",
-            f"train_shards={shards}",
-            f"out_dir={out}",
-            "deepspeed=true",
-            "recipe.epochs=2",
-            "save_every=3",
-        ],
-        launcher=[sys.executable, "-m", "deepspeed.launcher.runner"],
-        num_gpus=2,
-        module=True,
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMR_NO_PROGRESS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def run(*extra: str) -> dict:
+        args = ["--recipe", "tiny_audio", "model=tiny", f"train_shards={shards}", f"out_dir={out}", "deepspeed=true",
+                "recipe.epochs=2", "save_every=2", *extra]  # fmt: skip
+        cmd = deepspeed_command(
+            "mmr_imagebind.train",
+            args,
+            launcher=[sys.executable, "-m", "deepspeed.launcher.runner"],
+            num_gpus=2,
+            module=True,
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MMR_NO_PROGRESS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = [json.loads(line[line.index("{") :]) for line in proc.stdout.splitlines() if '"steps"' in line]
+        return results[-1] if results else {}
+
+    first = run("stop_at_step=3")
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "model.safetensors").exists()
+    assert first["resumed_from"] is None and first["model_path"] is None
+    second = run()
+    assert second["resumed_from"] == 3 and second["steps"] > 3
     assert (out / "model.safetensors").is_file()
-    assert (out / "checkpoints" / "latest").is_file()

@@ -529,9 +529,19 @@ class ImageBind(nn.Module):
     def _compiled_tail(self, modality: str, postprocess: bool):
         key = (modality, postprocess)
         if key not in self._compiled:
+            import torch._inductor.config as inductor_config
+
             tail = functools.partial(self._encode_tokens, modality, postprocess=postprocess)
-            # freezing: parameters become constants of the graph (valid until the weights change).
-            self._compiled[key] = torch.compile(tail, dynamic=False, options={"freezing": True})
+            compiled = torch.compile(tail, dynamic=False)
+
+            def run(tokens: torch.Tensor, pool: torch.Tensor | None) -> torch.Tensor:
+                # Freezing makes the parameters constants of the graph (valid until the weights change). Set
+                # around the call, where inductor compiles: torch.compile(options={"freezing": True}) does
+                # not reach the pass (measured: GEMMs stayed unpacked addmm).
+                with inductor_config.patch(freezing=True):
+                    return compiled(tokens, pool)
+
+            self._compiled[key] = run
         return self._compiled[key]
 
     def clear_compiled(self) -> None:
