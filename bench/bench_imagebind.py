@@ -18,6 +18,11 @@ the ``text_77`` row fills all 77 positions, the worst case for us (nothing after
 ``--compile`` adds a third column: ours through ``encode(compile=True)`` (inductor with frozen weights); the
 first call, which compiles, is timed apart ("compile s") and the steady state is timed with the other two.
 
+On the CPU it also prints the arithmetic floor of each input: the GEMM and attention FLOPs of our encoder
+(counted with ``torch.utils.flop_counter``) at this CPU's best measured fp32 rates (a 2048^3 GEMM, SDPA at
+the vision shape), and ``ceiling`` = official time / floor, the most any exact fp32 implementation with our
+FLOPs could gain on this machine.
+
 It also measures the peak resident memory of loading one modality from a checkpoint vs the whole model.
 """
 
@@ -33,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mmr_imagebind.checkpoint import load_state_dict_strict
 from mmr_imagebind.model import MODALITIES, ImageBind, ImageBindConfig
@@ -125,6 +131,40 @@ def timed(fns: list, repeats: int, sync) -> list[float]:
     return [min(t) for t in times]
 
 
+def machine_rates(threads: int) -> tuple[float, float]:
+    """Best fp32 FLOP/s of this CPU for a large GEMM (2048^3 addmm) and for attention (SDPA at the vision
+    tower's shape): what the irreducible arithmetic of an exact fp32 model can run at, at best."""
+
+    def best(fn, n=5):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    with torch.inference_mode():
+        a, w, b = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.randn(2048)
+        gemm = 2 * 2048**3 / best(lambda: torch.addmm(b, a, w.t()))
+        q = torch.randn(2 * threads, 12, 257, 64)
+        attn = 4 * q.shape[0] * 12 * 257 * 257 * 64 / best(lambda: F.scaled_dot_product_attention(q, q, q))
+    return gemm, attn
+
+
+def arithmetic(model: ImageBind, modality: str, x: torch.Tensor) -> tuple[float, float]:
+    """FLOPs of ``model.encode`` in GEMMs (linear, conv) and in attention (SDPA), counted by running it."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # not in the counter's registry
+    mapping = {cpu_sdpa: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model.encode(modality, x)
+    counts = counter.get_flop_counts().get("Global", {})
+    attn = sum(v for k, v in counts.items() if "attention" in str(k))
+    return sum(counts.values()) - attn, attn
+
+
 def peak_rss_mib(ckpt: Path, config: str, modalities: list[str] | None) -> float:
     code = (
         "import json, torch\n"
@@ -176,10 +216,16 @@ def main() -> None:
     if "text" in inputs:
         print(f"prompt lengths (tokens): {(inputs['text'].argmax(-1) + 1).tolist()}", flush=True)
 
+    gemm_rate, attn_rate = machine_rates(args.threads) if device.type == "cpu" else (None, None)
+    if gemm_rate:
+        rates = f"GEMM {gemm_rate / 1e9:.0f} GFLOP/s, SDPA {attn_rate / 1e9:.0f} GFLOP/s"
+        print(f"this CPU at {args.threads} thread(s): {rates}")
     rows = []
     head = f"{'input':<9} {'official ms':>12} {'ours ms':>9} {'ratio':>6}"
     if args.compile:
         head += f" {'compiled ms':>12} {'ratio':>6} {'compile s':>10}"
+    if gemm_rate:
+        head += f" {'floor ms':>9} {'ceiling':>7}"
     print(f"{head}   (batch {args.batch}, {args.dtype})")
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for name, x in inputs.items():
@@ -206,6 +252,14 @@ def main() -> None:
             t_c = times[2]
             row |= {"compiled_ms": 1e3 * t_c, "compiled_ratio": t_off / t_c, "compile_s": t_compile}
             line += f" {1e3 * t_c:12.1f} {t_off / t_c:6.2f} {t_compile:10.1f}"
+        if gemm_rate:
+            # The least time our GEMM and attention FLOPs can take at this CPU's best rates, and the speed-up
+            # over the official code that it allows: the ceiling for any exact fp32 implementation.
+            gemm_flops, attn_flops = arithmetic(ours, m, x)
+            floor = gemm_flops / gemm_rate + attn_flops / attn_rate
+            row |= {"gemm_gflop": gemm_flops / 1e9, "attn_gflop": attn_flops / 1e9, "floor_ms": 1e3 * floor,
+                    "ceiling": t_off / floor}  # fmt: skip
+            line += f" {1e3 * floor:9.1f} {t_off / floor:7.2f}"
         rows.append({**row, "max_abs_diff": err})
         print(f"{line}   max |diff| {err:.1e}", flush=True)
     # The modalities as users call them (prompts, not 77-token texts).
@@ -227,7 +281,8 @@ def main() -> None:
             print(f"peak RSS loading the whole model: {whole:.0f} MiB")
             for m in ("text", "audio", "imu"):
                 print(f"peak RSS loading {m} only: {peak_rss_mib(ckpt, args.config, [m]):.0f} MiB")
-    print(json.dumps({"config": args.config, "batch": args.batch, "dtype": args.dtype, "rows": rows}))
+    rates = {"gemm_gflops": gemm_rate / 1e9, "attn_gflops": attn_rate / 1e9} if gemm_rate else {}
+    print(json.dumps({"config": args.config, "batch": args.batch, "dtype": args.dtype, **rates, "rows": rows}))
 
 
 if __name__ == "__main__":

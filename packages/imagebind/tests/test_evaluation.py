@@ -59,6 +59,13 @@ def test_load_inputs_shapes_and_errors(setup, tmp_path: Path) -> None:
     assert load_inputs("imu", [tmp_path / "imu.npy"], cfg).shape == (1, 6, cfg.imu_length)
     np.save(tmp_path / "depth.npy", np.ones((50, 60)))
     assert load_inputs("depth", [tmp_path / "depth.npy"], cfg).shape == (1, 1, 32, 32)
+    # A 16-bit depth PNG (millimetres) with the camera's focal length: the same disparity as the .npy route.
+    Image.fromarray(np.full((50, 60), 2000, np.uint16)).save(tmp_path / "depth.png")
+    from_png = load_inputs("depth", [tmp_path / "depth.png"], cfg, focal_length_px=520.0)
+    np.save(tmp_path / "disp.npy", np.full((50, 60), 0.075 * 520.0 / 2.0))
+    torch.testing.assert_close(from_png, load_inputs("depth", [tmp_path / "disp.npy"], cfg))
+    with pytest.raises(ValueError, match="focal length"):
+        load_inputs("depth", [tmp_path / "depth.png"], cfg)
     np.save(tmp_path / "flat.npy", np.ones(3))
     with pytest.raises(ValueError, match="dimensions"):
         load_inputs("depth", [tmp_path / "flat.npy"], cfg)

@@ -53,7 +53,7 @@ def _inputs(args, model: ImageBind, modality: str, items: list[str]):
         missing = [f for f in items if not Path(f).is_file()]
         if missing:
             raise SystemExit(f"error: input files not found: {missing[:5]}")
-    return load_inputs(modality, items, model.config)
+    return load_inputs(modality, items, model.config, args.focal_length, args.depth_scale)
 
 
 def cmd_embed(args: argparse.Namespace) -> dict:
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--vocab", default=None, help="word list for small word-vocabulary models")
         sp.add_argument("--batch-size", type=int, default=16)
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sp.add_argument("--focal-length", type=float, default=None,
+                        help="depth PNGs: camera fx in pixels, to turn distances into disparity")  # fmt: skip
+        sp.add_argument("--depth-scale", type=float, default=None,
+                        help="depth PNGs: metres per stored unit (default 0.001 for 16-bit; needed for 8-bit)")  # fmt: skip
         sp.add_argument("--compile", action="store_true",
                         help="torch.compile the encoders (inference, frozen weights): faster per batch after a "
                              "compile of seconds to a minute; pays off on large input sets")  # fmt: skip

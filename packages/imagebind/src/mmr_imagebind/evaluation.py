@@ -41,11 +41,19 @@ def audio_clip_seconds(cfg: ImageBindConfig) -> float:
     return 2.0 if cfg.audio_target_len == T.AUDIO_TARGET_LEN else cfg.audio_target_len * T.AUDIO_FRAME_SHIFT_MS / 1000
 
 
-def load_inputs(modality: str, items: Sequence[str | Path], cfg: ImageBindConfig) -> torch.Tensor | list[str]:
+def load_inputs(
+    modality: str,
+    items: Sequence[str | Path],
+    cfg: ImageBindConfig,
+    focal_length_px: float | None = None,
+    depth_scale: float | None = None,
+) -> torch.Tensor | list[str]:
     """Files (or, for text, strings) -> model inputs sized for ``cfg``.
 
-    vision/thermal: image files; audio: sound files; depth: ``.npy`` disparity maps (H, W) (convert metric depth
-    with :func:`mmr_imagebind.data.depth_to_disparity` first); imu: ``.npy`` arrays (6, T) or (T, 6); text: strings.
+    vision/thermal: image files; audio: sound files; depth: ``.npy`` disparity maps (H, W), or depth PNGs
+    (16-bit millimetres, or 8-bit with ``depth_scale`` metres per unit) turned into disparity with the camera's
+    ``focal_length_px`` (see :func:`mmr_imagebind.data.depth_to_disparity`); imu: ``.npy`` arrays (6, T) or
+    (T, 6); text: strings.
 
     Raises:
         ValueError: For an unknown modality or a file the loader rejects (the message names it).
@@ -58,7 +66,7 @@ def load_inputs(modality: str, items: Sequence[str | Path], cfg: ImageBindConfig
                                                       target_length=cfg.audio_target_len,
                                                       clip_duration=audio_clip_seconds(cfg))[0],
         "thermal": lambda p: T.load_and_transform_thermal([p], size=cfg.thermal_image_size)[0],
-        "depth": lambda p: T.transform_depth(torch.from_numpy(_npy(p, 2)), cfg.depth_image_size),
+        "depth": lambda p: T.transform_depth(_disparity(p, focal_length_px, depth_scale), cfg.depth_image_size),
         "imu": lambda p: T.transform_imu(_npy(p, 2), cfg.imu_length, fit_length=True, name=str(p)),
     }  # fmt: skip
     if modality not in loaders:
@@ -68,6 +76,17 @@ def load_inputs(modality: str, items: Sequence[str | Path], cfg: ImageBindConfig
         raise ValueError(f"no {modality} files given")
     # One file at a time under a progress bar: decoding (audio above all) takes as long as embedding.
     return torch.stack([loaders[modality](p) for p in progress(items, desc=f"load {modality}", total=len(items))])
+
+
+def _disparity(path: str | Path, focal_length_px: float | None, depth_scale: float | None) -> torch.Tensor:
+    if Path(path).suffix.lower() == ".npy":
+        return torch.from_numpy(_npy(path, 2))
+    if focal_length_px is None:
+        raise ValueError(
+            f"depth image {path} holds distances: give the camera's focal length in pixels (--focal-length) to "
+            "turn them into disparity, or a .npy disparity map"
+        )
+    return T.depth_to_disparity(T.read_depth_png(path, depth_scale), focal_length_px)
 
 
 def _npy(path: str | Path, ndim: int) -> np.ndarray:
