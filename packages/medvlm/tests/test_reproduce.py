@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmr_medvlm import reproduce
-from mmr_medvlm.synthetic import blood_scene
+from mmr_medvlm.synthetic import SHAPES, blood_scene
 
 
 def test_blood_scene_classes_differ_by_size_and_colour():
@@ -84,9 +84,49 @@ def test_mlm_learns_the_knowledge_corpus():
 
 @pytest.mark.slow
 def test_run_end_to_end(tmp_path):
-    md = reproduce.run(tmp_path, pretrain_steps=3, batch_size=2, n_val=4)
+    import json
+
+    md = reproduce.run(tmp_path, seeds=(0, 1), workers=2, pretrain_steps=3, batch_size=2, n_val=4)
     assert "| names |" in md and (tmp_path / "medvlm_prompt_ablation.png").exists()
-    assert (tmp_path / "bccd_prompts.yaml").exists()
+    assert (tmp_path / "bccd_prompts.yaml").exists() and (tmp_path / "seed1" / "bccd_prompts.yaml").exists()
+    results = json.loads((tmp_path / "medvlm_results.json").read_text())
+    assert sorted(results["runs"]) == ["0", "1"]
+    names = [results["runs"][s]["rows"]["names"]["AP"] for s in ("0", "1")]
+    assert results["summary"]["rows"]["names"]["AP"][0] == pytest.approx(sum(names) / 2)
+    assert set(results["runs"]["0"]["natural"]) == {"color", "color_random", "shape", "shape_random", "size",
+                                                    "size_random", "agnostic"}
+
+
+def _fake_run(seed: int, names: float, shape: float, color: float, shape_color: float, natural_shape: float
+              ) -> dict:
+    ap = {"names": names, "medical synonyms": names - 2, "+ location": names, "+ shape": shape, "+ color": color,
+          "+ color (purple or blue)": color + 1, "+ shape + color": shape_color,
+          "+ shape + color, synonyms": shape_color, "MLM auto (top-1)": color, "MLM auto (top-2, + location)": color}
+    rows = {k: {"AP": v, "AP50": 2 * v} for k, v in ap.items()}
+    natural = {"color": 30.0, "color_random": 10.0, "shape": natural_shape, "shape_random": 10.0, "size": 25.0,
+               "size_random": 12.0, "agnostic": 40.0}
+    return {"seed": seed, "rows": rows, "rows_name_span": rows, "natural": natural, "losses": [1.0] * 20,
+            "captions": {k: k for k in ap}, "mlm_loss": 0.1, "pretrain_seconds": 100.0, "parameters": 500_000,
+            "pictures": [], "photo": None}
+
+
+def test_summary_claims_and_report_follow_the_numbers():
+    runs = {0: _fake_run(0, 10.0, 12.0, 20.0, 22.0, 20.0), 1: _fake_run(1, 14.0, 13.0, 21.0, 25.0, 12.0),
+            2: _fake_run(2, 12.0, 14.0, 16.0, 19.0, 18.0)}
+    summary = reproduce.summarize(runs)
+    mean, std = summary["rows"]["names"]["AP"]
+    assert mean == pytest.approx(12.0) and std == pytest.approx(2.0)  # sample std of 10, 14, 12
+    assert summary["natural"]["shape"][0] == pytest.approx(50 / 3)
+    checked = dict(reproduce.claims(runs))
+    assert checked["+ shape above names"] == [True, False, True]
+    assert checked["+ colour at least 3 AP above names"] == [True, True, True]
+    assert next(v for k, v in checked.items() if k.startswith("shape words grounded")) == [True, False, True]
+    assert next(v for k, v in checked.items() if k.startswith("whole trend")) == [True, False, True]
+    md = reproduce.report(runs, summary, 300, 32, 32, 123.0)
+    assert summary["gain_over_names"]["+ shape"] == pytest.approx((1.0, 3**0.5))  # gains 2, -1, 2
+    assert "| names | `names` | 12.0 ± 2.0 | 0.0 ± 0.0 | 24.0 ± 4.0 | 12.0 ± 2.0 |" in md
+    assert "| + shape above names | 2/3 | 0: yes, 1: no, 2: yes |" in md
+    assert "NOT reproduced on every seed" in md
 
 
 def test_photo_detections_picture(tmp_path, monkeypatch):
@@ -127,3 +167,26 @@ def test_scenes_have_separated_objects_and_a_colour_dataset(tmp_path):
     coco = json.loads(natural_dataset(tmp_path, 4, seed=0).read_text())
     assert [c["name"] for c in coco["categories"]] == list(reproduce.COLORS)
     assert len(coco["images"]) == 4 and coco["annotations"]
+    shapes = json.loads(natural_dataset(tmp_path, 4, seed=0, attribute="shape").read_text())
+    assert [c["name"] for c in shapes["categories"]] == list(SHAPES)
+    assert [a["bbox"] for a in shapes["annotations"]] == [a["bbox"] for a in coco["annotations"]]
+    with pytest.raises(KeyError, match="texture"):
+        natural_dataset(tmp_path, 1, seed=0, attribute="texture")
+    # the checked prompts cover every category of their attribute's dataset
+    for attribute in reproduce.CHECKED_ATTRIBUTES:
+        cats = [c["name"] for c in json.loads(natural_dataset(tmp_path, 1, 0, attribute=attribute).read_text())
+                ["categories"]]
+        assert [c.category for c in reproduce.attribute_prompt(attribute).for_categories(cats).classes] == cats
+
+
+def test_pretrain_backbone_trains_only_the_swin():
+    """The optional Swin stand-in pretraining (off by default) updates the Swin body and nothing else."""
+    tok = reproduce.build_tokenizer()
+    torch.manual_seed(0)
+    model = reproduce.GLIP(reproduce.repro_config(tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc = reproduce.pretrain_backbone(model, steps=2, batch_size=4, seed=0)
+    assert len(acc) == 2 and all(len(a) == 3 and all(0.0 <= x <= 1.0 for x in a) for a in acc)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("backbone.body.") for k in changed)
+    assert all(k.startswith("backbone.body.") for k in changed)

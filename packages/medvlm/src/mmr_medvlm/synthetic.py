@@ -185,13 +185,24 @@ def blood_dataset(root: Path, n: int, seed: int, size: int = 64) -> Path:
     return write_coco(root, images, objects, BCCD_CATEGORIES)
 
 
-def natural_dataset(root: Path, n: int, seed: int, size: int = 64) -> Path:
-    """Held-out "natural" scenes as a COCO dataset whose categories are the colour words."""
+def natural_dataset(root: Path, n: int, seed: int, size: int = 64, attribute: str = "color") -> Path:
+    """Held-out "natural" scenes as a COCO dataset whose categories are one attribute's values.
+
+    Args:
+        root: Output folder (``images/`` and ``instances_<attribute>.json``).
+        n: Number of scenes.
+        seed: Seed of the scenes (the same seed gives the same images for every attribute).
+        size: Image side in pixels.
+        attribute: ``"color"`` (categories :data:`COLORS`), ``"shape"`` (:data:`SHAPES`) or ``"size"``
+            (:data:`SIZES`).
+    """
+    values = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}
+    if attribute not in values:
+        raise KeyError(f"unknown attribute {attribute!r}; known: {sorted(values)}")
     rng = random.Random(seed)
-    colors = list(COLORS)
     images, objects = [], []
     for _ in range(n):
         img, objs = natural_scene(rng, size)
         images.append(img)
-        objects.append([(o.box, colors.index(o.color)) for o in objs])
-    return write_coco(root, images, objects, colors)
+        objects.append([(o.box, values[attribute].index(getattr(o, attribute))) for o in objs])
+    return write_coco(root, images, objects, values[attribute], name=f"instances_{attribute}.json")
