@@ -136,3 +136,23 @@ def test_cli_embed_zeroshot_retrieve(setup, tmp_path: Path, capsys) -> None:
         cli.main(["embed", "--checkpoint", str(ckpt), "--modality", "vision", str(tmp_path / "nope.png")])
     with pytest.raises(SystemExit, match="one known class per input"):
         cli.main([*args, "--labels", "dog", *sounds])
+
+
+def test_cli_compile_flag(setup, tmp_path: Path, monkeypatch) -> None:
+    """``--compile`` reaches ``encode(compile=True)`` (dynamo's eager backend here; inductor is a slow test)."""
+    _, ckpt, images, *_ = setup
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=kw.get("dynamic")))
+    seen = []
+    encode = ImageBind.encode
+    monkeypatch.setattr(ImageBind, "encode", lambda self, *a, **kw: seen.append(kw) or encode(self, *a, **kw))
+    outs = []
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"emb{len(flag)}.safetensors"
+        args = ["embed", "--checkpoint", str(ckpt), "--modality", "vision", "--batch-size", "3", "--out", str(out)]
+        assert cli.main([*args, *flag, *images]) == 0
+        from safetensors.torch import load_file
+
+        outs.append(load_file(out)["embeddings"])
+    assert [kw["compile"] for kw in seen] == [False, False, True, True]  # 4 images in batches of 3, twice
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
