@@ -156,3 +156,21 @@ def test_cli_compile_flag(setup, tmp_path: Path, monkeypatch) -> None:
         outs.append(load_file(out)["embeddings"])
     assert [kw["compile"] for kw in seen] == [False, False, True, True]  # 4 images in batches of 3, twice
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_bfloat16_is_close_not_exact(setup, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    _, ckpt, _, sounds, *_ = setup
+    outs = []
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.safetensors"
+        args = ["embed", "--checkpoint", str(ckpt), "--modality", "audio", "--dtype", dtype, "--out", str(out)]
+        assert cli.main([*args, *sounds]) == 0
+        outs.append(load_file(out)["embeddings"])
+    assert outs[1].dtype == torch.float32 and not torch.equal(outs[0], outs[1])
+    assert F.cosine_similarity(outs[0], outs[1], dim=-1).min() > 0.99
+    # Zero-shot with a bf16 model: bf16 class embeddings against float32 sample embeddings.
+    vocab = setup[4]
+    args = ["zeroshot", "--checkpoint", str(ckpt), "--vocab", str(vocab), "--modality", "audio", "--dtype", "bfloat16"]
+    assert cli.main([*args, "--classes", "dog,rain,car", *sounds]) == 0

@@ -45,7 +45,7 @@ def _load(args: argparse.Namespace, modalities: list[str]) -> ImageBind:
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} does not exist")
     model = load_imagebind(path, config=args.config, modalities=list(dict.fromkeys(modalities)))
-    return model.to(args.device).eval()
+    return model.to(args.device, getattr(torch, args.dtype)).eval()
 
 
 def _inputs(args, model: ImageBind, modality: str, items: list[str]):
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="depth PNGs: camera fx in pixels, to turn distances into disparity")  # fmt: skip
         sp.add_argument("--depth-scale", type=float, default=None,
                         help="depth PNGs: metres per stored unit (default 0.001 for 16-bit; needed for 8-bit)")  # fmt: skip
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 is several times faster on GPUs and AMX CPUs but NOT exact (cosine "
+                             "similarity to float32 embeddings about 0.9999)")  # fmt: skip
         sp.add_argument("--compile", action="store_true",
                         help="torch.compile the encoders (inference, frozen weights): faster per batch after a "
                              "compile of seconds to a minute; pays off on large input sets")  # fmt: skip

@@ -118,7 +118,7 @@ def embed(
     """
     if modality == "text" and tokenizer is None:
         raise ValueError("embedding text needs a tokenizer")
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     out = []
     n = len(inputs)
     for i in progress(range(0, n, batch_size), desc=desc or f"embed {modality}", total=math.ceil(n / batch_size)):
@@ -127,7 +127,9 @@ def embed(
         rows = x.shape[0]
         if compile and n > batch_size and rows < batch_size:
             x = torch.cat([x, x[-1:].expand(batch_size - rows, *x.shape[1:])])
-        out.append(model.encode(modality, x.to(device), compile=compile)[:rows].float().cpu())
+        # Images, sounds etc. in the model's dtype (a bf16 model gets bf16 inputs); token ids stay integers.
+        x = x.to(param.device, param.dtype) if x.is_floating_point() else x.to(param.device)
+        out.append(model.encode(modality, x, compile=compile)[:rows].float().cpu())
     if not out:
         raise ValueError(f"no {modality} inputs to embed")
     return torch.cat(out)

@@ -47,8 +47,10 @@ def text_classifier(
 
 
 def zero_shot_logits(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities ``(N, num_classes)`` between samples and class embeddings."""
-    return F.normalize(embeddings, dim=-1) @ F.normalize(classifier, dim=-1).T
+    """Cosine similarities ``(N, num_classes)`` between samples and class embeddings, in float32 on the
+    samples' device (the classifier may come from a bf16 or GPU model, the samples from ``embed``)."""
+    classifier = classifier.to(embeddings.device, torch.float32)
+    return F.normalize(embeddings.float(), dim=-1) @ F.normalize(classifier, dim=-1).T
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
