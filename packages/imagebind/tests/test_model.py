@@ -242,9 +242,13 @@ def eager_compile(monkeypatch):
     calls = []
     real = torch.compile
 
+    def eager_backend(graph, example_inputs):
+        calls.append("graph")
+        return graph.forward
+
     def fake(fn, **kwargs):
         calls.append(kwargs)
-        return real(fn, backend="eager", dynamic=kwargs.get("dynamic"))
+        return real(fn, backend=eager_backend, dynamic=kwargs.get("dynamic"))
 
     monkeypatch.setattr(torch, "compile", fake)
     return calls
@@ -267,10 +271,15 @@ def test_compile_option_plumbing(parity, eager_compile) -> None:
         model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
     hook.remove()
     assert lengths[:2] == [32, 18]  # compiled: a multiple of 16; eager: up to the last end-of-text token
-    assert all(c == {"dynamic": False} for c in eager_compile)
+    compiles = [c for c in eager_compile if c != "graph"]
+    assert len(compiles) == 4 and all(c == {"dynamic": False} for c in compiles)
     assert set(model._compiled) == {("text", True), ("audio", True), ("vision", True), ("imu", False)}
     model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
-    assert len(eager_compile) == 4  # cached per modality
+    assert len(eager_compile) == 8  # cached: no new compile, no new graph
+    with torch.no_grad():  # more shapes than dynamo's default limit of 8 graphs per code object: all compiled
+        for b in range(3, 9):
+            model.encode("imu", parity["input"]["imu"][:1].expand(b, -1, -1), postprocess=False, compile=True)
+    assert eager_compile.count("graph") == 10
     model.load_state_dict(model.state_dict())  # new weights: frozen copies are dropped
     assert not model._compiled
     # embed(compile=True) pads a short last batch so that the compiled encoder sees one batch shape.

@@ -493,13 +493,16 @@ class ImageBind(nn.Module):
         if multi_clip:
             b, s = x.shape[:2]
             x = x.reshape(b * s, *x.shape[2:])
-        pre_args = {"length_multiple": 16} if compile and modality == "text" else {}
-        pre = self.modality_preprocessors[modality](x, **pre_args)
-        pool = pre.get("seq_len")  # text: the end-of-text position; the others pool the class token
         if compile:
+            # Gradients off for the preprocessor too: its outputs' requires_grad is part of the compiled
+            # graph's guards, and a flip would compile again.
             with torch.no_grad():
-                out = self._compiled_tail(modality, postprocess)(pre["tokens"], pool)
+                text_args = {"length_multiple": 16} if modality == "text" else {}
+                pre = self.modality_preprocessors[modality](x, **text_args)
+                out = self._compiled_tail(modality, postprocess)(pre["tokens"], pre.get("seq_len"))
         else:
+            pre = self.modality_preprocessors[modality](x)
+            pool = pre.get("seq_len")  # text: the end-of-text position; the others pool the class token
             out = self._encode_tokens(modality, pre["tokens"], pool, postprocess)
         if multi_clip:
             out = out.reshape(b, s, -1).mean(dim=1)
@@ -529,6 +532,7 @@ class ImageBind(nn.Module):
     def _compiled_tail(self, modality: str, postprocess: bool):
         key = (modality, postprocess)
         if key not in self._compiled:
+            import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
 
             tail = functools.partial(self._encode_tokens, modality, postprocess=postprocess)
@@ -537,8 +541,10 @@ class ImageBind(nn.Module):
             def run(tokens: torch.Tensor, pool: torch.Tensor | None) -> torch.Tensor:
                 # Freezing makes the parameters constants of the graph (valid until the weights change). Set
                 # around the call, where inductor compiles: torch.compile(options={"freezing": True}) does
-                # not reach the pass (measured: GEMMs stayed unpacked addmm).
-                with inductor_config.patch(freezing=True):
+                # not reach the pass (measured: GEMMs stayed unpacked addmm). Every modality and shape is a
+                # graph of the one `_encode_tokens` code object, whose default limit of 8 graphs would send
+                # the ninth back to eager without an error.
+                with inductor_config.patch(freezing=True), dynamo_config.patch(recompile_limit=64):
                     return compiled(tokens, pool)
 
             self._compiled[key] = run
