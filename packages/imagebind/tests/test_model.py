@@ -131,6 +131,23 @@ def test_imagebind_huge_matches_official_key_set_on_meta() -> None:
     assert 1.19e9 < sum(counts.values()) < 1.21e9
 
 
+def test_config_from_official_constructor_kwargs() -> None:
+    # imagebind_huge() is the constructor with these overrides: every other field must come out as ours.
+    huge = ImageBindConfig.from_official_kwargs(
+        vision_embed_dim=1280, vision_num_blocks=32, vision_num_heads=16, text_embed_dim=1024,
+        text_num_blocks=24, text_num_heads=16, out_embed_dim=1024, audio_drop_path=0.1, imu_drop_path=0.7,
+    )
+    assert huge.to_dict() == {**ImageBindConfig.from_name("imagebind_huge").to_dict(), "name": "official_custom"}
+    plain = ImageBindConfig.from_official_kwargs(video_frames=4, kernel_size=(4, 16, 16))
+    assert (plain.vision_embed_dim, plain.vision_num_blocks, plain.text_embed_dim, plain.out_embed_dim) == (
+        1024, 24, 768, 768)
+    assert (plain.vision_frames, plain.vision_kernel) == (4, (4, 16, 16))
+    model = build_imagebind(plain, modalities=["vision"], device="meta")
+    assert model.modality_trunks["vision"].blocks[0].attn.in_proj_weight.shape == (3 * 1024, 1024)
+    with pytest.raises(ValueError, match="vision_width"):
+        ImageBindConfig.from_official_kwargs(vision_width=10)
+
+
 def test_modality_only_build_is_small() -> None:
     audio_only = build_imagebind("imagebind_huge", modalities=["audio"], device="meta")
     assert parameter_counts(audio_only) == {"audio": 86235648}

@@ -105,6 +105,27 @@ class ImageBindConfig:
             raise ValueError(f"unknown ImageBind config {name!r}; known: {sorted(NAMED_CONFIGS)}")
         return cls(name=name, **{**NAMED_CONFIGS[name], **overrides})
 
+    @classmethod
+    def from_official_kwargs(cls, **kwargs) -> ImageBindConfig:
+        """The config of the official ``ImageBindModel(**kwargs)``, with its constructor's defaults elsewhere.
+
+        For checkpoints trained with a modified official constructor (other widths, depths or kernels). The
+        official defaults are not ``imagebind_huge`` (``imagebind_huge()`` overrides vision, text and output
+        sizes), so fields not given take the constructor's values. The official code hard-codes 224 px,
+        77 tokens, 49408 ids and 2000 IMU samples; override those here with ``dataclasses.replace``.
+
+        Raises:
+            ValueError: A keyword the official constructor does not take.
+        """
+        unknown = sorted(set(kwargs) - set(OFFICIAL_CONSTRUCTOR_DEFAULTS))
+        if unknown:
+            raise ValueError(f"ImageBindModel takes no argument(s) {unknown}; known: "
+                             f"{sorted(OFFICIAL_CONSTRUCTOR_DEFAULTS)}")
+        official = {**OFFICIAL_CONSTRUCTOR_DEFAULTS, **kwargs}
+        renamed = {"video_frames": "vision_frames", "kernel_size": "vision_kernel"}
+        fields = {renamed.get(k, k): v for k, v in official.items()}
+        return cls(name="official_custom", **fields)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -121,6 +142,19 @@ class ImageBindConfig:
             norm_eps=1e-6,
         )
 
+
+# The official ``ImageBindModel.__init__`` keyword defaults (commit 53680b0); ``imagebind_huge()`` passes
+# vision 1280/32/16, text 1024/24/16 and out_embed_dim 1024 on top of them.
+OFFICIAL_CONSTRUCTOR_DEFAULTS: dict[str, object] = {
+    "video_frames": 2, "kernel_size": (2, 14, 14), "audio_kernel_size": 16, "audio_stride": 10,
+    "out_embed_dim": 768, "vision_embed_dim": 1024, "vision_num_blocks": 24, "vision_num_heads": 16,
+    "audio_embed_dim": 768, "audio_num_blocks": 12, "audio_num_heads": 12, "audio_num_mel_bins": 128,
+    "audio_target_len": 204, "audio_drop_path": 0.1, "text_embed_dim": 768, "text_num_blocks": 12,
+    "text_num_heads": 12, "depth_embed_dim": 384, "depth_kernel_size": 16, "depth_num_blocks": 12,
+    "depth_num_heads": 8, "depth_drop_path": 0.0, "thermal_embed_dim": 768, "thermal_kernel_size": 16,
+    "thermal_num_blocks": 12, "thermal_num_heads": 12, "thermal_drop_path": 0.0, "imu_embed_dim": 512,
+    "imu_kernel_size": 8, "imu_num_blocks": 6, "imu_num_heads": 8, "imu_drop_path": 0.7,
+}
 
 NAMED_CONFIGS: dict[str, dict] = {
     "imagebind_huge": {},
