@@ -46,6 +46,18 @@ def test_original_layout_fields_and_keys(tmp_path):
     assert ckpt.read_config(folder)[1] == "original"
 
 
+def test_image_aspect_ratio_follows_the_original_config():
+    cfg = build_model("tiny", seed=0).config
+    d = ckpt.config_to_original(cfg)
+    assert d["image_aspect_ratio"] == "pad" and ckpt.config_from_original(d).image_aspect_ratio == "pad"
+    # Without the key (LLaVA v1) the original resizes and crops without padding.
+    d.pop("image_aspect_ratio")
+    assert ckpt.config_from_original(d).image_aspect_ratio == "square"
+    assert ckpt.config_from_original({**d, "image_aspect_ratio": "square"}).image_aspect_ratio == "square"
+    with pytest.raises(ValueError, match="anyres"):
+        ckpt.config_from_original({**d, "image_aspect_ratio": "anyres"}, where="x/config.json")
+
+
 def test_hf_layout_loads_in_transformers_and_back(tmp_path):
     model = build_model("tiny", attn_implementation="eager", seed=0).eval()
     ckpt.save_pretrained(model, tmp_path / "hf", layout="hf")

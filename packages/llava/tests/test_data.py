@@ -170,3 +170,48 @@ def test_row_packing_matches_padding(tok):
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
         data.PackingCollator(row_tokens=5)(items)
+
+
+def _reference_pixels(image, size: int, pad: bool) -> torch.Tensor:
+    """The original pipeline: expand2square (mean colour in 8 bits) then transformers' PIL CLIP processor."""
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if pad and image.width != image.height:
+        side = max(image.size)
+        square = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in data.CLIP_MEAN))
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                      image_mean=list(data.CLIP_MEAN), image_std=list(data.CLIP_STD))
+    return processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("hw", [(37, 61), (61, 37), (50, 50), (17, 29), (336, 500)])
+@pytest.mark.parametrize("aspect", ["pad", "square"])
+def test_preprocess_image_matches_the_original_pipeline(hw, aspect):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(hw[0] * 1000 + hw[1])
+    image = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+    ours = data.preprocess_image(image, 32, aspect)
+    assert ours.shape == (3, 32, 32) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, _reference_pixels(image, 32, aspect == "pad"), rtol=0, atol=1e-6)
+    # Arrays, uint8 tensors and [0, 1] float tensors of the same pixels give the same input.
+    arr = np.array(image)
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    for other in (arr, chw, chw.float() / 255):
+        torch.testing.assert_close(data.preprocess_image(other, 32, aspect), ours, rtol=0, atol=0)
+
+
+def test_preprocess_image_aspect_modes_differ_and_bad_mode_is_named():
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    padded, cropped = data.preprocess_image(wide, 32, "pad"), data.preprocess_image(wide, 32, "square")
+    red = (1 - data.CLIP_MEAN[0]) / data.CLIP_STD[0]
+    assert torch.allclose(cropped[0], torch.full((32, 32), red), atol=1e-5)  # the crop sees only red
+    assert padded[0, 0, 0] < 0.1 and abs(padded[0, 16, 16] - red) < 1e-5  # mean-grey band above, red middle
+    with pytest.raises(ValueError, match="anyres"):
+        data.preprocess_image(wide, 32, "anyres")

@@ -72,7 +72,8 @@ def config_to_original(cfg: LlavaConfig) -> dict[str, Any]:
         mm_vision_tower=cfg.vision_tower_name, mm_hidden_size=cfg.vision["hidden_size"],
         mm_projector_type=cfg.projector_type, mm_vision_select_layer=cfg.vision_select_layer,
         mm_vision_select_feature=cfg.vision_select_feature, mm_use_im_start_end=cfg.mm_use_im_start_end,
-        mm_use_im_patch_token=cfg.mm_use_im_patch_token, mm_patch_merge_type="flat", image_aspect_ratio="pad", use_mm_proj=True,
+        mm_use_im_patch_token=cfg.mm_use_im_patch_token, mm_patch_merge_type="flat", image_aspect_ratio=cfg.image_aspect_ratio,
+        use_mm_proj=True,
         # Ours, so that a checkpoint is self-contained offline (the original relies on the Hub name).
         mmr_vision_config=dict(cfg.vision), mmr_image_token_index=cfg.image_token_index,
     )
@@ -106,7 +107,18 @@ def config_from_original(d: dict[str, Any], where: str = "config.json") -> Llava
         image_token_index=int(d.get("mmr_image_token_index", text.get("vocab_size", 32000))),
         vision_tower_name=str(tower), mm_use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
         mm_use_im_patch_token=bool(d.get("mm_use_im_patch_token", False)),
+        # The original pads only when the key says "pad"; without it (LLaVA v1) it resizes and crops.
+        image_aspect_ratio=_aspect_ratio(d.get("image_aspect_ratio"), where),
     )
+
+
+def _aspect_ratio(value: Any, where: str) -> str:
+    if value in (None, "", "square"):
+        return "square"
+    if value == "pad":
+        return "pad"
+    raise ValueError(f"{where}: image_aspect_ratio {value!r} is not supported (only 'pad' and 'square'; "
+                     "LLaVA-NeXT's 'anyres' is a different model)")
 
 
 def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from mmr_llava.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_with_labels
@@ -40,32 +39,73 @@ class DataError(ValueError):
 def to_tensor_image(image: Any) -> torch.Tensor:
     """PIL image / HWC uint8 array / CHW tensor -> float32 (3, H, W) in [0, 1]."""
     if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.float() / 255.0
         img = image.float()
-        if img.dtype == torch.uint8 or img.max() > 1.5:
-            img = img / 255.0
-        if img.dim() != 3 or img.shape[0] != 3:
-            raise ValueError(f"image tensor must be (3, H, W), got {tuple(img.shape)}")
-        return img
+        return img / 255.0 if img.max() > 1.5 else img
     if hasattr(image, "convert"):  # PIL
         image = np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"image array must be (H, W, 3), got {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float32)
+        return torch.from_numpy(arr / 255.0 if arr.max() > 1.5 else arr).permute(2, 0, 1).contiguous()
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def preprocess_image(image: Any, size: int, pad_to_square: bool = True) -> torch.Tensor:
-    """LLaVA-1.5 style: pad to a square with the mean colour, resize, CLIP-normalize."""
-    img = to_tensor_image(image)
-    _, h, w = img.shape
-    if pad_to_square and h != w:
-        side = max(h, w)
-        canvas = torch.tensor(CLIP_MEAN).view(3, 1, 1).expand(3, side, side).clone()
-        top, left = (side - h) // 2, (side - w) // 2
-        canvas[:, top: top + h, left: left + w] = img
-        img = canvas
-    img = F.interpolate(img[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
-    return (img - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+def to_pil_image(image: Any) -> Any:
+    """Any accepted image as an 8-bit RGB PIL image (the original pipeline decodes files to 8-bit RGB)."""
+    from PIL import Image
+
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return Image.fromarray(image)
+    chw = to_tensor_image(image)
+    hwc = (chw.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(hwc))
+
+
+IMAGE_ASPECT_RATIOS = ("pad", "square")
+
+
+def preprocess_image(image: Any, size: int, image_aspect_ratio: str = "pad") -> torch.Tensor:
+    """An image as the original LLaVA feeds its CLIP tower: ``(3, size, size)`` float32, CLIP-normalised.
+
+    ``"pad"`` (LLaVA-1.5's ``image_aspect_ratio``) first pads the image to a square with the CLIP mean colour
+    in 8 bits (``expand2square``); ``"square"`` (configs without the key, LLaVA v1) does not. Then, as
+    ``CLIPImageProcessor`` with the PIL backend (transformers 4.x, which the original pins): the shorter side
+    resized to ``size`` with PIL bicubic, a centred ``size`` crop, ``/ 255``, mean/std normalisation.
+
+    Args:
+        image: PIL image, ``(H, W, 3)`` array or ``(3, H, W)`` tensor (floats in [0, 1] are rounded to 8 bits).
+        size: Vision tower input size.
+        image_aspect_ratio: ``"pad"`` or ``"square"``.
+    """
+    from PIL import Image
+
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r} "
+                         f"(LLaVA-NeXT's 'anyres' is not supported)")
+    img = to_pil_image(image)
+    w, h = img.size
+    if image_aspect_ratio == "pad" and w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img, w, h = canvas, side, side
+    # Shorter side to `size`, the longer one truncated as the processor does.
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    arr = np.asarray(img)[top: top + size, left: left + size]
+    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def load_image(ref: Any, image_folder: str | Path | None, record_id: str) -> Any:
@@ -149,11 +189,13 @@ class LlavaDataset(Dataset):
         max_length: Longest sequence in tokens (truncated beyond).
         on_mismatch: ``error`` or ``warn`` (see :func:`tokenize_with_labels`).
         image_wrap: ``(im_start_id, im_end_id)`` around each image (``mm_use_im_start_end``), or None.
+        image_aspect_ratio: ``pad`` or ``square`` (``LlavaConfig.image_aspect_ratio``; see :func:`preprocess_image`).
     """
 
     def __init__(self, records: str | Path | list[dict[str, Any]], tokenizer, template: str, image_token_id: int,
                  num_patches: int, image_size: int, image_folder: str | Path | None = None,
-                 max_length: int = 2048, on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None):
+                 max_length: int = 2048, on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None,
+                 image_aspect_ratio: str = "pad"):
         if isinstance(records, str | Path):
             records = json.loads(Path(records).read_text())
         if not isinstance(records, list):
@@ -162,7 +204,7 @@ class LlavaDataset(Dataset):
         self.tokenizer, self.template = tokenizer, template
         self.image_token_id, self.num_patches, self.image_size = image_token_id, num_patches, image_size
         self.image_folder, self.max_length, self.on_mismatch = image_folder, max_length, on_mismatch
-        self.image_wrap = image_wrap
+        self.image_wrap, self.image_aspect_ratio = image_wrap, image_aspect_ratio
 
     def __len__(self) -> int:
         return len(self.records)
@@ -180,12 +222,13 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return encode_record(self.records[i], self.tokenizer, self.template, self.image_token_id,
                              self.num_patches, self.image_size, self.image_folder, self.max_length,
-                             self.on_mismatch, self.image_wrap)
+                             self.on_mismatch, self.image_wrap, self.image_aspect_ratio)
 
 
 def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_id: int, num_patches: int,
                   image_size: int, image_folder: str | Path | None = None, max_length: int = 2048,
-                  on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None) -> dict[str, Any]:
+                  on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None,
+                  image_aspect_ratio: str = "pad") -> dict[str, Any]:
     """One record -> ``{"input_ids", "labels", "pixel_values" (N, 3, S, S) or None}``."""
     rid = str(record.get("id", "?"))
     convs = normalize_conversations(record)
@@ -198,7 +241,8 @@ def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_
     refs = refs[:kept]
     pixels = None
     if refs:
-        pixels = torch.stack([preprocess_image(load_image(r, image_folder, rid), image_size) for r in refs])
+        pixels = torch.stack([preprocess_image(load_image(r, image_folder, rid), image_size, image_aspect_ratio)
+                              for r in refs])
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixels}
 
@@ -266,7 +310,8 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
 
 def webdataset_pipeline(urls: Any, tokenizer, template: str, image_token_id: int, num_patches: int,
-                        image_size: int, max_length: int = 2048, batch_size: int | None = None, **kwargs: Any):
+                        image_size: int, max_length: int = 2048, batch_size: int | None = None,
+                        image_aspect_ratio: str = "pad", **kwargs: Any):
     """LLaVA samples from WebDataset shards (``.json`` holds the record, ``.jpg/.png`` its image).
 
     Shards are written with :func:`mmr_core.data.write_shards` from samples
@@ -282,7 +327,7 @@ def webdataset_pipeline(urls: Any, tokenizer, template: str, image_token_id: int
         else:
             record.pop("image", None)
         return encode_record(record, tokenizer, template, image_token_id, num_patches, image_size,
-                             max_length=max_length)
+                             max_length=max_length, image_aspect_ratio=image_aspect_ratio)
 
     pad = tokenizer.pad_token_id
     return build_pipeline(urls, fields=("json",), transform=transform, batch_size=batch_size,

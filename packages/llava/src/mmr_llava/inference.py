@@ -71,7 +71,8 @@ def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[
     for conv, imgs in zip(conversations, images):
         enc = tokenize_with_labels(tok, template, conv, image_token_id=cfg.image_token_index,
                                    num_patches=cfg.num_patches, add_generation_prompt=True, image_wrap=wrap)
-        pix = (torch.stack([preprocess_image(load_image(i, image_folder, "prompt"), cfg.image_size) for i in imgs])
+        pix = (torch.stack([preprocess_image(load_image(i, image_folder, "prompt"), cfg.image_size,
+                                             cfg.image_aspect_ratio) for i in imgs])
                if imgs else None)
         samples.append({"input_ids": torch.tensor(enc["input_ids"]), "pixel_values": pix})
     batch = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, "left")(samples)

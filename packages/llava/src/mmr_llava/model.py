@@ -126,6 +126,9 @@ class LlavaConfig:
             original's option; see :func:`mmr_llava.conversation.add_vision_tokens`). In stage 1 their
             input embeddings train along with the projector.
         mm_use_im_patch_token: The original's ``<im_patch>`` token, added to the vocabulary only.
+        image_aspect_ratio: ``pad`` (LLaVA-1.5: pad to a square with the mean colour before the CLIP
+            resize and centre crop) or ``square`` (LLaVA v1 and configs without the key: resize and crop
+            only); see :func:`mmr_llava.data.preprocess_image`.
     """
 
     vision: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +141,12 @@ class LlavaConfig:
     freeze_vision: bool = True
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
+    image_aspect_ratio: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {self.image_aspect_ratio!r} "
+                             "(LLaVA-NeXT's 'anyres' is not supported)")
 
     @property
     def num_patches(self) -> int:
@@ -183,7 +192,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
                            text=dict(_LLAMA_13B, max_position_embeddings=4096), projector_type="mlp2x_gelu"),
     "llava-v1-7b": dict(vision=KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14"],
                         text=dict(_LLAMA_7B, max_position_embeddings=2048), projector_type="linear",
-                        vision_tower_name="openai/clip-vit-large-patch14"),
+                        vision_tower_name="openai/clip-vit-large-patch14", image_aspect_ratio="square"),
     # Test sizes: 16 patches of an 32x32 image, a 2-layer LM; image token = last vocabulary id.
     "tiny": dict(vision=_TINY_VISION, text=_TINY_TEXT, projector_type="mlp2x_gelu", image_token_index=255,
                  vision_tower_name="tiny-clip"),

@@ -327,7 +327,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = set_trainable(build_model_for(cfg, tok, image_id, wrap), cfg)
     mcfg = model.config
     ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
-                      cfg.max_length, cfg.on_mismatch, image_wrap=wrap)
+                      cfg.max_length, cfg.on_mismatch, image_wrap=wrap, image_aspect_ratio=mcfg.image_aspect_ratio)
     # Packing: one row per micro-batch, no padding at all. Both attentions we pick (mmr_sdpa and flash-attention
     # varlen) attend within each sample at sum(n_i^2) cost, so a long row costs nothing extra.
     collate = (PackingCollator(pad_token_id=tok.pad_token_id) if cfg.packing
