@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmr_medvlm.model import GLIP, GLIPConfig, convert_official_key, load_official_glip_yaml
+from mmr_medvlm.model import GLIP, GLIPConfig, Targets, convert_official_key, load_official_glip_yaml
 
 FIXTURE = Path(__file__).parent / "fixtures" / "glip_tiny_o365_goldg_keys.json.gz"
 
@@ -249,3 +249,24 @@ def test_base_chain_is_merged_relative_to_each_file(tmp_path):
     (tmp_path / "orphan.yaml").write_text('_BASE_: "missing.yaml"\n')
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_official_glip_yaml(tmp_path / "orphan.yaml")
+
+
+def test_glip_l_window_12_runs_at_test_sizes():
+    """GLIP-L's 12x12 windows on feature maps smaller than a window (padded, as the official Swin does):
+    the yaml's structure with the test sizes as overrides runs forward and backward."""
+    small = {f.name: getattr(GLIPConfig.from_name("test"), f.name) for f in dataclasses.fields(GLIPConfig)}
+    small.pop("swin_window")
+    cfg = GLIPConfig.from_official_yaml(GLIP_L, **small)
+    assert cfg.swin_window == 12 and cfg.num_convs == GLIPConfig.from_name("test").num_convs
+    torch.manual_seed(0)
+    model = GLIP(cfg).train()
+    x = model.preprocess([torch.rand(3, 96, 128)])
+    ids, mask = torch.randint(5, 60, (1, 32)), torch.ones(1, 32, dtype=torch.long)
+    pm = torch.zeros(2, 32, dtype=torch.bool)
+    pm[0, 1], pm[1, 2] = True, True
+    losses = model(x, ids, mask, [pm], [Targets(torch.tensor([[10.0, 12.0, 60.0, 70.0]]), torch.tensor([1]))])
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grad = model.backbone.body.layers[0].blocks[0].attn.relative_position_bias_table.grad
+    assert grad is not None and grad.shape == (23 * 23, 1) and grad.abs().sum() > 0
