@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
+from mmr_medvlm.data import CocoGroundingDataset, glip_resize_size, sample_k_shot
 from mmr_medvlm.evaluate import GLIPDetector, coco_ap, draw_detections, evaluate
 from mmr_medvlm.model import GLIP, Detections, GLIPConfig
 from mmr_medvlm.prompts import ClassPrompt, PromptSet, PromptTooLongError
@@ -113,6 +113,38 @@ def test_evaluate_with_oracle_detector(blood):
             return out
 
     assert evaluate(Oracle(), ds, batch_size=4)["AP50"] == pytest.approx(100.0)
+
+
+def test_glip_resize_sizes():
+    # GLIP's test resize (MIN_SIZE_TEST 800, MAX_SIZE_TEST 1333), worked by hand from its rule.
+    assert glip_resize_size(640, 480, 800, 1333) == (1066, 800)
+    assert glip_resize_size(480, 640, 800, 1333) == (800, 1066)
+    assert glip_resize_size(1000, 300, 800, 1333) == (1333, 400)  # capped by the longer side
+    assert glip_resize_size(800, 600, 800, 1333) == (1066, 800)
+    assert glip_resize_size(1066, 800, 800, 1333) == (1066, 800)  # already there: unchanged
+    assert glip_resize_size(64, 48, 800, None) == (1066, 800)
+
+
+@pytest.mark.parametrize("sizes", [{"min_size": 100, "max_size": 120}, {"max_size": 50}])
+def test_resized_dataset_scales_boxes_per_axis_and_evaluation_maps_back(blood, sizes):
+    root, ann = blood
+    plain = CocoGroundingDataset(ann, root / "images", PROMPT)
+    ds = CocoGroundingDataset(ann, root / "images", PROMPT, **sizes)
+    s, p = ds[0], plain[0]
+    w, h = ds.output_size(64, 64)
+    assert s.image.shape == (3, h, w) and (w, h) == ((100, 100) if "min_size" in sizes else (50, 50))
+    sx, sy = ds.scale_of(0)
+    torch.testing.assert_close(s.targets.boxes, p.targets.boxes * torch.tensor([sx, sy, sx, sy]))
+
+    class Oracle:  # the ground truth in the resized frame: AP must come back at 100 in the original frame
+        def detect(self, images, prompt):
+            out = []
+            for im in images:
+                x = next(x for x in (ds[i] for i in range(len(ds))) if torch.equal(x.image, im))
+                out.append(Detections(x.targets.boxes, torch.ones(len(x.targets.labels)), x.targets.labels))
+            return out
+
+    assert evaluate(Oracle(), ds, batch_size=4)["AP"] == pytest.approx(100.0)
 
 
 def test_glip_detector_and_picture(blood, tokenizer, tmp_path):

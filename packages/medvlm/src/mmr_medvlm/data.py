@@ -71,16 +71,20 @@ class CocoGroundingDataset(torch.utils.data.Dataset):
         prompt: The prompt set; reordered to the dataset's category order (sorted by id).
         keep_empty: Keep images without boxes as negatives.
         max_size: If set, images are downscaled so that the longer side is at most this.
+        min_size: If set, GLIP's own resize instead (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, 800 / 1333 in
+            the official configs, which evaluation with official weights needs): the shorter side becomes
+            ``min_size`` unless the longer one would pass ``max_size``, by PIL bilinear resampling; boxes
+            and detections scale per axis, as the official ``BoxList.resize``.
     """
 
     def __init__(self, annotations: str | Path | Mapping[str, Any], image_root: str | Path, prompt: PromptSet,
-                 keep_empty: bool = True, max_size: int | None = None) -> None:
+                 keep_empty: bool = True, max_size: int | None = None, min_size: int | None = None) -> None:
         self.coco = _read_json(annotations)
         for key in ("images", "annotations", "categories"):
             if key not in self.coco:
                 raise ValueError(f"COCO annotations have no '{key}' list")
         self.image_root = Path(image_root)
-        self.max_size = max_size
+        self.max_size, self.min_size = max_size, min_size
         self.stats = LoadStats()
         cats = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]
@@ -126,6 +130,15 @@ class CocoGroundingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` of an image after this dataset's resize."""
+        if self.min_size:
+            return glip_resize_size(width, height, self.min_size, self.max_size)
+        if self.max_size and max(width, height) > self.max_size:
+            scale = self.max_size / max(width, height)
+            return round(width * scale), round(height * scale)
+        return width, height
+
     def load_image(self, im: Mapping[str, Any]) -> torch.Tensor:
         from PIL import Image
 
@@ -137,6 +150,10 @@ class CocoGroundingDataset(torch.utils.data.Dataset):
             if pil.size != (im["width"], im["height"]):
                 raise ValueError(f"image {path} is {pil.size[0]}x{pil.size[1]} but the annotations say "
                                  f"{im['width']}x{im['height']}")
+            if self.min_size:
+                size = self.output_size(*pil.size)
+                if size != pil.size:
+                    pil = pil.resize(size, resample=Image.BILINEAR)
             arr = np.asarray(pil, dtype=np.float32) / 255.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -145,19 +162,33 @@ class CocoGroundingDataset(torch.utils.data.Dataset):
         image = self.load_image(im)
         boxes = torch.tensor([a[0] for a in anns], dtype=torch.float32).view(-1, 4)
         labels = torch.tensor([a[1] for a in anns], dtype=torch.long)
-        if self.max_size and max(image.shape[1:]) > self.max_size:
-            scale = self.max_size / max(image.shape[1:])
-            size = (round(image.shape[1] * scale), round(image.shape[2] * scale))
-            image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True,
+        if not self.min_size and self.max_size and max(image.shape[1:]) > self.max_size:
+            w, h = self.output_size(image.shape[2], image.shape[1])
+            image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True,
                                                     align_corners=False)[0]
-            boxes = boxes * scale
+        sx, sy = self.scale_of(index)
+        boxes = boxes * torch.tensor([sx, sy, sx, sy])
         return Sample(image, Targets(boxes, labels), int(im["id"]))
 
-    def scale_of(self, index: int) -> float:
-        """Factor from the original image's coordinates to the returned image's."""
+    def scale_of(self, index: int) -> tuple[float, float]:
+        """``(x, y)`` factors from the original image's coordinates to the returned image's."""
         im = self.items[index][0]
-        longest = max(im["width"], im["height"])
-        return self.max_size / longest if self.max_size and longest > self.max_size else 1.0
+        w, h = self.output_size(im["width"], im["height"])
+        return w / im["width"], h / im["height"]
+
+
+def glip_resize_size(width: int, height: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """GLIP's test-time output size ``(width, height)``: the shorter side to ``min_size``, capped so that the
+    longer side stays within ``max_size`` (sizes truncated to integers as the official transform does)."""
+    size = min_size
+    short, long = float(min(width, height)), float(max(width, height))
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if min(width, height) == size:
+        return width, height
+    if width < height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
 
 
 def collate(samples: Sequence[Sample]) -> list[Sample]:

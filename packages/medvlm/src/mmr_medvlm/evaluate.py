@@ -111,11 +111,12 @@ def _match_phrase(text: str, prompt: PromptSet) -> int:
     return -1
 
 
-def detections_to_coco(dets: Detections, image_id: int, category_ids: Sequence[int], scale: float = 1.0
-                       ) -> list[dict[str, Any]]:
-    """Convert to COCO result dicts (xywh in original image pixels)."""
+def detections_to_coco(dets: Detections, image_id: int, category_ids: Sequence[int],
+                       scale: float | tuple[float, float] = 1.0) -> list[dict[str, Any]]:
+    """Convert to COCO result dicts (xywh in original image pixels); ``scale`` is one factor or ``(x, y)``."""
     out = []
-    boxes = dets.boxes.detach().cpu().float() / scale
+    sx, sy = scale if isinstance(scale, tuple | list) else (scale, scale)
+    boxes = dets.boxes.detach().cpu().float() / torch.tensor([sx, sy, sx, sy])
     for (x0, y0, x1, y1), s, lab in zip(boxes.tolist(), dets.scores.tolist(), dets.labels.tolist()):
         out.append({"image_id": image_id, "category_id": int(category_ids[lab]),
                     "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})

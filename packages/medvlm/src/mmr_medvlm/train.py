@@ -69,6 +69,8 @@ class TrainConfig:
     max_steps: int = 2000
     save_every: int = 200
     max_size: int | None = 800
+    # GLIP's own resize when set (official configs: min_size 800, max_size 1333); see CocoGroundingDataset.
+    min_size: int | None = None
     deepspeed: bool = False
     deepspeed_preset: str = "cpu_zero2"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -205,14 +207,16 @@ def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset
         report = load_official_checkpoint(model, cfg.init_checkpoint)
         log.info("checkpoint %s: %s", cfg.init_checkpoint, report.summary())
     prompt = PromptSet.load(cfg.prompt_file)
-    val = (CocoGroundingDataset(cfg.val_annotations, cfg.val_images, prompt, max_size=cfg.max_size)
+    val = (CocoGroundingDataset(cfg.val_annotations, cfg.val_images, prompt, max_size=cfg.max_size,
+                                min_size=cfg.min_size)
            if cfg.val_annotations else None)
     if cfg.mode == "zero_shot":
         return model, val, val
     ann: Any = cfg.train_annotations
     if cfg.mode == "k_shot":
         ann = sample_k_shot(ann, cfg.k, cfg.seed)
-    train_set = CocoGroundingDataset(ann, cfg.train_images, prompt, keep_empty=False, max_size=cfg.max_size)
+    train_set = CocoGroundingDataset(ann, cfg.train_images, prompt, keep_empty=False, max_size=cfg.max_size,
+                                     min_size=cfg.min_size)
     log.info("train data: %s", train_set.stats.summary())
     return model, train_set, val
 
