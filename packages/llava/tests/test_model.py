@@ -38,6 +38,9 @@ def test_named_configs_and_projectors():
     assert [type(m).__name__ for m in mlp3] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     with pytest.raises(ValueError, match="projector_type"):
         build_projector("conv", 8, 16)
+    assert isinstance(build_projector("identity", 16, 16), torch.nn.Identity)
+    with pytest.raises(ValueError, match="equal widths"):
+        build_projector("identity", 8, 16)
 
 
 def test_vision_frozen_and_layer_minus_two():

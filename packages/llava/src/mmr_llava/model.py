@@ -206,12 +206,17 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def build_projector(projector_type: str, vision_hidden: int, text_hidden: int) -> nn.Module:
-    """``linear`` or ``mlp{N}x_gelu`` (indices 0, 2, 4, ... hold the linears, as in the original)."""
+    """``linear``, ``mlp{N}x_gelu`` (indices 0, 2, 4, ... hold the linears, as in the original) or ``identity``."""
     if projector_type == "linear":
         return nn.Linear(vision_hidden, text_hidden)
+    if projector_type == "identity":  # the original's IdentityMap: no parameters, widths must agree
+        if vision_hidden != text_hidden:
+            raise ValueError(f"projector_type 'identity' needs equal widths, got vision {vision_hidden} and "
+                             f"text {text_hidden}")
+        return nn.Identity()
     match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
     if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown projector_type '{projector_type}'; use 'linear' or 'mlp<N>x_gelu'")
+        raise ValueError(f"unknown projector_type '{projector_type}'; use 'linear', 'mlp<N>x_gelu' or 'identity'")
     layers: list[nn.Module] = [nn.Linear(vision_hidden, text_hidden)]
     for _ in range(int(match.group(1)) - 1):
         layers += [nn.GELU(), nn.Linear(text_hidden, text_hidden)]
