@@ -1,10 +1,10 @@
 """GLIP-T in pure PyTorch: Swin-T + FPN, BERT, VL-DyHead with bidirectional fusion, ATSS.
 
-Top to bottom: config (named sizes, or read from an official GLIP yaml), image backbone (timm Swin +
-FPN P3-P7), text backbone (BERT), the VL-DyHead (early fusion ``VLFuse`` with the bidirectional attention "MHA-B", a BERT layer for the text path and a
-``DyConv`` with modulated deformable convolution for the image path, six times), region-word alignment
-logits, ATSS anchor assignment, losses (token-level focal loss, GIoU, centerness), inference and the
-loader for the official ``glip_tiny_model_o365_goldg.pth`` checkpoint.
+Top to bottom: config (named sizes, or read from an official GLIP yaml), image backbone (timm Swin + FPN
+P3-P7), text backbone (BERT), the VL-DyHead (early fusion ``VLFuse`` with the bidirectional attention
+"MHA-B", a BERT layer for the text path and a ``DyConv`` with modulated deformable convolution for the image
+path, six times), region-word alignment logits, ATSS anchor assignment, losses (token-level focal loss,
+GIoU, centerness), inference and the loader for the official ``glip_tiny_model_o365_goldg.pth`` checkpoint.
 
 Module names mirror microsoft/GLIP (``backbone.body``, ``backbone.fpn``, ``language_backbone.body.model``,
 ``rpn.head.dyhead_tower``...), so the official state dict loads with ``module.`` stripped. The only
