@@ -96,3 +96,18 @@ def progress(
     if disable is None:
         disable = not is_main_process() or os.environ.get("MMR_NO_PROGRESS") == "1"
     return iter(tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kwargs))
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), for results over seeds.
+
+    Raises:
+        ValueError: No values.
+    """
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5

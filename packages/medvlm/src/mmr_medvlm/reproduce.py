@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmr_core.utils import mean_std
 from mmr_medvlm.data import CocoGroundingDataset
 from mmr_medvlm.evaluate import GLIPDetector, draw_detections, evaluate
 from mmr_medvlm.model import GLIP, GLIPConfig
@@ -547,14 +548,6 @@ def _seed_run(job: tuple[str, int, int, int, int, float, int, bool]) -> dict[str
     return result
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def summarize(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over seeds of every prompt row's AP/AP50 (both spans) and of the natural-scene checks.
 
@@ -569,12 +562,12 @@ def summarize(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     first = runs[seeds[0]]
     out: dict[str, Any] = {}
     for key in ("rows", "rows_name_span"):
-        out[key] = {row: {m: _mean_std([runs[s][key][row][m] for s in seeds]) for m in ("AP", "AP50")}
+        out[key] = {row: {m: mean_std([runs[s][key][row][m] for s in seeds]) for m in ("AP", "AP50")}
                     for row in first[key]}
     # Paired by seed: the seeds differ more in overall AP than the rows differ within a seed.
-    out["gain_over_names"] = {row: _mean_std([runs[s]["rows"][row]["AP"] - runs[s]["rows"]["names"]["AP"]
+    out["gain_over_names"] = {row: mean_std([runs[s]["rows"][row]["AP"] - runs[s]["rows"]["names"]["AP"]
                                               for s in seeds]) for row in first["rows"]}
-    out["natural"] = {k: _mean_std([runs[s]["natural"][k] for s in seeds]) for k in first["natural"]}
+    out["natural"] = {k: mean_std([runs[s]["natural"][k] for s in seeds]) for k in first["natural"]}
     return out
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from mmr_core.utils import progress
+from mmr_core.utils import mean_std, progress
 
 from .metrics import CATEGORIES, category_accuracy, extract_predictions
 from .synthetic import COLORS, DIRECTIONS, corpus, write_release
@@ -154,14 +154,6 @@ def _run_variant(args: tuple[int, str, str, str, int]) -> dict:
     return row
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def summarize(runs: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Per variant: mean and std over seeds of each category accuracy and of the rationale measures.
 
@@ -179,10 +171,10 @@ def summarize(runs: dict[int, dict[str, dict]]) -> dict[str, dict]:
         summary: dict = {"accuracy": {}, "failures": sum(r["failures"] for r in rows)}
         for cat in CATEGORIES:
             values = [r["accuracy"][cat] for r in rows if not math.isnan(r["accuracy"].get(cat, math.nan))]
-            summary["accuracy"][cat] = _mean_std(values) if values else (math.nan, math.nan)
+            summary["accuracy"][cat] = mean_std(values) if values else (math.nan, math.nan)
         for key in ("hallucination", "rougeL"):
             if key in rows[0]:
-                summary[key] = _mean_std([r[key] for r in rows])
+                summary[key] = mean_std([r[key] for r in rows])
         out[name] = summary
     return out
 
