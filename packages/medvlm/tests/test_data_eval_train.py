@@ -99,20 +99,25 @@ def test_coco_ap_perfect_and_wrong(blood):
     assert coco_ap(gt, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
 
 
+class _Oracle:
+    """Detects exactly a dataset's ground truth (in the frame the dataset returns images in)."""
+
+    def __init__(self, ds: CocoGroundingDataset) -> None:
+        self.ds = ds
+
+    def detect(self, images, prompt):
+        assert prompt.categories == self.ds.category_names
+        out = []
+        for im in images:
+            s = next(x for x in (self.ds[i] for i in range(len(self.ds))) if torch.equal(x.image, im))
+            out.append(Detections(s.targets.boxes, torch.ones(len(s.targets.labels)), s.targets.labels))
+        return out
+
+
 def test_evaluate_with_oracle_detector(blood):
     root, ann = blood
     ds = CocoGroundingDataset(ann, root / "images", PROMPT)
-
-    class Oracle:
-        def detect(self, images, prompt):
-            assert prompt.categories == ds.category_names
-            out = []
-            for im in images:
-                s = next(x for x in (ds[i] for i in range(len(ds))) if torch.equal(x.image, im))
-                out.append(Detections(s.targets.boxes, torch.ones(len(s.targets.labels)), s.targets.labels))
-            return out
-
-    assert evaluate(Oracle(), ds, batch_size=4)["AP50"] == pytest.approx(100.0)
+    assert evaluate(_Oracle(ds), ds, batch_size=4)["AP50"] == pytest.approx(100.0)
 
 
 def test_glip_resize_sizes():
@@ -135,16 +140,8 @@ def test_resized_dataset_scales_boxes_per_axis_and_evaluation_maps_back(blood, s
     assert s.image.shape == (3, h, w) and (w, h) == ((100, 100) if "min_size" in sizes else (50, 50))
     sx, sy = ds.scale_of(0)
     torch.testing.assert_close(s.targets.boxes, p.targets.boxes * torch.tensor([sx, sy, sx, sy]))
-
-    class Oracle:  # the ground truth in the resized frame: AP must come back at 100 in the original frame
-        def detect(self, images, prompt):
-            out = []
-            for im in images:
-                x = next(x for x in (ds[i] for i in range(len(ds))) if torch.equal(x.image, im))
-                out.append(Detections(x.targets.boxes, torch.ones(len(x.targets.labels)), x.targets.labels))
-            return out
-
-    assert evaluate(Oracle(), ds, batch_size=4)["AP"] == pytest.approx(100.0)
+    # The ground truth in the resized frame: AP must come back at 100 in the original frame.
+    assert evaluate(_Oracle(ds), ds, batch_size=4)["AP"] == pytest.approx(100.0)
 
 
 def test_glip_detector_and_picture(blood, tokenizer, tmp_path):
