@@ -178,6 +178,7 @@ def test_schedule_groups_ema():
     assert ema.model.rpn.head.bias0.item() == pytest.approx(model.rpn.head.bias0.item() - 1.0)
     assert batches(10, 3, 0, 0) == batches(10, 3, 0, 0) and batches(10, 3, 0, 0) != batches(10, 3, 0, 1)
     assert TrainConfig.from_name("10_shot").k == 10
+    assert (TrainConfig.from_name("zero_shot").min_size, TrainConfig.from_name("zero_shot").max_size) == (800, 1333)
     with pytest.raises(KeyError, match="unknown training preset"):
         TrainConfig.from_name("5_shot")
 
