@@ -21,6 +21,12 @@ import torch
 from mmr_medvlm.model import GLIP, GLIPConfig, Targets, convert_official_key, load_official_glip_yaml
 
 FIXTURE = Path(__file__).parent / "fixtures" / "glip_tiny_o365_goldg_keys.json.gz"
+# GLIP-T(A)'s 541 official state-dict names and shapes ({"key": [shape...]}, no "module." prefix), made
+# outside this repository the way the GLIP-T fixture was (fixtures/README.md): microsoft/GLIP's own module
+# tree (commit 9dda955) built on CPU from configs/pretrain/glip_A_Swin_T_O365.yaml with its compiled ops and
+# unrelated imports stubbed and BertConfig() for bert-base-uncased; a script under /tmp then wrote the
+# sorted names and shapes here as gzipped JSON. No code or weights.
+FIXTURE_A = Path(__file__).parent / "fixtures" / "glip_a_tiny_o365_keys.json.gz"
 
 # The model-shaping part of GLIP-T's pretrain yaml, with a few training/data keys that must be ignored.
 # SWINT is absent there (defaults.py's Swin-T values apply), as in the official file.
@@ -107,9 +113,9 @@ GLIP_L = _variant(
 )
 
 
-def _official_keys() -> dict[str, tuple[int, ...]]:
-    """The official GLIP-T state-dict names (fixture) under our naming."""
-    official = json.loads(gzip.open(FIXTURE, "rt").read())
+def _official_keys(fixture: Path = FIXTURE) -> dict[str, tuple[int, ...]]:
+    """The official GLIP-T (or another fixture's) state-dict names under our naming."""
+    official = json.loads(gzip.open(fixture, "rt").read())
     out = {}
     for key, shape in official.items():
         new = convert_official_key("module." + key)
@@ -154,10 +160,40 @@ def test_from_official_yaml_logs_the_report_and_applies_overrides(caplog):
         GLIPConfig.from_official_yaml(GLIP_T, no_such_field=1)
 
 
-def test_glip_t_a_yaml_raises_naming_early_fusion():
-    """GLIP-T(A) has no deep fusion; our tower always fuses, so the loader refuses, naming the key."""
-    with pytest.raises(ValueError, match=r"EARLY_FUSE_ON=False is not implemented"):
-        load_official_glip_yaml(GLIP_T_A)
+def test_glip_t_a_yaml_is_glip_tiny_a_and_builds_the_official_key_set():
+    """GLIP-T(A): no deep fusion, so the tower is the six DyConv blocks at official indices 0-5, and the
+    fusion-only keys (TYPE, the attention clamps, layer scale) are not read."""
+    cfg, report = load_official_glip_yaml(GLIP_T_A)
+    assert cfg == GLIPConfig.from_name("glip_tiny_a")
+    assert (cfg.early_fuse, cfg.use_fused_features_dot_product) == (False, False)
+    assert report.mapped["MODEL.DYHEAD.FUSE_CONFIG.EARLY_FUSE_ON"] == ("early_fuse", False)
+    for key in ("TYPE", "USE_LAYER_SCALE", "CLAMP_MIN_FOR_UNDERFLOW", "CLAMP_BERTATTN_MAX_FOR_OVERFLOW"):
+        key = f"MODEL.DYHEAD.FUSE_CONFIG.{key}"
+        assert key in report.ignored and key not in report.checked, key
+    assert "MODEL.DYHEAD.FUSE_CONFIG.CLAMP_DOT_PRODUCT" in report.checked  # the alignment head still reads it
+    official = _official_keys(FIXTURE_A)
+    assert len(official) == 541 - 12  # less the relative_position_index buffers we recompute
+    assert _meta_state(cfg) == official
+    assert {k.split(".")[3] for k in official if k.startswith("rpn.head.dyhead_tower.")} == set("012345")
+    # Without fusion a fusion setting we do not build is irrelevant, not an error; with fusion it raises.
+    other = _variant(GLIP_T_A, 'TYPE: "MHA-B"', 'TYPE: "MHA-S"')
+    assert load_official_glip_yaml(other)[0] == cfg
+    with pytest.raises(ValueError, match="MODEL.DYHEAD.FUSE_CONFIG.TYPE='MHA-S'"):
+        load_official_glip_yaml(_variant(other, "EARLY_FUSE_ON: False", "EARLY_FUSE_ON: True"))
+
+
+def test_unfused_dot_product_with_fusion_keeps_the_official_placeholder_index():
+    """USE_FUSED_FEATURES_DOT_PRODUCT=False with deep fusion: GLIP puts a parameter-free DummyLayer where the
+    last block's BERT layer would be (tower index 16 of 18), so the last DyConv stays at index 17."""
+    text = _variant(GLIP_T, "USE_FUSED_FEATURES_DOT_PRODUCT: True", "USE_FUSED_FEATURES_DOT_PRODUCT: False")
+    cfg, _ = load_official_glip_yaml(text)
+    assert cfg == GLIPConfig.from_name("glip_tiny", use_fused_features_dot_product=False)
+    # The official tree built from glip_Swin_T_O365_GoldG.yaml with this one key changed (outside the repo, as
+    # for the fixtures) had 729 tensors: exactly GLIP-T's 745 less the 16 of dyhead_tower.16 (a BERT layer).
+    expected = {k: v for k, v in _official_keys().items() if not k.startswith("rpn.head.dyhead_tower.16.")}
+    assert len(_official_keys()) - len(expected) == 16
+    assert _meta_state(cfg) == expected
+    assert any(k.startswith("rpn.head.dyhead_tower.17.") for k in expected)
 
 
 def test_glip_l_yaml_maps_swin_l_and_builds_glip_t_keys_plus_the_extra_blocks():
@@ -188,8 +224,6 @@ def test_glip_l_yaml_maps_swin_l_and_builds_glip_t_keys_plus_the_extra_blocks():
     ("USE_TOKEN_LOSS: False", "USE_TOKEN_LOSS: True", "MODEL.DYHEAD.FUSE_CONFIG.USE_TOKEN_LOSS"),
     ("CLAMP_DOT_PRODUCT: True", "CLAMP_DOT_PRODUCT: False", "MODEL.DYHEAD.FUSE_CONFIG.CLAMP_DOT_PRODUCT"),
     ("USE_GN: True", "USE_GN: False", "MODEL.DYHEAD.USE_GN"),
-    ("USE_FUSED_FEATURES_DOT_PRODUCT: True", "USE_FUSED_FEATURES_DOT_PRODUCT: False",
-     "MODEL.DYHEAD.FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT"),
     ("OUT_CHANNELS: 256", "OUT_CHANNELS: 192", "MODEL.BACKBONE.OUT_CHANNELS"),
     ("ANCHOR_STRIDE: (8, 16, 32, 64, 128)", "ANCHOR_STRIDE: (8, 16, 32, 64)", "ANCHOR_STRIDE"),
     ("RPN_ONLY: True", "RPN_ONLY: False", "MODEL.RPN_ONLY"),

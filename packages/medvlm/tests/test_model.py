@@ -239,19 +239,23 @@ def test_fusion_attention_fp16_masks_and_clamps():
 
 def test_unfused_dot_product_uses_language_backbone_features():
     """GLIP's USE_FUSED_FEATURES_DOT_PRODUCT=False: regions align with the BERT output, and the tower's last
-    BERT layer is dropped (the fused text of the last block feeds nothing)."""
-    from mmr_medvlm.model import BertEncoderLayer
+    BERT layer (the fused text of the last block feeds nothing) is a parameter-free placeholder, which keeps
+    the last DyConv at its official index."""
+    from mmr_medvlm.model import BertEncoderLayer, DyConv, Placeholder, VLFuse
 
     torch.manual_seed(0)
     cfg = GLIPConfig.from_name("test", use_fused_features_dot_product=False)
     model = GLIP(cfg).eval()
     tower = model.rpn.head.dyhead_tower
+    assert len(tower) == 3 * cfg.num_convs
+    assert [type(m) for m in tower[-3:]] == [VLFuse, Placeholder, DyConv]
     assert sum(isinstance(m, BertEncoderLayer) for m in tower) == cfg.num_convs - 1
+    assert list(tower[-2].state_dict()) == []
     x, ids, mask, pms = _batch(model)
     with torch.no_grad():
         feats, lang = model.backbone(x), model.language_backbone(ids, mask)
         before = model.rpn.head(feats, lang)["logits"][0].clone()
-        tower[-2].b_attn.gamma_l.fill_(5.0)  # the last fusion's text update: unused by the alignment
+        tower[-3].b_attn.gamma_l.fill_(5.0)  # the last fusion's text update: unused by the alignment
         after = model.rpn.head(feats, lang)["logits"][0]
     torch.testing.assert_close(before, after)
     fused = GLIP(GLIPConfig.from_name("test")).eval()
@@ -280,3 +284,43 @@ def test_align_residual_adds_the_fpn_level_to_the_alignment_only():
     for key in ("bbox", "centerness"):
         for a, b in zip(out_plain[key], out_res[key]):
             torch.testing.assert_close(a, b)
+
+
+def test_glip_t_a_no_early_fusion_trains_and_aligns_with_the_language_backbone():
+    """GLIP-T(A) (``glip_tiny_a``'s settings at the test size): the tower is DyConv blocks only, forward and
+    loss are finite, gradients reach image and text sides, and the logits are the dot product of the tower's
+    image features with the language backbone's masked output."""
+    from mmr_medvlm.model import DyConv
+
+    torch.manual_seed(0)
+    cfg = GLIPConfig.from_name("test", early_fuse=False, use_fused_features_dot_product=False)
+    model = GLIP(cfg)
+    tower = model.rpn.head.dyhead_tower
+    assert len(tower) == cfg.num_convs and all(isinstance(m, DyConv) for m in tower)
+    assert not any(".b_attn." in k or ".attention." in k for k in model.rpn.state_dict())
+    x, ids, mask, pms = _batch(model)
+    targets = [Targets(torch.tensor([[10.0, 10.0, 40.0, 50.0], [50, 20, 90, 70]]), torch.tensor([0, 2])),
+               Targets(torch.tensor([[20.0, 15.0, 70.0, 60.0]]), torch.tensor([1]))]
+    model.train()
+    losses = model(x, ids, mask, pms, targets)
+    assert set(losses) == {"loss_dot_product_token", "loss_reg", "loss_centerness"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    head = model.rpn.head
+    for p in (head.bias_lang, head.dot_product_projection_text.weight, head.bbox_pred.weight,
+              tower[0].offset.weight, tower[-1].DyConv[1].conv.weight,
+              model.language_backbone.body.model.embeddings.word_embeddings.weight,
+              model.backbone.body.patch_embed.proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        feats, lang = model.backbone(x), model.language_backbone(ids, mask)
+        out = head(feats, lang)
+        visual = tower({"visual": feats, "lang": lang})["visual"]
+        text = F.normalize(lang["embedded"], p=2, dim=-1)
+        tokens = head.dot_product_projection_text(text / 2.0)
+        q = visual[1].flatten(2).transpose(1, 2)
+        expected = q @ tokens.transpose(1, 2) / head.log_scale.exp() + (text @ head.bias_lang + head.bias0)[:, None]
+        dets = model(x, ids, mask, pms, image_sizes=[(96, 128), (80, 100)])
+    torch.testing.assert_close(out["logits"][1], expected)
+    assert len(dets) == 2 and all(torch.isfinite(d.scores).all() for d in dets)

@@ -3,8 +3,9 @@
 Top to bottom: config (named sizes, or read from an official GLIP yaml), image backbone (timm Swin + FPN
 P3-P7), text backbone (BERT), the VL-DyHead (early fusion ``VLFuse`` with the bidirectional attention
 "MHA-B", a BERT layer for the text path and a ``DyConv`` with modulated deformable convolution for the image
-path, six times), region-word alignment logits, ATSS anchor assignment, losses (token-level focal loss,
-GIoU, centerness), inference and the loader for the official ``glip_tiny_model_o365_goldg.pth`` checkpoint.
+path, six times; GLIP-T(A), ``glip_tiny_a``, has the DyConv blocks only), region-word alignment logits, ATSS
+anchor assignment, losses (token-level focal loss, GIoU, centerness), inference and the loader for the
+official ``glip_tiny_model_o365_goldg.pth`` checkpoint.
 
 Module names mirror microsoft/GLIP (``backbone.body``, ``backbone.fpn``, ``language_backbone.body.model``,
 ``rpn.head.dyhead_tower``...), so the official state dict loads with ``module.`` stripped. The only
@@ -56,9 +57,12 @@ class GLIPConfig:
     use_deform: bool = True
     use_dyrelu: bool = True
     use_dyfuse: bool = True
+    # GLIP's FUSE_CONFIG.EARLY_FUSE_ON (True in GLIP-T): each tower block starts with the image-text fusion
+    # and a BERT layer. False is GLIP-T(A): the tower is DyConv blocks only, with official indices 0..n-1.
+    early_fuse: bool = True
     # GLIP's FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT (True in GLIP-T): align regions with the text features
-    # after the fusion tower; False aligns them with the language backbone's output and drops the tower's
-    # last BERT layer, as the official head does.
+    # after the fusion tower; False aligns them with the language backbone's output, and (with early fusion)
+    # the tower's last BERT layer becomes a parameter-free placeholder, as in the official head.
     use_fused_features_dot_product: bool = True
     fuse_embed_dim: int = 2048
     fuse_heads: int = 8
@@ -98,7 +102,8 @@ class GLIPConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GLIPConfig:
-        """Named sizes: ``glip_tiny`` (GLIP-T, the paper's model) and ``test`` (seconds on CPU)."""
+        """Named sizes: ``glip_tiny`` (GLIP-T, the paper's model), ``glip_tiny_a`` (GLIP-T(A): no deep
+        fusion, ``glip_A_Swin_T_O365.yaml``) and ``test`` (seconds on CPU)."""
         if name not in _NAMED:
             raise KeyError(f"unknown GLIP config {name!r}; known: {sorted(_NAMED)}")
         return dataclasses.replace(cls(**_NAMED[name]), **overrides)
@@ -131,6 +136,7 @@ class GLIPConfig:
 
 _NAMED: dict[str, dict[str, Any]] = {
     "glip_tiny": {},
+    "glip_tiny_a": dict(early_fuse=False, use_fused_features_dot_product=False),
     "test": dict(
         swin_embed_dim=16, swin_depths=(1, 1, 1, 1), swin_heads=(1, 1, 2, 2), swin_window=4, drop_path_rate=0.0,
         channels=32, num_convs=2, gn_groups=4, fuse_embed_dim=32, fuse_heads=2, legacy_num_classes=2,
@@ -254,6 +260,7 @@ _YAML_TO_FIELD: dict[str, tuple[str, Any]] = {
     "MODEL.DYHEAD.USE_DFCONV": ("use_deform", bool),
     "MODEL.DYHEAD.USE_DYRELU": ("use_dyrelu", bool),
     "MODEL.DYHEAD.USE_DYFUSE": ("use_dyfuse", bool),
+    "MODEL.DYHEAD.FUSE_CONFIG.EARLY_FUSE_ON": ("early_fuse", bool),
     "MODEL.DYHEAD.FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT": ("use_fused_features_dot_product", bool),
     "MODEL.DYHEAD.PRIOR_PROB": ("prior_prob", float),
     "MODEL.DYHEAD.LOG_SCALE": ("log_scale", float),
@@ -310,9 +317,6 @@ _YAML_REQUIRED: dict[str, tuple[Any, str]] = {
     "MODEL.DYHEAD.SCORE_AGG": ("MEAN", "class score = mean token probability"),
     "MODEL.DYHEAD.USE_GN": (True, "the DyHead convs always have GroupNorm"),
     "MODEL.DYHEAD.CONV_FUNC": ("", "the DyHead conv is Conv3x3Norm"),
-    "MODEL.DYHEAD.FUSE_CONFIG.EARLY_FUSE_ON": (
-        True, "the tower always has deep fusion (VLFuse + BERT layer per block); GLIP-T(A)'s fusion-free "
-              "tower is not implemented"),
     "MODEL.DYHEAD.FUSE_CONFIG.TYPE": ("MHA-B", "the fusion is bidirectional attention (MHA-B)"),
     "MODEL.DYHEAD.FUSE_CONFIG.USE_CLASSIFICATION_LOSS": (False, "no closed-set classification loss"),
     "MODEL.DYHEAD.FUSE_CONFIG.USE_TOKEN_LOSS": (False, "no token_logits head"),
@@ -333,6 +337,16 @@ _YAML_REQUIRED: dict[str, tuple[Any, str]] = {
     "MODEL.DYHEAD.FUSE_CONFIG.ADD_LINEAR_LAYER": (False, "no extra linear layer on the text"),
     "INPUT.TO_BGR255": (True, "GLIP.preprocess always feeds BGR in 0..255"),
 }
+
+# Required keys that only the fusion module (VLFuse, its attention and the tower's BERT layers) reads: with
+# EARLY_FUSE_ON=False (GLIP-T(A)) no such module is built, so they are listed as ignored, not checked.
+_YAML_FUSION_ONLY: tuple[str, ...] = tuple(
+    f"MODEL.DYHEAD.FUSE_CONFIG.{k}" for k in (
+        "TYPE", "USE_LAYER_SCALE", "SEPARATE_BIDIRECTIONAL", "STABLE_SOFTMAX_2D", "CLAMP_MIN_FOR_UNDERFLOW",
+        "CLAMP_MAX_FOR_OVERFLOW", "CLAMP_BERTATTN_MIN_FOR_UNDERFLOW", "CLAMP_BERTATTN_MAX_FOR_OVERFLOW",
+        "JOINT_EMB_SIZE")
+)
+_NO_FUSION = "read only by the fusion module, which EARLY_FUSE_ON=False does not build"
 
 # Keys that do not change the network this implementation builds, with why. A key is matched by its
 # longest listed prefix (a whole section when the entry ends with a dot).
@@ -519,7 +533,12 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
                              "maskrcnn_benchmark/config/defaults.py's model sections as mapped here")
         report.ignored[key] = _YAML_IGNORED[max(prefixes, key=len)]
 
+    early_fuse = bool(get("MODEL.DYHEAD.FUSE_CONFIG.EARLY_FUSE_ON"))
     for key, (allowed, why) in _YAML_REQUIRED.items():
+        if not early_fuse and key in _YAML_FUSION_ONLY:
+            if key in flat:
+                report.ignored[key] = _NO_FUSION
+            continue
         value = get(key)
         if value != allowed:
             raise ValueError(f"GLIP yaml {key}={value!r} is not implemented (this model needs {allowed!r}: {why})")
@@ -539,6 +558,10 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
     # Sizes the official builders take from several keys must agree, because our modules share one value.
     channels = values["channels"]
     for key in ("MODEL.BACKBONE.OUT_CHANNELS", "MODEL.DYHEAD.FUSE_CONFIG.JOINT_EMB_SIZE"):
+        if not early_fuse and key in _YAML_FUSION_ONLY:
+            if key in flat:
+                report.ignored[key] = _NO_FUSION
+            continue
         if int(get(key)) != channels:
             raise ValueError(f"GLIP yaml {key}={get(key)!r} differs from MODEL.DYHEAD.CHANNELS={channels}: "
                              "this model uses one width for the FPN, the DyHead and the fusion")
@@ -555,13 +578,6 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
     if not len(values["anchor_sizes"]) == len(values["anchor_strides"]) == 5:
         raise ValueError(f"GLIP yaml MODEL.RPN.ANCHOR_SIZES={values['anchor_sizes']} and ANCHOR_STRIDE="
                          f"{values['anchor_strides']} must both give the 5 levels P3-P7")
-    if not values["use_fused_features_dot_product"]:
-        # GLIP keeps the tower's indices with a parameter-free DummyLayer where the last BERT layer would be;
-        # our tower leaves it out, so the last DyConv's checkpoint keys would be one index off.
-        raise ValueError("GLIP yaml MODEL.DYHEAD.FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT=False with "
-                         "EARLY_FUSE_ON=True is not implemented with official key names (GLIP's DummyLayer "
-                         "placeholder is missing from our tower); build it with "
-                         "GLIPConfig(use_fused_features_dot_product=False) for training from scratch")
     return GLIPConfig(**values), report
 
 
@@ -974,17 +990,34 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class Placeholder(nn.Module):
+    """A parameter-free tower entry that passes its input on (GLIP's ``DummyLayer``).
+
+    With early fusion and ``use_fused_features_dot_product=False`` the last block's BERT layer would feed
+    nothing, so GLIP puts this in its place; keeping it keeps the official ``dyhead_tower`` indices.
+    """
+
+    def forward(self, x: dict[str, Any]) -> dict[str, Any]:
+        return x
+
+
 class VLDyHead(nn.Module):
-    """Deep fusion tower + box, centerness and region-word alignment outputs."""
+    """Deep fusion tower + box, centerness and region-word alignment outputs.
+
+    The tower (``dyhead_tower``, official indices) is, per block, ``VLFuse``, ``BertEncoderLayer`` (or the
+    :class:`Placeholder` in the last block when the alignment reads the language backbone) and ``DyConv``;
+    without early fusion (GLIP-T(A)) it is the ``DyConv`` blocks alone.
+    """
 
     def __init__(self, cfg: GLIPConfig) -> None:
         super().__init__()
         c = cfg.channels
         tower: list[nn.Module] = []
         for i in range(cfg.num_convs):
-            tower += [VLFuse(cfg)]
-            if i < cfg.num_convs - 1 or cfg.use_fused_features_dot_product:
-                tower += [BertEncoderLayer(cfg)]
+            if cfg.early_fuse:
+                tower += [VLFuse(cfg)]
+                last_unused = i == cfg.num_convs - 1 and not cfg.use_fused_features_dot_product
+                tower += [Placeholder() if last_unused else BertEncoderLayer(cfg)]
             tower += [DyConv(cfg)]
         self.dyhead_tower = nn.Sequential(*tower)
         self.use_fused = cfg.use_fused_features_dot_product
@@ -1380,7 +1413,8 @@ def load_official_checkpoint(model: GLIP, checkpoint: str | Mapping[str, Any], s
     """Load ``glip_tiny_model_o365_goldg.pth`` (or its state dict) into ``model`` and report every key.
 
     Args:
-        model: A :class:`GLIP` built with ``GLIPConfig.from_name("glip_tiny")``.
+        model: A :class:`GLIP` built with the checkpoint's config, e.g. ``GLIPConfig.from_name("glip_tiny")``
+            or ``GLIPConfig.from_official_yaml(...)`` of the yaml it ships with.
         checkpoint: A path to the ``.pth`` file or an already loaded dict (with or without ``"model"``).
         strict: Raise if anything is unexpected, missing or mis-shaped.
     """
