@@ -25,6 +25,19 @@ def test_blood_scene_classes_differ_by_size_and_colour():
     assert mean["colorless"] < mean["red"] < mean["purple"]
 
 
+def test_smear_background_is_one_the_natural_scenes_cover():
+    """The blood scenes differ from pretraining in their words, not in a background the detector never saw."""
+    import numpy as np
+
+    from mmr_medvlm.synthetic import NATURAL_BACKGROUND, SMEAR_BACKGROUND
+
+    lo, hi = NATURAL_BACKGROUND
+    assert all(lo <= c <= hi for c in SMEAR_BACKGROUND)
+    img, _ = blood_scene(random.Random(4), 64)
+    background = np.median(img.reshape(-1, 3).astype(float), axis=0)  # most pixels are background
+    assert np.abs(background - np.array(SMEAR_BACKGROUND)).max() < 8
+
+
 def test_natural_batch_captions_match_targets():
     """Detection-style captions ground each object to its own size, shape and colour words; phrase captions
     ground "attributes + made-up noun"; every target label is a row of its caption's positive map."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmr_llava.model import KNOWN_VISION_TOWERS, LlavaConfig, LlavaModel
+from mmr_llava.model import KNOWN_VISION_TOWERS, LlavaConfig, LlavaModel, check_image_aspect_ratio
 
 _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                 "patch_size", "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
@@ -113,12 +113,9 @@ def config_from_original(d: dict[str, Any], where: str = "config.json") -> Llava
 
 
 def _aspect_ratio(value: Any, where: str) -> str:
-    if value in (None, "", "square"):
+    if value in (None, ""):
         return "square"
-    if value == "pad":
-        return "pad"
-    raise ValueError(f"{where}: image_aspect_ratio {value!r} is not supported (only 'pad' and 'square'; "
-                     "LLaVA-NeXT's 'anyres' is a different model)")
+    return check_image_aspect_ratio(value, where)
 
 
 def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from mmr_llava.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_with_labels
+from mmr_llava.model import check_image_aspect_ratio
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -69,9 +70,6 @@ def to_pil_image(image: Any) -> Any:
     return Image.fromarray(np.ascontiguousarray(hwc))
 
 
-IMAGE_ASPECT_RATIOS = ("pad", "square")
-
-
 def preprocess_image(image: Any, size: int, image_aspect_ratio: str = "pad") -> torch.Tensor:
     """An image as the original LLaVA feeds its CLIP tower: ``(3, size, size)`` float32, CLIP-normalised.
 
@@ -87,9 +85,7 @@ def preprocess_image(image: Any, size: int, image_aspect_ratio: str = "pad") -> 
     """
     from PIL import Image
 
-    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r} "
-                         f"(LLaVA-NeXT's 'anyres' is not supported)")
+    check_image_aspect_ratio(image_aspect_ratio)
     img = to_pil_image(image)
     w, h = img.size
     if image_aspect_ratio == "pad" and w != h:

@@ -107,6 +107,19 @@ AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, _packed_sdpa_mask)
 
 
+# LLaVA-1.5's ``image_aspect_ratio`` values we build: "pad" (expand to a square with the mean colour, then
+# resize) and "square" (resize and centre-crop, LLaVA v1). LLaVA-NeXT's "anyres" is a different model.
+IMAGE_ASPECT_RATIOS = ("pad", "square")
+
+
+def check_image_aspect_ratio(value: str, where: str = "image_aspect_ratio") -> str:
+    """Return ``value`` if it is one of :data:`IMAGE_ASPECT_RATIOS`, else raise a ValueError naming ``where``."""
+    if value not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"{where}: image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {value!r} "
+                         "(LLaVA-NeXT's 'anyres' is not supported)")
+    return value
+
+
 @dataclass
 class LlavaConfig:
     """Sizes and choices of a LLaVA model.
@@ -144,9 +157,7 @@ class LlavaConfig:
     image_aspect_ratio: str = "pad"
 
     def __post_init__(self) -> None:
-        if self.image_aspect_ratio not in ("pad", "square"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {self.image_aspect_ratio!r} "
-                             "(LLaVA-NeXT's 'anyres' is not supported)")
+        check_image_aspect_ratio(self.image_aspect_ratio)
 
     @property
     def num_patches(self) -> int:

@@ -1,12 +1,12 @@
 """Generated scenes for tests and the miniature reproduction, written as COCO-format datasets.
 
-* "Natural" scenes: coloured shapes (circle, square, triangle, ring, blob) of two sizes, each described by
-  an attribute phrase such as ``"small red wug"`` where the noun is a made-up word drawn per image, so
+* "Natural" scenes: coloured shapes (circle, square, triangle, ring, blob) of three sizes, each described
+  by an attribute phrase such as ``"small red wug"`` where the noun is a made-up word drawn per image, so
   that only the attributes (colour, shape, size, location) tell objects apart. A model pretrained on them
   learns to ground attribute-laden phrases, the way GLIP learns from captions.
-* Blood-smear-like scenes: a pink background with many rounded fresh-red red blood cells, a few tiny
-  colourless platelets and now and then a large irregular purple/blue white blood cell, the three BCCD
-  classes, which differ in size, colour and shape.
+* Blood-smear-like scenes: a pink background (:data:`SMEAR_BACKGROUND`) with many rounded fresh-red red
+  blood cells, a few tiny colourless platelets and now and then a large irregular purple/blue white blood
+  cell, the three BCCD classes, which differ in size, colour and shape.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ COLORS = {
 SHAPES = ("round", "square", "triangle", "ring", "irregular")
 # Radii in pixels at 64 px; the blood scenes use the same bands, so "small" means a platelet's size.
 SIZES = {"small": (3.5, 5), "medium": (7, 9), "large": (11, 14)}
+# Background level per channel of the "natural" scenes.
+NATURAL_BACKGROUND = (90, 200)
+# The smear's pink background lies inside that range. A brighter pink (236, 200, 205), outside every pretraining
+# background, left platelets unfound in every prompt row (AP 0.0, even when painted high-contrast grey): a
+# domain gap in the pixels, not the language gap the paper is about.
+SMEAR_BACKGROUND = (190, 150, 160)
 NONCE = ("wug", "dax", "blicket", "toma", "fep", "zorp", "kiki", "bouba", "gazzer", "modi", "tupa", "lorp")
 BCCD_CATEGORIES = ("platelet", "rbc", "wbc")
 
@@ -89,7 +95,7 @@ def _place(rng: random.Random, size: int, r: float, placed: list[tuple[float, fl
 def natural_scene(rng: random.Random, size: int = 64, n_objects: tuple[int, int] = (2, 4)
                   ) -> tuple[np.ndarray, list[Obj]]:
     """A textured background with coloured, non-overlapping shapes; returns (uint8 HxWx3, objects)."""
-    bg = np.array([rng.randint(90, 200) for _ in range(3)], dtype=np.float32)
+    bg = np.array([rng.randint(*NATURAL_BACKGROUND) for _ in range(3)], dtype=np.float32)
     img = np.clip(bg + np.random.default_rng(rng.randint(0, 2**31)).normal(0, 8, (size, size, 3)), 0, 255)
     objs: list[Obj] = []
     placed: list[tuple[float, float, float]] = []
@@ -115,7 +121,7 @@ def blood_scene(rng: random.Random, size: int = 64) -> tuple[np.ndarray, list[Ob
     Cell radii fall in the "natural" scenes' size bands (platelet small, red cell medium, white cell large),
     so a model that learned "small", "rounded" or "purple" from the natural scenes can transfer them.
     """
-    img = np.clip(np.array([236, 200, 205], np.float32)
+    img = np.clip(np.array(SMEAR_BACKGROUND, np.float32)
                   + np.random.default_rng(rng.randint(0, 2**31)).normal(0, 6, (size, size, 3)), 0, 255)
     objs: list[Obj] = []
     placed: list[tuple[float, float, float]] = []
