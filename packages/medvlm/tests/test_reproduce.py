@@ -71,6 +71,8 @@ def test_verdict_needs_names_lowest_and_clear_gains():
     assert reproduce.verdict(ap)[0]
     assert not reproduce.verdict({**ap, "+ color": 7.0})[0]  # a gain inside the seed-to-seed spread
     assert not reproduce.verdict({**ap, "+ shape": 4.0})[0]  # an attribute row below names
+    assert reproduce.verdict_misses(ap) == []
+    assert reproduce.verdict_misses({**ap, "+ color": 7.9, "+ shape": 4.0}) == ["+ color +2.9", "+ shape -1.0"]
 
 
 def test_prompt_table_rows_tokenize_and_grow():
@@ -139,7 +141,7 @@ def test_summary_claims_and_report_follow_the_numbers():
     assert summary["gain_over_names"]["+ shape"] == pytest.approx((1.0, 3**0.5))  # gains 2, -1, 2
     assert "| names | `names` | 12.0 ± 2.0 | 0.0 ± 0.0 | 24.0 ± 4.0 | 12.0 ± 2.0 |" in md
     assert "| + shape above names | 2/3 | 0: yes, 1: no, 2: yes |" in md
-    assert "NOT reproduced on every seed" in md
+    assert "NOT reproduced on every seed" in md and "missed, AP over names: seed 1: + shape -1.0)" in md
 
 
 def test_photo_detections_picture(tmp_path, monkeypatch):
