@@ -69,6 +69,50 @@ def test_hf_layout_loads_in_transformers_and_back(tmp_path):
     _same(model, back)
 
 
+@pytest.mark.parametrize("aspect", ["pad", "square"])
+def test_hf_layout_images_match_transformers_llava_processor(tmp_path, aspect):
+    """The HF layout writes a preprocessor_config.json; transformers' LLaVA processor reading it gives our pixels,
+    and reading the folder back keeps the aspect mode."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from mmr_llava.data import preprocess_image
+
+    cfg = dataclasses.replace(build_model("tiny").config, image_aspect_ratio=aspect)
+    ckpt.save_pretrained(build_model(cfg, attn_implementation="eager", seed=0), tmp_path, layout="hf")
+    assert ckpt.read_config(tmp_path)[0].image_aspect_ratio == aspect
+    side = cfg.vision["image_size"]
+    processor = LlavaImageProcessorPil.from_pretrained(tmp_path)
+    rng = np.random.default_rng(1)
+    for hw in ((side + 13, 2 * side + 5), (3 * side, side - 3)):
+        image = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(preprocess_image(image, side, aspect), theirs, rtol=0, atol=1e-6)
+
+
+def test_hf_layout_aspect_ratio_from_a_clip_processor_file(tmp_path):
+    """llava-1.5-hf ships a CLIP processor file (no do_pad): transformers resizes and crops, so we do too;
+    without a file the model's training-time "pad" stays; unsupported preprocessing is named."""
+    model = build_model("tiny", attn_implementation="eager", seed=0)
+    ckpt.save_pretrained(model, tmp_path, layout="hf")
+    (tmp_path / ckpt.PREPROCESSOR_CONFIG).unlink()
+    assert ckpt.read_config(tmp_path)[0].image_aspect_ratio == "pad"
+    side = model.config.vision["image_size"]
+    clip = {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": side, "width": side},
+            "size": {"shortest_edge": side}, "do_center_crop": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}
+    (tmp_path / ckpt.PREPROCESSOR_CONFIG).write_text(json.dumps(clip))
+    assert ckpt.read_config(tmp_path)[0].image_aspect_ratio == "square"
+    for bad, match in (({"image_mean": [0.5, 0.5, 0.5]}, "image_mean"), ({"crop_size": {"height": side + 1}}, "crop_size"),
+                       ({"do_center_crop": False}, "do_center_crop")):
+        (tmp_path / ckpt.PREPROCESSOR_CONFIG).write_text(json.dumps({**clip, **bad}))
+        with pytest.raises(ValueError, match=match):
+            ckpt.read_config(tmp_path)
+
+
 def test_legacy_hf_key_names():
     state = {"vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(1),
              "multi_modal_projector.linear_1.weight": torch.zeros(1),

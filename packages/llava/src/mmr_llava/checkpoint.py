@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmr_llava.data import CLIP_MEAN, CLIP_STD
 from mmr_llava.model import KNOWN_VISION_TOWERS, LlavaConfig, LlavaModel, check_image_aspect_ratio
 
 _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -289,8 +291,64 @@ def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "origin
     else:
         raise ValueError(f"layout must be 'original' or 'hf', got '{layout}'")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    if layout == "hf":  # the HF layout keeps image preprocessing beside the weights, as transformers does
+        (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(hf_preprocessor_config(model.config), indent=2))
     _write_weights(weights, folder)
     return folder
+
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def hf_preprocessor_config(cfg: LlavaConfig) -> dict[str, Any]:
+    """transformers' ``LlavaImageProcessor`` settings that do what :func:`mmr_llava.data.preprocess_image` does.
+
+    ``do_pad`` is its name for LLaVA-1.5's "pad" (expand to a square with the mean colour first).
+    """
+    side = int(cfg.vision["image_size"])
+    return {
+        "image_processor_type": "LlavaImageProcessor", "do_convert_rgb": True, "do_pad": cfg.image_aspect_ratio == "pad",
+        "do_resize": True, "size": {"shortest_edge": side}, "resample": 3,  # PIL bicubic
+        "do_center_crop": True, "crop_size": {"height": side, "width": side},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+    }
+
+
+def image_aspect_ratio_from_hf(folder: str | Path, image_size: int) -> str | None:
+    """LLaVA's ``image_aspect_ratio`` that a Hugging Face checkpoint's ``preprocessor_config.json`` asks for.
+
+    transformers preprocesses llava-1.5-hf with a CLIP processor (resize the short side, centre-crop: our
+    "square") unless the file sets ``do_pad`` (our "pad"), so following the file gives transformers' pixels.
+
+    Args:
+        folder: The checkpoint folder.
+        image_size: The vision tower's input side.
+
+    Returns:
+        ``"pad"`` or ``"square"``; None when the folder has no such file.
+
+    Raises:
+        ValueError: The file asks for preprocessing we do not do (another mean/std, no centre crop, another
+            size than the tower's); the message names the key.
+    """
+    path = Path(folder) / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    for key, ours in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        theirs = d.get(key)
+        if theirs is not None and (len(theirs) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(theirs, ours))):
+            raise ValueError(f"{path}: {key} {theirs} is not CLIP's {list(ours)}; only CLIP-normalised "
+                             "preprocessing is supported")
+    if d.get("do_center_crop") is False:
+        raise ValueError(f"{path}: do_center_crop is false; only resize + centre crop is supported")
+    for key, inner in (("size", "shortest_edge"), ("crop_size", "height")):
+        value = d.get(key)
+        value = value.get(inner) if isinstance(value, dict) else value
+        if value is not None and int(value) != int(image_size):
+            raise ValueError(f"{path}: {key} {d[key]} does not match the vision tower's input side {image_size}")
+    return "pad" if d.get("do_pad") else "square"
 
 
 def read_config(folder: str | Path) -> tuple[LlavaConfig, str]:
@@ -300,7 +358,12 @@ def read_config(folder: str | Path) -> tuple[LlavaConfig, str]:
         raise FileNotFoundError(f"{folder}: no config.json")
     d = json.loads(path.read_text())
     layout = detect_layout(d)
-    return (config_from_hf(d) if layout == "hf" else config_from_original(d, str(path))), layout
+    if layout == "original":
+        return config_from_original(d, str(path)), layout
+    cfg = config_from_hf(d)
+    # Without a preprocessor_config.json the config's default stays: "pad", what LLaVA-1.5 was trained with.
+    aspect = image_aspect_ratio_from_hf(folder, cfg.vision["image_size"])
+    return (cfg if aspect is None else dataclasses.replace(cfg, image_aspect_ratio=aspect)), layout
 
 
 def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> LlavaModel:
