@@ -313,6 +313,28 @@ def test_compile_option_plumbing(parity, eager_compile) -> None:
         model.encode("imu", parity["input"]["imu"], compile=True)
 
 
+def test_copies_and_pickles_of_a_compiled_model_drop_its_compiled_encoders(eager_compile) -> None:
+    """A compiled encoder closes over its own module: a deepcopy must not keep running the original's weights."""
+    import copy
+    import pickle
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ImageBind(ImageBindConfig.from_name("tiny")).eval()
+    imu = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        original = model.encode("imu", imu, compile=True)
+        twin = copy.deepcopy(model)
+        assert not twin._compiled and model._compiled
+        for p in twin.modality_heads["imu"].parameters():
+            p.add_(1.0)
+        torch.testing.assert_close(twin.encode("imu", imu, compile=True), twin.encode("imu", imu))
+        assert not torch.allclose(twin.encode("imu", imu, compile=True), original, atol=1e-3)
+        restored = pickle.loads(pickle.dumps(model))
+        torch.testing.assert_close(restored.encode("imu", imu), original, rtol=1e-5, atol=1e-5)
+    assert model._compiled  # the original keeps its own
+
+
 @pytest.mark.slow
 def test_compiled_inductor_matches_official_outputs(parity) -> None:
     """The real thing (inductor, frozen weights), about 10-40 s per modality on 2 cores."""

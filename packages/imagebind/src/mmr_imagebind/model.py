@@ -589,6 +589,13 @@ class ImageBind(nn.Module):
         ``train()`` and ``load_state_dict``; call it after changing weights any other way."""
         self._compiled.clear()
 
+    def __getstate__(self) -> dict:
+        # Compiled encoders are closures over *this* module: a deepcopy would run the original's weights and
+        # pickling would fail, so copies and pickles start without them.
+        state = dict(super().__getstate__())
+        state["_compiled"] = {}
+        return state
+
     def train(self, mode: bool = True) -> ImageBind:
         if mode:
             self.clear_compiled()
