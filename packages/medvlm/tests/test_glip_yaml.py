@@ -145,8 +145,10 @@ def test_glip_t_yaml_is_glip_tiny_field_by_field_and_builds_the_official_key_set
                 "INPUT.MIN_SIZE_TRAIN", "MODEL.DYHEAD.USE_CHECKPOINT", "MODEL.BACKBONE.FREEZE_CONV_BODY_AT",
                 "MODEL.DYHEAD.TOPK", "MODEL.DYHEAD.FUSE_CONFIG.CONTRASTIVE_HIDDEN_DIM"):
         assert key in report.ignored, key
-    # GLIP trains with DropBlock in the FPN (defaults.py), which our FPN lacks: reported, not hidden.
-    assert list(report.training_only) == ["MODEL.FPN.DROP_BLOCK"]
+    # GLIP trains with DropBlock in the FPN (defaults.py): mapped like every other key, nothing left unbuilt.
+    assert report.training_only == {}
+    assert report.mapped["MODEL.FPN.DROP_BLOCK"] == ("fpn_drop_block", True)
+    assert (cfg.fpn_drop_prob, cfg.fpn_drop_size) == (0.3, 3) and "MODEL.FPN.DROP_PROB" in report.from_defaults
     assert report.checked["MODEL.DYHEAD.FUSE_CONFIG.TYPE"] == "MHA-B"
     assert _meta_state(cfg) == _official_keys()
 
@@ -156,7 +158,7 @@ def test_from_official_yaml_logs_the_report_and_applies_overrides(caplog):
         cfg = GLIPConfig.from_official_yaml(GLIP_T, align_residual=True, max_query_len=64)
     assert cfg.align_residual and cfg.max_query_len == 64 and cfg.num_convs == 6
     text = caplog.text
-    assert "keys mapped" in text and "MODEL.FPN.DROP_BLOCK" in text
+    assert "keys mapped" in text and "0 training-only differences" in text
     with pytest.raises(ValueError, match="no_such_field"):
         GLIPConfig.from_official_yaml(GLIP_T, no_such_field=1)
 
@@ -259,12 +261,12 @@ def test_omitted_keys_take_glips_defaults_not_glip_tiny():
         load_official_glip_yaml("SOLVER:\n  BASE_LR: 0.1\n")
 
 
-def test_strict_raises_for_fpn_dropblock_and_drop_prob_zero_is_accepted():
-    with pytest.raises(ValueError, match="MODEL.FPN.DROP_BLOCK=True"):
-        load_official_glip_yaml(GLIP_T, strict=True)
-    off = GLIP_T.replace("  BACKBONE:\n", "  FPN:\n    DROP_BLOCK: False\n  BACKBONE:\n")
-    _, report = load_official_glip_yaml(off, strict=True)
-    assert report.training_only == {}
+def test_fpn_dropblock_keys_map_and_strict_loads():
+    cfg, report = load_official_glip_yaml(GLIP_T, strict=True)  # nothing official is left unbuilt
+    assert cfg.fpn_drop_block and report.training_only == {}
+    off = GLIP_T.replace("  BACKBONE:\n", "  FPN:\n    DROP_BLOCK: False\n    DROP_SIZE: 5\n  BACKBONE:\n")
+    cfg, report = load_official_glip_yaml(off, strict=True)
+    assert not cfg.fpn_drop_block and cfg.fpn_drop_size == 5 and report.training_only == {}
 
 
 def test_base_chain_is_merged_relative_to_each_file(tmp_path):

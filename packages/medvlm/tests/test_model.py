@@ -324,3 +324,43 @@ def test_glip_t_a_no_early_fusion_trains_and_aligns_with_the_language_backbone()
         dets = model(x, ids, mask, pms, image_sizes=[(96, 128), (80, 100)])
     torch.testing.assert_close(out["logits"][1], expected)
     assert len(dets) == 2 and all(torch.isfinite(d.scores).all() for d in dets)
+
+
+def test_fpn_dropblock_matches_a_direct_computation_and_is_off_in_eval():
+    """GLIP's DropBlock2D: centres drawn at rate prob / size**2 per position, a size x size block zeroed around
+    each (all channels), the rest rescaled by numel / kept; identity in eval mode."""
+    from mmr_medvlm.model import DropBlock2d
+
+    drop = DropBlock2d(0.3, 3).train()
+    x = torch.randn(2, 4, 9, 7)
+    torch.manual_seed(5)
+    out = drop(x)
+    torch.manual_seed(5)
+    centres = torch.rand(2, 9, 7) < 0.3 / 9
+    keep = torch.ones(2, 9, 7)
+    for n, i, j in centres.nonzero().tolist():
+        keep[n, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2] = 0
+    assert 0 < keep.sum() < keep.numel()  # this seed drops some blocks and keeps the rest
+    torch.testing.assert_close(out, x * keep[:, None] * keep.numel() / keep.sum())
+    assert drop.eval()(x) is x
+
+
+def test_glip_tiny_trains_with_fpn_dropblock_and_the_test_size_does_not():
+    """As GLIP's defaults.py: DropBlock(0.3, 3) between each merged top-down feature and its output conv."""
+    from mmr_medvlm.model import Backbone
+
+    cfg = GLIPConfig.from_name("test", fpn_drop_block=True, fpn_drop_prob=0.9)
+    backbone = Backbone(cfg)
+    assert backbone.fpn.drop_block is not None and backbone.fpn.drop_block.prob == 0.9
+    assert GLIPConfig.from_name("glip_tiny").fpn_drop_block and GLIPConfig.from_name("test").fpn_drop_block is False
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        backbone.eval()
+        ref = backbone(images)
+        torch.testing.assert_close(backbone(images), ref)  # eval: deterministic, no blocks dropped
+        backbone.train()
+        torch.manual_seed(0)
+        trained = backbone(images)
+    # P3 and P4 come from dropped top-down features; P5 (and P6/P7 from it) is the top level, never dropped.
+    assert not torch.allclose(trained[0], ref[0]) and not torch.allclose(trained[1], ref[1])
+    torch.testing.assert_close(trained[2], ref[2])

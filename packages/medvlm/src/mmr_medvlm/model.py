@@ -50,6 +50,10 @@ class GLIPConfig:
     swin_heads: tuple[int, ...] = (3, 6, 12, 24)
     swin_window: int = 7
     drop_path_rate: float = 0.2
+    # FPN: GLIP trains with DropBlock on the top-down features (MODEL.FPN.DROP_BLOCK / DROP_PROB / DROP_SIZE)
+    fpn_drop_block: bool = True
+    fpn_drop_prob: float = 0.3
+    fpn_drop_size: int = 3
     # FPN and head
     channels: int = 256
     num_convs: int = 6
@@ -141,6 +145,7 @@ _NAMED: dict[str, dict[str, Any]] = {
     "glip_tiny_a": dict(early_fuse=False, use_fused_features_dot_product=False),
     "test": dict(
         swin_embed_dim=16, swin_depths=(1, 1, 1, 1), swin_heads=(1, 1, 2, 2), swin_window=4, drop_path_rate=0.0,
+        fpn_drop_block=False,
         channels=32, num_convs=2, gn_groups=4, fuse_embed_dim=32, fuse_heads=2, legacy_num_classes=2,
         vocab_size=64, text_dim=32, text_layers=1, text_heads=2, text_intermediate=64, text_max_positions=64,
         max_query_len=32, anchor_sizes=(32, 64, 128, 256, 512),
@@ -197,11 +202,37 @@ class LastLevelP6P7(nn.Module):
         return [p6, self.p7(F.relu(p6))]
 
 
-class FPN(nn.Module):
-    """Top-down FPN over C3-C5 plus P6/P7 from P5 (``fpn_inner2..4``, ``fpn_layer2..4``, ``top_blocks``)."""
+class DropBlock2d(nn.Module):
+    """DropBlock (Ghiasi et al., 2018) as GLIP's FPN uses it: in training, zero ``size`` x ``size`` blocks around
+    centres drawn with rate ``prob / size**2`` per position (shared by the channels), then rescale by
+    kept fraction. Identity in eval mode. No parameters."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int) -> None:
+    def __init__(self, prob: float, size: int) -> None:
         super().__init__()
+        self.prob, self.size = float(prob), int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        centres = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < self.prob / self.size**2).to(x.dtype)
+        dropped = F.max_pool2d(centres, self.size, stride=1, padding=self.size // 2)
+        if self.size % 2 == 0:
+            dropped = dropped[..., :-1, :-1]
+        keep = 1.0 - dropped
+        # GLIP divides by keep.sum() unguarded (inf when a small map loses every position); we return zeros.
+        return x * keep * (keep.numel() / keep.sum().clamp(min=1.0))
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, size={self.size}"
+
+
+class FPN(nn.Module):
+    """Top-down FPN over C3-C5 plus P6/P7 from P5 (``fpn_inner2..4``, ``fpn_layer2..4``, ``top_blocks``);
+    with ``drop_block``, DropBlock on each merged top-down feature before its output conv, in training."""
+
+    def __init__(self, in_channels: Sequence[int], channels: int, drop_block: DropBlock2d | None = None) -> None:
+        super().__init__()
+        self.drop_block = drop_block
         self.names = []
         for i, c in enumerate(in_channels, start=2):
             inner, layer = nn.Conv2d(c, channels, 1), nn.Conv2d(channels, channels, 3, padding=1)
@@ -219,7 +250,8 @@ class FPN(nn.Module):
         for feat, (inner_name, layer_name) in zip(feats[:-1][::-1], self.names[:-1][::-1]):
             lateral = getattr(self, inner_name)(feat)
             inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            results.insert(0, getattr(self, layer_name)(inner))
+            dropped = self.drop_block(inner) if self.drop_block is not None else inner
+            results.insert(0, getattr(self, layer_name)(dropped))
         return results + self.top_blocks(results[-1])
 
 
@@ -227,7 +259,8 @@ class Backbone(nn.Module):
     def __init__(self, cfg: GLIPConfig) -> None:
         super().__init__()
         self.body = SwinBody(cfg)
-        self.fpn = FPN(self.body.out_channels, cfg.channels)
+        drop = DropBlock2d(cfg.fpn_drop_prob, cfg.fpn_drop_size) if cfg.fpn_drop_block else None
+        self.fpn = FPN(self.body.out_channels, cfg.channels, drop)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.fpn(self.body(images))

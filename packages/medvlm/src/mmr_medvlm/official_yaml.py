@@ -45,6 +45,7 @@ _OFFICIAL_DEFAULTS: dict[str, Any] = {
     "MODEL.FPN.RETURN_SWINT_FEATURE_BEFORE_FUSION": False,
     "MODEL.FPN.DROP_BLOCK": True,
     "MODEL.FPN.DROP_PROB": 0.3,
+    "MODEL.FPN.DROP_SIZE": 3,
     "MODEL.GROUP_NORM.NUM_GROUPS": 16,
     "MODEL.LANGUAGE_BACKBONE.MODEL_TYPE": "bert-base-uncased",
     "MODEL.LANGUAGE_BACKBONE.TOKENIZER_TYPE": "bert-base-uncased",
@@ -118,6 +119,9 @@ _YAML_TO_FIELD: dict[str, tuple[str, Any]] = {
     "MODEL.SWINT.NUM_HEADS": ("swin_heads", lambda v: tuple(int(x) for x in _tuple(v))),
     "MODEL.SWINT.WINDOW_SIZE": ("swin_window", int),
     "MODEL.SWINT.DROP_PATH_RATE": ("drop_path_rate", float),
+    "MODEL.FPN.DROP_BLOCK": ("fpn_drop_block", bool),
+    "MODEL.FPN.DROP_PROB": ("fpn_drop_prob", float),
+    "MODEL.FPN.DROP_SIZE": ("fpn_drop_size", int),
     "MODEL.DYHEAD.CHANNELS": ("channels", int),
     "MODEL.DYHEAD.NUM_CONVS": ("num_convs", int),
     "MODEL.GROUP_NORM.NUM_GROUPS": ("gn_groups", int),
@@ -232,7 +236,6 @@ _YAML_IGNORED: dict[str, str] = {
     "MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT": "gradient checkpointing (memory only)",
     "MODEL.BACKBONE.": "read only by the ResNet/EfficientDet builders, not by SWINT-FPN-RETINANET",
     "MODEL.FPN.USE_DYRELU": "not read by the SWINT-FPN-RETINANET builder",
-    "MODEL.FPN.DROP_SIZE": "DropBlock block size (see MODEL.FPN.DROP_BLOCK)",
     "MODEL.GROUP_NORM.DIM_PER_GP": "only the FPN's GroupNorm reads it (MODEL.FPN.USE_GN is False)",
     "MODEL.GROUP_NORM.EPSILON": "only the FPN's GroupNorm reads it (MODEL.FPN.USE_GN is False)",
     "MODEL.LANGUAGE_BACKBONE.": "tokenizer padding, weights or RNN-encoder settings, not the BERT network",
@@ -265,10 +268,8 @@ _YAML_IGNORED: dict[str, str] = {
 
 # Training-time behaviour of the official model that this implementation does not have: listed in the
 # report and logged as a warning (or raised with strict=True). Checked as key -> value that is harmless.
-_YAML_TRAINING_ONLY: dict[str, tuple[Any, str]] = {  # (with MODEL.FPN.DROP_PROB > 0)
-    "MODEL.FPN.DROP_BLOCK": (False, "GLIP applies DropBlock2D(DROP_PROB, DROP_SIZE) to the FPN's top-down features "
-                                    "in training; our FPN does not (no parameters, inference unaffected)"),
-}
+# None at present: the FPN's DropBlock, the last one, is built (``GLIPConfig.fpn_drop_block``).
+_YAML_TRAINING_ONLY: dict[str, tuple[Any, str]] = {}
 
 
 @dataclass
@@ -362,8 +363,8 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
         path_or_text: A yaml file path, or the yaml text itself. ``_BASE_`` (a path or list of paths,
             relative to the including file) is merged first, as detectron2-style configs do.
         base_dir: Where ``_BASE_`` paths of yaml *text* are resolved (default: the current directory).
-        strict: Also raise for official training-time behaviour we lack (FPN DropBlock) instead of
-            listing it in ``report.training_only``.
+        strict: Also raise for official training-time behaviour we lack instead of listing it in
+            ``report.training_only`` (none at present).
 
     Returns:
         The config and the report of what happened to every key.
@@ -409,7 +410,7 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
         report.checked[key] = value
     for key, (harmless, why) in _YAML_TRAINING_ONLY.items():
         value = get(key)
-        if value != harmless and float(get("MODEL.FPN.DROP_PROB")) > 0:
+        if value != harmless:
             if strict:
                 raise ValueError(f"GLIP yaml {key}={value!r} is not implemented: {why}")
             report.training_only[key] = why
