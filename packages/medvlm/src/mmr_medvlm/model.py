@@ -204,8 +204,8 @@ class LastLevelP6P7(nn.Module):
 
 class DropBlock2d(nn.Module):
     """DropBlock (Ghiasi et al., 2018) as GLIP's FPN uses it: in training, zero ``size`` x ``size`` blocks around
-    centres drawn with rate ``prob / size**2`` per position (shared by the channels), then rescale by
-    kept fraction. Identity in eval mode. No parameters."""
+    centres drawn with rate ``prob / size**2`` per position (shared by the channels), then rescale by the
+    inverse of the kept fraction. Identity in eval mode. No parameters."""
 
     def __init__(self, prob: float, size: int) -> None:
         super().__init__()
