@@ -25,7 +25,7 @@ def test_blood_scene_classes_differ_by_size_and_colour():
     assert mean["colorless"] < mean["red"] < mean["purple"]
 
 
-def test_smear_background_is_one_the_natural_scenes_cover():
+def test_smear_background_lies_in_the_natural_scenes_range():
     """The blood scenes differ from pretraining in their words, not in a background the detector never saw."""
     import numpy as np
 

@@ -592,7 +592,7 @@ class ImageBind(nn.Module):
     def __getstate__(self) -> dict:
         # Compiled encoders are closures over *this* module: a deepcopy would run the original's weights and
         # pickling would fail, so copies and pickles start without them.
-        state = dict(super().__getstate__())
+        state = self.__dict__.copy()  # object.__getstate__ only exists from Python 3.11
         state["_compiled"] = {}
         return state
 

@@ -112,10 +112,12 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, _packed_sdpa_mask)
 IMAGE_ASPECT_RATIOS = ("pad", "square")
 
 
-def check_image_aspect_ratio(value: str, where: str = "image_aspect_ratio") -> str:
-    """Return ``value`` if it is one of :data:`IMAGE_ASPECT_RATIOS`, else raise a ValueError naming ``where``."""
+def check_image_aspect_ratio(value: str, where: str | None = None) -> str:
+    """Return ``value`` if it is one of :data:`IMAGE_ASPECT_RATIOS`, else raise a ValueError (prefixed with
+    ``where``, e.g. the config file, when given)."""
     if value not in IMAGE_ASPECT_RATIOS:
-        raise ValueError(f"{where}: image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {value!r} "
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {value!r} "
                          "(LLaVA-NeXT's 'anyres' is not supported)")
     return value
 
