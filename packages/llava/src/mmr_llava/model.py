@@ -26,6 +26,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 IGNORE_INDEX = -100
+# The original LLaVA's IMAGE_TOKEN_INDEX: an id outside every vocabulary that marks image positions in
+# ``input_ids`` without a ``<image>`` entry in the tokenizer (official checkpoints have exactly
+# ``vocab_size`` tokens). ``LlavaModel.embed`` accepts it beside ``LlavaConfig.image_token_index``.
+IMAGE_SENTINEL = -200
 
 # CLIP ViT-L/14 at 224 and 336 pixels (the towers LLaVA v1 and v1.5 use).
 _CLIP_L14 = dict(
@@ -334,7 +338,7 @@ class LlavaModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Word embeddings with image features written at the image-token positions."""
-        image_mask = input_ids == self.config.image_token_index
+        image_mask = (input_ids == self.config.image_token_index) | (input_ids == IMAGE_SENTINEL)
         # The image token may lie outside the vocabulary: embed a harmless id there instead.
         embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         n_tokens = int(image_mask.sum())
@@ -342,7 +346,8 @@ class LlavaModel(nn.Module):
         expected = n_images * self.config.num_patches
         if n_tokens != expected:
             raise ValueError(
-                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but "
+                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index} or "
+                f"{IMAGE_SENTINEL}) but "
                 f"{n_images} image(s) x {self.config.num_patches} patches = {expected} are needed")
         if n_images == 0:
             return embeds
