@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +30,18 @@ def test_sqa_prompt_parse_and_score():
     assert "Context: N/A" in sqa.build_question(PROBLEMS["1"])
     assert [sqa.parse_answer(t, 3) for t in ["B", "(C)", "A.", "The answer is B.", "dog", "D"]] == [1, 2, 0, 1, -1, -1]
     s = sqa.score(PROBLEMS, {"1": 1, "2": 0, "3": 0})
-    assert s["Average"] == pytest.approx(200 / 3) and s["NAT"] == 100 and s["LAN"] == 0 and s["SOC"] == 100
+    assert s["Avg"] == pytest.approx(200 / 3) and s["NAT"] == 100 and s["LAN"] == 0 and s["SOC"] == 100
     assert s["NO"] == 100 and s["IMG"] == 50 and s["TXT"] == 0 and s["G1-6"] == 100 and s["G7-12"] == 0
     assert "| NAT |" in sqa.format_table(s)
+
+
+def test_sqa_score_is_the_shared_scorer_on_the_golden_table():
+    """One scorer for the repository: the golden table of mmr-core's tests, through ``sqa.score``."""
+    golden = json.loads((Path(__file__).resolve().parents[3] / "shared" / "tests" / "data"
+                         / "scienceqa_golden.json").read_text())
+    scores = sqa.score(golden["problems"], golden["predictions"])  # p7 has no prediction: wrong
+    # [correct, total] pairs of small integers, divided once in float64 here and in the scorer: equal.
+    assert scores == {c: 100.0 * hit / total for c, (hit, total) in golden["expected"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -72,5 +82,5 @@ def test_eval_sqa_cli(trained, tmp_path, capsys):
     cli_main(["eval-sqa", "--model", str(trained / "run" / "model"), "--problems", str(tmp_path / "problems.json"),
               "--image-folder", str(tmp_path / "img"), "--batch-size", "2", "--out", str(tmp_path / "a.jsonl")])
     out = capsys.readouterr().out
-    assert "| NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 | Average |" in out
+    assert "| NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 | Avg |" in out
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3

@@ -4,7 +4,8 @@ A problem is a ScienceQA ``problems.json`` entry: ``question``, ``choices``, ``a
 (text context), ``image`` (file name or null), ``subject`` (natural / social / language science) and
 ``grade`` (``grade1`` .. ``grade12``). The prompt is ``question``, ``Context: <hint or N/A>``,
 ``Options: (A) .. (B) ..`` and the instruction to answer with the letter, as in LLaVA's evaluation.
-Classes: NAT/SOC/LAN (subject), TXT (has text context), IMG (has an image), NO (neither), G1-6, G7-12.
+Classes: NAT/SOC/LAN, TXT, IMG, NO, G1-6, G7-12 and Avg, scored by the repository's one ScienceQA scorer
+(``mmr_core.scienceqa``, the official category definitions).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmr_core.scienceqa import AVERAGE, CATEGORIES, category_accuracy
+
 LETTERS = "ABCDEFGHIJ"
 ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-CLASSES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 
 
 def build_question(problem: dict[str, Any]) -> str:
@@ -42,29 +44,12 @@ def parse_answer(text: str, n_choices: int) -> int:
     return -1
 
 
-def classes_of(problem: dict[str, Any]) -> list[str]:
-    subject = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
-    out = [subject[problem["subject"]]] if problem.get("subject") in subject else []
-    has_txt, has_img = bool((problem.get("hint") or "").strip()), bool(problem.get("image"))
-    out += (["TXT"] if has_txt else []) + (["IMG"] if has_img else []) + ([] if has_txt or has_img else ["NO"])
-    grade = int(re.sub(r"\D", "", str(problem.get("grade", "0"))) or 0)
-    if grade:
-        out.append("G1-6" if grade <= 6 else "G7-12")
-    return out
-
-
 def score(problems: dict[str, dict[str, Any]], predictions: dict[str, int]) -> dict[str, float]:
-    """Accuracy (%) per class and on average; a missing or unparsable prediction counts as wrong."""
-    hits: dict[str, list[int]] = {c: [] for c in CLASSES}
-    total = []
-    for pid, prob in problems.items():
-        ok = int(predictions.get(pid, -1) == prob["answer"])
-        total.append(ok)
-        for c in classes_of(prob):
-            hits[c].append(ok)
-    out = {c: 100.0 * sum(v) / len(v) for c, v in hits.items() if v}
-    out["Average"] = 100.0 * sum(total) / max(1, len(total))
-    return out
+    """Accuracy (%) per class and on average (``Avg``) over all ``problems``.
+
+    A missing or unparsable prediction counts as wrong; a class without problems is left out.
+    """
+    return category_accuracy(predictions, problems, pids=problems)
 
 
 def evaluate(answer_fn: Callable[[list[str], list[list[Any]]], list[str]], problems: dict[str, dict[str, Any]],
@@ -95,6 +80,6 @@ def evaluate(answer_fn: Callable[[list[str], list[list[Any]]], list[str]], probl
 
 
 def format_table(scores: dict[str, float]) -> str:
-    cols = [c for c in (*CLASSES, "Average") if c in scores]
+    cols = [c for c in (*CATEGORIES, AVERAGE) if c in scores]
     return ("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n| "
             + " | ".join(f"{scores[c]:.2f}" for c in cols) + " |")
