@@ -59,7 +59,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--save-every", type=int, default=4)
     parser.add_argument("--keep-last", type=int, default=2)
-    parser.add_argument("--preempt-at-step", type=int, default=0, help="rank 1 sends itself SIGUSR1")
+    parser.add_argument("--preempt-at-step", type=int, default=0, help="rank 1 asks for a stop at this step")
+    parser.add_argument(
+        "--preempt-with", choices=("signal", "file"), default="signal",
+        help="how rank 1 asks: SIGUSR1 to itself, or creating $MMR_PREEMPT_FILE",
+    )  # fmt: skip
+    parser.add_argument("--kill-at-step", type=int, default=0, help="rank 1 SIGKILLs itself after this step")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     args = parser.parse_args()
 
@@ -92,6 +97,7 @@ def main() -> None:
         "omp_threads": torch.get_num_threads(),
         "losses": {},
         "preempted": False,
+        "pid": os.getpid(),
     }
     data_state = {"epoch": 0, "micro_step": 0, "samples_seen": 0}
     resumed = load_checkpoint(engine, args.ckpt_dir)
@@ -129,7 +135,12 @@ def main() -> None:
         if args.step_sleep:
             time.sleep(args.step_sleep)
         if args.preempt_at_step == step and env.rank == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            if args.preempt_with == "signal":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                Path(os.environ["MMR_PREEMPT_FILE"]).touch()
+        if args.kill_at_step == step and env.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank dying between checkpoints (no save in flight)
         if stop.should_stop():
             save_checkpoint(engine, args.ckpt_dir, step, data_state, keep_last=args.keep_last)
             report.update(preempted=True, stopped_at=step, data_state=data_state, rng=rng_fingerprint())

@@ -46,6 +46,8 @@ _EXPORTS = {
     "step_tag": "checkpoint",
     "PreemptionHandler": "preemption",
     "PREEMPTED_EXIT_CODE": "preemption",
+    "checkpoint_problem": "checkpoint",
+    "supervise": "supervise",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,6 +7,11 @@ the same point on every rank; the ranks agree through an all-reduce, save togeth
 
 The SLURM scripts also ``touch $MMR_PREEMPT_FILE`` when the batch shell receives USR1: only the batch
 shell gets ``--signal=B:USR1@120``, and a file on the shared file system reaches every node.
+
+Under :mod:`mmr_core.distributed.supervise` (the wrapper the SLURM scripts put around the ``deepspeed``
+launcher), :meth:`PreemptionHandler.exit` also leaves a marker in ``$MMR_SUPERVISE_DIR``: the launcher
+reports a signalled run as failed (143, 1), and the marker is how the wrapper knows the ranks saved and
+that 75 is the status to pass on.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-#: Exit status of a run that stopped on preemption after saving (EX_TEMPFAIL: "try again later").
-PREEMPTED_EXIT_CODE = 75
+from .supervise import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_PREFIX, SUPERVISE_DIR_ENV
+
+__all__ = ["PREEMPTED_EXIT_CODE", "PreemptionHandler"]
 
 
 class PreemptionHandler:
@@ -83,4 +89,12 @@ class PreemptionHandler:
 
     def exit(self) -> None:
         """Leave the process with :data:`PREEMPTED_EXIT_CODE` (after the caller saved and finalised)."""
+        supervise_dir = os.environ.get(SUPERVISE_DIR_ENV)
+        if supervise_dir:
+            rank = os.environ.get("RANK", "0")
+            marker = Path(supervise_dir) / f"{PREEMPTED_MARKER_PREFIX}rank{rank}.pid{os.getpid()}"
+            try:
+                marker.write_text(f"{PREEMPTED_EXIT_CODE}\n")
+            except OSError as err:  # the exit status still says 75; only the wrapper's evidence is lost
+                print(f"[mmr] could not write the preemption marker {marker}: {err}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
