@@ -1,5 +1,7 @@
 """Both checkpoint layouts: save, load, convert, stage-1 projector files, transformers interop."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 import transformers
 
 from mmr_llava import checkpoint as ckpt
-from mmr_llava.model import build_model
+from mmr_llava.model import LlavaConfig, build_model
 
 
 def _same(a, b):
@@ -156,3 +158,127 @@ def test_unknown_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="neither"):
         ckpt.load_pretrained(tmp_path)
+
+
+# -- checkpoints written by transformers itself ------------------------------------------------------
+
+def _transformers_llava(projector_hidden_act: str, seed: int = 0) -> transformers.LlavaForConditionalGeneration:
+    """A random-weight transformers llava of the "tiny" sizes (eager attention, as ours in the comparison)."""
+    torch.manual_seed(seed)
+    tiny = LlavaConfig.from_name("tiny")
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**tiny.vision),
+        text_config=transformers.LlamaConfig(**{k: v for k, v in tiny.text.items() if k != "model_type"}),
+        image_token_index=tiny.image_token_index, projector_hidden_act=projector_hidden_act,
+        image_seq_length=tiny.num_patches, attn_implementation="eager")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    # transformers initialises linears with std 0.02, so the projector's pre-activations would stay near 0,
+    # where all GELU variants agree; std 2/sqrt(fan_in) spreads them over about [-4, 4] (the vision features
+    # have unit scale), where the activations differ (tanh GELU from erf GELU by up to ~2e-4).
+    linear_1 = model.model.multi_modal_projector.linear_1
+    with torch.no_grad():
+        linear_1.weight.normal_(0, 2 / linear_1.in_features ** 0.5)
+    return model
+
+
+def _image_batch(image_token_index: int, num_patches: int, image_size: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 250, (2, 12 + num_patches), generator=g)
+    ids[:, 3:3 + num_patches] = image_token_index
+    return ids, torch.randn(2, 3, image_size, image_size, generator=g)
+
+
+# Both sides run the same float32 modules on the same weights; they can differ only where a kernel
+# reorders a reduction (dot products of at most 128 terms of unit scale: worst-case rounding about
+# 128 * 2**-24 ~ 8e-6 of the logits' scale, |logits| < 1 here, the same on any x86 BLAS). 1e-5 holds that
+# and is below the gaps this test must detect: a wrong projector activation moves the logits by 1e-4
+# (erf vs tanh GELU) to 6e-2 (GELU vs SiLU), a difference of the functions themselves, not of rounding.
+_LOGIT_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu", "gelu_pytorch_tanh", "silu"])
+def test_checkpoint_written_by_installed_transformers(tmp_path, act):
+    """A folder saved by the installed transformers loads with its projector activation; our logits equal
+    transformers'; both our layouts keep the activation on a round trip."""
+    theirs = _transformers_llava(act)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = ckpt.load_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert ours.config.projector_type == f"mlp2x_{act}"
+    cfg = ours.config
+    ids, pixels = _image_batch(cfg.image_token_index, cfg.num_patches, cfg.image_size)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(ours(ids, pixels)["logits"], expected, rtol=0, atol=_LOGIT_ATOL)
+        if act != "gelu":  # what ignoring projector_hidden_act (a GELU projector) gave: far outside the bound
+            gelu = copy.deepcopy(ours)
+            gelu.projector[1] = torch.nn.GELU()
+            assert (gelu(ids, pixels)["logits"] - expected).abs().max() > 5 * _LOGIT_ATOL
+    for layout in ("hf", "original"):
+        ckpt.save_pretrained(ours, tmp_path / layout / "again", layout=layout)
+        written = json.loads((tmp_path / layout / "again" / "config.json").read_text())
+        if layout == "hf":
+            assert written["projector_hidden_act"] == act
+        else:  # the original refuses a projector type it does not know rather than running GELU
+            assert written["mm_projector_type"] == f"mlp2x_{act}"
+        again = ckpt.load_pretrained(tmp_path / layout / "again", attn_implementation="eager").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids, pixels)["logits"], expected, rtol=0, atol=_LOGIT_ATOL)
+
+
+def _rename(state, *renames):
+    out = {}
+    for k, v in state.items():
+        for old, new in renames:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
+def test_every_transformers_key_layout_loads(tmp_path):
+    """The key names transformers 4.x and 5.x write (and hold in memory) all load to the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    _transformers_llava("gelu").save_pretrained(tmp_path / "v5")
+    written = load_file(str(tmp_path / "v5" / "model.safetensors"))
+    # transformers 5 writes the CLIP tower without its vision_model level.
+    assert "vision_tower.embeddings.class_embedding" in written
+    reference = ckpt.load_pretrained(tmp_path / "v5")
+    layouts = {
+        # 4.x files (4.52+ reverse their _checkpoint_conversion_mapping on save): CLIP keeps vision_model.
+        "v4_file": _rename(written, ("vision_tower.", "vision_tower.vision_model.")),
+        # 4.52+ in memory (a state dict saved directly): model.* parts, the LlamaModel without its own prefix.
+        "v4_memory": _rename(written, ("vision_tower.", "model.vision_tower.vision_model."),
+                             ("multi_modal_projector.", "model.multi_modal_projector."),
+                             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")),
+        # 5.x in memory.
+        "v5_memory": _rename(written, ("vision_tower.", "model.vision_tower."),
+                             ("multi_modal_projector.", "model.multi_modal_projector."),
+                             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")),
+    }
+    for name, state in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "v5" / "config.json").read_text())
+        save_file(state, str(folder / "model.safetensors"))
+        _same(reference, ckpt.load_pretrained(folder))
+    mixed = {**layouts["v4_file"], **layouts["v5_memory"]}
+    with pytest.raises(KeyError, match="both hold"):
+        ckpt.from_hf_keys(mixed)
+    with pytest.raises(KeyError, match="unexpected key 'image_newline'"):
+        ckpt.from_hf_keys({"image_newline": torch.zeros(1)})
+
+
+def test_unsupported_projector_activation_is_named(tmp_path):
+    _transformers_llava("gelu").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value, match in (("projector_hidden_act", "prelu", "projector_hidden_act: projector activation 'prelu'"),
+                              ("projector_hidden_act", "no_such_act", "no_such_act"),
+                              ("multimodal_projector_bias", False, "multimodal_projector_bias")):
+        (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=match) as err:
+            ckpt.load_pretrained(tmp_path)
+        assert str(tmp_path / "config.json") in str(err.value)
+    with pytest.raises(ValueError, match="mlp2x_relu_and_more"):
+        build_model(dataclasses.replace(LlavaConfig.from_name("tiny"), projector_type="mlp2x_relu_and_more"))

@@ -30,7 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmr_llava.data import CLIP_MEAN, CLIP_STD
-from mmr_llava.model import KNOWN_VISION_TOWERS, LlavaConfig, LlavaModel, check_image_aspect_ratio
+from mmr_llava.model import (
+    KNOWN_VISION_TOWERS,
+    LlavaConfig,
+    LlavaModel,
+    check_image_aspect_ratio,
+    projector_activation,
+    projector_mlp_activation,
+)
 
 _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                 "patch_size", "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
@@ -76,6 +83,8 @@ def config_to_original(cfg: LlavaConfig) -> dict[str, Any]:
         mm_vision_select_feature=cfg.vision_select_feature, mm_use_im_start_end=cfg.mm_use_im_start_end,
         mm_use_im_patch_token=cfg.mm_use_im_patch_token, mm_patch_merge_type="flat", image_aspect_ratio=cfg.image_aspect_ratio,
         use_mm_proj=True,
+        # mm_projector_type "mlp2x_<activation>" (a projector activation other than GELU, from a Hugging Face
+        # checkpoint) is a name the original refuses loudly rather than running GELU in its place.
         # Ours, so that a checkpoint is self-contained offline (the original relies on the Hub name).
         mmr_vision_config=dict(cfg.vision), mmr_image_token_index=cfg.image_token_index,
     )
@@ -121,10 +130,12 @@ def _aspect_ratio(value: Any, where: str) -> str:
 
 
 def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
-    """The Hugging Face ``llava`` config.json for a model (2-layer GELU MLP projector only)."""
-    if cfg.projector_type != "mlp2x_gelu":
-        raise ValueError(f"the Hugging Face llava layout only holds an mlp2x_gelu projector, not "
-                         f"'{cfg.projector_type}'; keep this model in the original layout")
+    """The Hugging Face ``llava`` config.json for a model (2-layer MLP projector only; its activation is
+    written as ``projector_hidden_act``)."""
+    mlp = projector_mlp_activation(cfg.projector_type)
+    if mlp is None or mlp[0] != 2:
+        raise ValueError(f"the Hugging Face llava layout only holds a 2-layer MLP projector (mlp2x_gelu or "
+                         f"mlp2x_<activation>), not '{cfg.projector_type}'; keep this model in the original layout")
     if cfg.mm_use_im_start_end:
         raise ValueError("the Hugging Face llava layout has no mm_use_im_start_end (its processor never inserts "
                          "<im_start>/<im_end>); keep this model in the original layout")
@@ -134,7 +145,7 @@ def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
 
     hf = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**cfg.vision), text_config=build_text_config(cfg.text),
-        image_token_index=cfg.image_token_index, projector_hidden_act="gelu",
+        image_token_index=cfg.image_token_index, projector_hidden_act=mlp[1],
         vision_feature_layer=cfg.vision_select_layer,
         vision_feature_select_strategy="default" if cfg.vision_select_feature == "patch" else "full",
         image_seq_length=cfg.num_patches, tie_word_embeddings=bool(cfg.text.get("tie_word_embeddings", False)),
@@ -144,15 +155,28 @@ def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
     return out
 
 
-def config_from_hf(d: dict[str, Any]) -> LlavaConfig:
-    """A LlavaConfig from a Hugging Face ``llava`` config.json."""
+def config_from_hf(d: dict[str, Any], where: str = "config.json") -> LlavaConfig:
+    """A LlavaConfig from a Hugging Face ``llava`` config.json.
+
+    Raises:
+        ValueError: Settings we cannot run as transformers does (several vision layers, a projector without
+            biases, a ``projector_hidden_act`` with weights of its own); the message names ``where`` and the key.
+    """
     text = d["text_config"]
     layer = d.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
-        raise ValueError(f"vision_feature_layer={layer!r}: only a single layer is supported")
+        raise ValueError(f"{where}: vision_feature_layer={layer!r}: only a single layer is supported")
+    if not d.get("multimodal_projector_bias", True):
+        raise ValueError(f"{where}: multimodal_projector_bias is false; only projectors with biases are supported")
+    # transformers' projector is linear_1, ACT2FN[projector_hidden_act], linear_2 (default "gelu").
+    activation = str(d.get("projector_hidden_act") or "gelu")
+    try:
+        projector_activation(activation)
+    except ValueError as err:
+        raise ValueError(f"{where}: projector_hidden_act: {err}") from None
     return LlavaConfig(
         vision=_vision_dict(d["vision_config"]), text=_text_dict(text, text.get("model_type", "llama")),
-        projector_type="mlp2x_gelu", vision_select_layer=layer,
+        projector_type=f"mlp2x_{activation}", vision_select_layer=layer,
         vision_select_feature="patch" if d.get("vision_feature_select_strategy", "default") == "default"
         else "cls_patch",
         image_token_index=int(d.get("image_token_index", d.get("image_token_id", 32000))),
@@ -218,28 +242,40 @@ def to_hf_keys(state: dict[str, torch.Tensor], lm_prefix: str = "model") -> dict
     return out
 
 
+# Every prefix transformers writes or holds for a llava model's parts, ours on the right. On disk, 4.x files
+# (and 4.52+ ones, whose save_pretrained reverses its _checkpoint_conversion_mapping) hold
+# vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*;
+# 5.x writes the same except vision_tower.* (its CLIPVisionModel has no vision_model level). In memory,
+# 4.52+ and 5.x have model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.*,
+# which a state dict saved directly holds. The lm_head pattern comes before the language model's.
+_HF_KEY_PATTERNS = (
+    (re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?"), "vision_tower."),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_1\."), "projector.0."),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_2\."), "projector.2."),
+    (re.compile(r"^(?:language_model\.)?lm_head\."), "language_model.lm_head."),
+    (re.compile(r"^(?:model\.)?language_model\.(?:model\.)?"), "language_model.{lm_prefix}."),
+)
+
+
 def from_hf_keys(state: dict[str, torch.Tensor], lm_prefix: str = "model") -> dict[str, torch.Tensor]:
-    """Hugging Face llava names (current or pre-v5 on-disk) -> ours."""
-    out = {}
+    """Hugging Face llava names, as any transformers 4.x or 5.x writes them (see ``_HF_KEY_PATTERNS``) -> ours.
+
+    Raises:
+        KeyError: A key of no llava part, or two keys that name the same parameter (a file mixing layouts).
+    """
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for k, v in state.items():
-        # Pre-v5 files: vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*,
-        # language_model.lm_head.*
-        k = re.sub(r"^vision_tower\.vision_model\.", "model.vision_tower.", k)
-        k = re.sub(r"^multi_modal_projector\.", "model.multi_modal_projector.", k)
-        k = re.sub(r"^language_model\.model\.", "model.language_model.", k)
-        k = re.sub(r"^language_model\.lm_head\.", "lm_head.", k)
-        if k.startswith("model.vision_tower."):
-            out["vision_tower." + k.removeprefix("model.vision_tower.").removeprefix("vision_model.")] = v
-        elif k.startswith("model.multi_modal_projector.linear_1."):
-            out["projector.0." + k.removeprefix("model.multi_modal_projector.linear_1.")] = v
-        elif k.startswith("model.multi_modal_projector.linear_2."):
-            out["projector.2." + k.removeprefix("model.multi_modal_projector.linear_2.")] = v
-        elif k.startswith("model.language_model."):
-            out[f"language_model.{lm_prefix}." + k.removeprefix("model.language_model.")] = v
-        elif k.startswith("lm_head."):
-            out["language_model." + k] = v
+        for pattern, ours in _HF_KEY_PATTERNS:
+            match = pattern.match(k)
+            if match:
+                name = ours.format(lm_prefix=lm_prefix) + k[match.end():]
+                break
         else:
             raise KeyError(f"unexpected key '{k}' in a Hugging Face llava checkpoint")
+        if name in out:
+            raise KeyError(f"keys '{origin[name]}' and '{k}' both hold '{name}' in a Hugging Face llava checkpoint")
+        out[name], origin[name] = v, k
     return out
 
 
@@ -360,7 +396,7 @@ def read_config(folder: str | Path) -> tuple[LlavaConfig, str]:
     layout = detect_layout(d)
     if layout == "original":
         return config_from_original(d, str(path)), layout
-    cfg = config_from_hf(d)
+    cfg = config_from_hf(d, str(path))
     # Without a preprocessor_config.json the config's default stays: "pad", what LLaVA-1.5 was trained with.
     aspect = image_aspect_ratio_from_hf(folder, cfg.vision["image_size"])
     return (cfg if aspect is None else dataclasses.replace(cfg, image_aspect_ratio=aspect)), layout
@@ -372,7 +408,10 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> Ll
     cfg, layout = read_config(folder)
     model = LlavaModel(cfg, attn_implementation=attn_implementation)
     raw = _read_weights(folder)
-    state = from_hf_keys(raw, _lm_prefix(model)) if layout == "hf" else from_original_keys(raw)
+    try:
+        state = from_hf_keys(raw, _lm_prefix(model)) if layout == "hf" else from_original_keys(raw)
+    except KeyError as err:
+        raise KeyError(f"{folder}: {err.args[0]}") from None
     load_state(model, state, where=str(folder))
     return model
 

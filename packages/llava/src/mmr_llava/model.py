@@ -134,7 +134,9 @@ class LlavaConfig:
         vision: Keyword arguments of ``transformers.CLIPVisionConfig``.
         text: Keyword arguments of the language model config; ``model_type`` picks the family
             (``llama``, ``mistral``, ``qwen2``, ...).
-        projector_type: ``linear`` or ``mlp{N}x_gelu`` (N linear layers with GELU between).
+        projector_type: ``linear``, ``identity`` or ``mlp{N}x_gelu`` (N linear layers with GELU between,
+            the original's); ``mlp{N}x_<activation>`` uses another activation of transformers' ``ACT2FN``
+            (a Hugging Face checkpoint's ``projector_hidden_act``, e.g. ``mlp2x_quick_gelu``).
         vision_select_layer: Which hidden state of the vision tower feeds the projector.
         vision_select_feature: ``patch`` (drop CLS, the LLaVA default) or ``cls_patch``.
         image_token_index: Token id that marks one image-patch position in ``input_ids``. It may lie
@@ -222,8 +224,43 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# ACT2FN entries with weights of their own: the Hugging Face llava layout has no keys for them.
+_WEIGHTED_ACTIVATIONS = ("prelu", "xielu")
+
+
+def projector_activation(name: str) -> nn.Module:
+    """The activation between a projector's linears: ``gelu`` (the original's ``nn.GELU``) or any other
+    parameter-free entry of ``transformers.activations.ACT2FN`` (what ``projector_hidden_act`` names in a
+    Hugging Face llava config; transformers' projector calls ``ACT2FN[projector_hidden_act]``).
+
+    Raises:
+        ValueError: Unknown names, and activations with weights or buffers of their own (``prelu``,
+            ``xielu``); the message lists the supported names.
+    """
+    if name == "gelu":
+        return nn.GELU()  # exact (erf) GELU, the same function as ACT2FN["gelu"]
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    module = ACT2FN[name] if name in ACT2CLS and name not in _WEIGHTED_ACTIVATIONS else None
+    if module is None or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        supported = sorted(n for n in ACT2CLS if n not in _WEIGHTED_ACTIVATIONS)
+        raise ValueError(f"projector activation '{name}' is not supported; use one of {supported}")
+    return module
+
+
+def projector_mlp_activation(projector_type: str) -> tuple[int, str] | None:
+    """``(number of linears, activation name)`` of an ``mlp{N}x_{activation}`` projector type, else None."""
+    match = re.fullmatch(r"mlp(\d+)x_(\w+)", projector_type)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
 def build_projector(projector_type: str, vision_hidden: int, text_hidden: int) -> nn.Module:
-    """``linear``, ``mlp{N}x_gelu`` (indices 0, 2, 4, ... hold the linears, as in the original) or ``identity``."""
+    """``linear``, ``mlp{N}x_{activation}`` (indices 0, 2, 4, ... hold the linears, as in the original) or
+    ``identity``.
+
+    ``mlp{N}x_gelu`` is the original's projector; another activation (``mlp2x_quick_gelu``, ``mlp2x_silu``, ...)
+    is a Hugging Face llava checkpoint's ``projector_hidden_act`` (see :func:`projector_activation`).
+    """
     if projector_type == "linear":
         return nn.Linear(vision_hidden, text_hidden)
     if projector_type == "identity":  # the original's IdentityMap: no parameters, widths must agree
@@ -231,12 +268,18 @@ def build_projector(projector_type: str, vision_hidden: int, text_hidden: int) -
             raise ValueError(f"projector_type 'identity' needs equal widths, got vision {vision_hidden} and "
                              f"text {text_hidden}")
         return nn.Identity()
-    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown projector_type '{projector_type}'; use 'linear', 'mlp<N>x_gelu' or 'identity'")
+    mlp = projector_mlp_activation(projector_type)
+    if mlp is None or mlp[0] < 1:
+        raise ValueError(f"unknown projector_type '{projector_type}'; use 'linear', 'mlp<N>x_gelu' (or another "
+                         "activation: 'mlp<N>x_<name>') or 'identity'")
+    depth, activation = mlp
+    try:
+        projector_activation(activation)  # a named error before any layer is built
+    except ValueError as err:
+        raise ValueError(f"projector_type '{projector_type}': {err}") from None
     layers: list[nn.Module] = [nn.Linear(vision_hidden, text_hidden)]
-    for _ in range(int(match.group(1)) - 1):
-        layers += [nn.GELU(), nn.Linear(text_hidden, text_hidden)]
+    for _ in range(depth - 1):
+        layers += [projector_activation(activation), nn.Linear(text_hidden, text_hidden)]
     return nn.Sequential(*layers)
 
 
