@@ -135,6 +135,10 @@ def test_clip_timepoints_follow_pytorchvideo_sampler() -> None:
 def test_image_modes(tmp_path: Path) -> None:
     rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
     base = D.load_and_transform_vision([Image.fromarray(rgb)])
+    # Any format PIL reads: a lossless WebP gives the same pixels, hence the same input, as the array.
+    assert {".webp", ".tiff", ".bmp", ".png", ".jpg"} <= D.image_extensions()
+    Image.fromarray(rgb).save(tmp_path / "x.webp", lossless=True)
+    torch.testing.assert_close(D.load_and_transform_vision([tmp_path / "x.webp"]), base, rtol=0, atol=0)
     cmyk = Image.fromarray(rgb).convert("CMYK")
     cmyk.save(tmp_path / "c.jpg")
     assert D.load_image(tmp_path / "c.jpg").mode == "RGB"
@@ -202,7 +206,7 @@ def test_depth_png_and_disparity(tmp_path: Path) -> None:
     assert metres[1, 1] == pytest.approx(2.0)
     disp = D.depth_to_disparity(metres, focal_length_px=520.0, baseline_m=0.075)
     assert disp[1, 1].item() == pytest.approx(0.075 * 520 / 2.0)
-    assert disp[0, 0].item() == pytest.approx(0.075 * 520 / 50.0)  # missing -> far
+    assert disp[0, 0].item() == pytest.approx(0.075 * 520 / 6.25)  # missing -> far (the 6.25 m clip)
     rotated = ((mm.astype(np.uint32) << 3) | (mm.astype(np.uint32) >> 13)).astype(np.uint16)
     Image.fromarray(rotated).save(tmp_path / "sun.png")
     np.testing.assert_allclose(D.read_depth_png(tmp_path / "sun.png", sunrgbd=True), metres)
@@ -214,10 +218,78 @@ def test_depth_png_and_disparity(tmp_path: Path) -> None:
     f = D.read_intrinsics_focal(tmp_path / "intrinsics.txt")
     batch = D.load_and_transform_depth([tmp_path / "d16.png"], [f])
     assert batch.shape == (1, 1, 224, 224)
-    expected = (0.075 * 518.8 / 2.0 - D.DEPTH_MEAN) / D.DEPTH_STD
-    assert batch[0, 0, 112, 112].item() == pytest.approx(expected, rel=1e-4)
+    # 2 m at fx 518.8: 19.455 px of metric disparity, 2.4319 px in the training units, / 75 = 0.032425.
+    expected = (0.075 * 518.8 / 2.0 / 8 / 75 - D.DEPTH_MEAN) / D.DEPTH_STD
+    assert batch[0, 0, 112, 112].item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="focal lengths"):
         D.load_and_transform_depth([tmp_path / "d16.png"], [])
+
+
+def test_depth_transform_worked_example() -> None:
+    """Metric depths through the whole depth transform, every number worked out by hand.
+
+    Camera fx 500 px, Kinect baseline 0.075 m, so baseline * fx = 37.5. The released converter's depth is
+    8 x the metric depth, clipped to [0.01, 50] (metric [0.00125, 6.25]); DepthNorm clamps its disparity to
+    [0.01, 75] and divides by 75; then (x - 0.0418) / 0.0295.
+
+    ======  ==============  =========  =============  =========  ==============
+    depth   training depth  disparity  DepthNorm x    x - mean   standardised
+    ======  ==============  =========  =============  =========  ==============
+    0.5 m   4               9.375      0.125          0.0832     2.8203390
+    2.0 m   16              2.34375    0.03125        -0.01055   -0.3576271
+    4.4 m   35.2            1.0653409  0.0142045      -0.0275955 -0.9354391
+    7.0 m   50 (clipped)    0.75       0.01           -0.0318    -1.0779661
+    1 mm    0.01 (clipped)  3750       1 (clamped)    0.9582     32.4813559
+    none    50 (far)        0.75       0.01           -0.0318    -1.0779661
+    ======  ==============  =========  =============  =========  ==============
+    """
+    depths = [0.5, 2.0, 4.4, 7.0, 0.001, 0.0]
+    expected = [2.8203390, -0.3576271, -0.9354391, -1.0779661, 32.4813559, -1.0779661]
+    # Six 224 x 224 blocks side by side: the short side is already 224 and the centre crop keeps the
+    # middle block columns, so each block is read where no interpolation touches it.
+    block = 224
+    depth_map = np.concatenate([np.full((block, 37), d, np.float32) for d in depths], axis=1)
+    depth_map = np.pad(depth_map, ((0, 0), (0, block - depth_map.shape[1])), mode="edge")
+    x = D.transform_depth(D.depth_to_disparity(depth_map, focal_length_px=500.0, baseline_m=0.075))
+    assert x.shape == (1, 224, 224)
+    for i, (d, want) in enumerate(zip(depths, expected)):
+        got = x[0, 112, i * 37 + 18].item()
+        # About eight float32 roundings (disparity, / 8, / 75, - mean, / std), each at most u = 2**-24
+        # relative to an operand no larger than x / std <= 34 or the result itself: |error| <
+        # 8 u (34 + |want|) <= 3.2e-5; the hand values carry 7 decimals (5e-8).
+        assert got == pytest.approx(want, abs=8 * 2**-24 * (34 + abs(want)) + 5e-8), (d, got, want)
+    # Before the fix the encoder saw (disparity - 0.0418) / 0.0295 directly: 2540 for 0.5 m.
+    assert x.abs().max() < 33
+
+
+def test_depth_norm_comes_before_resizing() -> None:
+    # Far wall at 6.25 m (x = 0.01) with one pixel at the nearest clip (x = 1). Clamping first keeps the
+    # 2x-downsampled pixel a blend of 0.01 and 1; resizing first would average 30000-px disparities and
+    # clamp the blend to the maximum, 1.
+    depth_map = np.full((448, 448), 6.25, np.float32)
+    depth_map[200, 200] = 0.00125
+    disparity = D.depth_to_disparity(depth_map, focal_length_px=500.0, baseline_m=0.075)
+    x = D.transform_depth(disparity) * D.DEPTH_STD + D.DEPTH_MEAN
+    assert 0.05 < x.max().item() < 0.5
+    from torchvision.transforms import functional as TF
+
+    by_hand = TF.resize(D.depth_norm(disparity)[None], 224, interpolation=TF.InterpolationMode.BILINEAR)
+    # Same float32 operations in the same order: identical up to the standardise-and-back round trip
+    # (two roundings of values < 1 and a division by 0.0295: < 4 u / 0.0295 ~ 1.4e-5 relative).
+    torch.testing.assert_close(x, by_hand, rtol=2e-5, atol=2e-6)
+
+
+def test_relative_depth_to_disparity_worked_example() -> None:
+    # Relative inverse depth 0 -> far (5 m, 1/d = 0.2), 1 -> near (0.5 m, 1/d = 2), 0.5 -> 1/d = 1.1;
+    # with fx 500 and baseline 0.075 the disparities are 37.5 / d: 7.5, 75, 41.25 px.
+    rel = np.array([[0.0, 1.0], [0.5, 1.0]], np.float32) * 3.0 + 7.0  # scale and shift do not matter
+    disp = D.relative_depth_to_disparity(rel, near_m=0.5, far_m=5.0, focal_length_px=500.0, baseline_m=0.075)
+    # float64 arithmetic rounded once to float32: half a unit in the last place (< 6e-8 relative).
+    torch.testing.assert_close(disp, torch.tensor([[7.5, 75.0], [41.25, 75.0]]), rtol=1e-7, atol=0)
+    with pytest.raises(ValueError, match="near_m"):
+        D.relative_depth_to_disparity(rel, near_m=5.0, far_m=0.5)
+    with pytest.raises(ValueError, match="finite"):
+        D.relative_depth_to_disparity(np.full((2, 2), np.nan))
 
 
 def test_thermal_one_channel(tmp_path: Path) -> None:

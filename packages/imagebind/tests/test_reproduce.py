@@ -58,6 +58,12 @@ def test_load_folder_splits_and_errors(tmp_path: Path) -> None:
     (tmp_path / "bad" / "b").mkdir()
     with pytest.raises(ValueError, match="needs photos"):
         M.load_folder(tmp_path / "bad")
+    # Photos in any format PIL opens count like PNGs (WebP and TIFF here).
+    mixed = make_folder(tmp_path / "mixed")
+    for i, png in enumerate(sorted(mixed.glob("*/photo*.png"))):
+        Image.open(png).save(png.with_suffix(".webp" if i % 2 else ".tiff"), lossless=True)
+        png.unlink()
+    assert all(len(photos) == 2 for photos in M.load_folder(mixed).photos.values())
 
 
 def test_missing_builtin_data_fails_clearly(tmp_path: Path, monkeypatch, capsys) -> None:

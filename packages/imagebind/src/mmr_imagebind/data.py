@@ -14,7 +14,8 @@ Odd inputs:
   one frame, shorter than a clip gives zero-padded filterbanks (a warning if more than 20 % is padding);
   silent audio is accepted (its log-mel floor is finite) with a warning; empty or non-finite audio raises.
 * depth: 16-bit PNGs are millimetres (or SUN RGB-D's bit-rotated millimetres); 8-bit depth has no metric
-  unit and needs an explicit ``depth_scale``; zeros (no measurement) become ``max_depth``.
+  unit and needs an explicit ``depth_scale``; zeros (no measurement) become ``max_depth``. Monocular
+  relative depth goes through :func:`relative_depth_to_disparity`.
 * IMU: ``(6, T)`` or ``(T, 6)``; a length other than 2000 raises unless ``fit_length=True`` (centre crop or
   zero pad).
 """
@@ -50,9 +51,21 @@ AUDIO_FRAME_LENGTH_MS = 25
 AUDIO_FRAME_SHIFT_MS = 10
 VIDEO_CLIPS = 5
 VIDEO_FRAMES_PER_CLIP = 2
-# Disparity statistics used for ImageBind/Omnivore depth inputs, and stereo baselines of SUN RGB-D sensors.
+# Depth input (see the Depth section): Omnivore's SUN RGB-D transform, which the released depth encoder was
+# trained with. DepthNorm(max_depth=75, clamp_max_before_scale=True) clamps the disparity to [0.01, 75] and
+# divides by 75; DEPTH_MEAN / DEPTH_STD are statistics of that, standardised after resize and crop.
+DEPTH_NORM_MIN = 0.01
+DEPTH_NORM_MAX = 75.0
 DEPTH_MEAN = 0.0418
 DEPTH_STD = 0.0295
+# The released SUN RGB-D converter divides baseline * fx by the PNG value / 1000, but SUN RGB-D PNGs hold
+# millimetres rotated left by 3 bits (8 x millimetres below 8.192 m): its "metres" are 8 x the true depth and
+# the disparities the statistics describe are 1/8 of the metric ones (mean 0.0418 * 75 = 3.1 px; the metric
+# SUN RGB-D mean is ~25 px). Its clip of that depth to [0.01, 50] is [0.00125, 6.25] true metres.
+TRAINING_DEPTH_FACTOR = 8.0
+DISPARITY_MIN_DEPTH_M = 0.01 / TRAINING_DEPTH_FACTOR
+DISPARITY_MAX_DEPTH_M = 50.0 / TRAINING_DEPTH_FACTOR
+# Stereo baselines of the SUN RGB-D sensors (metres), as in the converter.
 SENSOR_BASELINES_M = {"kv1": 0.075, "kv1_b": 0.075, "kv2": 0.075, "realsense": 0.095, "xtion": 0.095}
 IMU_CHANNELS = 6
 IMU_LENGTH = 2000
@@ -87,6 +100,12 @@ def load_image(src: PathLike | Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_extensions() -> frozenset[str]:
+    """Lower-case file suffixes of every image format the installed PIL can open (``.webp``, ``.tiff``, ...)."""
+    Image.init()  # registers all plugins, not only the few PIL imports eagerly
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
 def vision_transform(size: int = IMAGE_SIZE):
     """The official image transform: bicubic resize of the short side, centre crop, CLIP normalisation."""
     from torchvision import transforms
@@ -102,7 +121,7 @@ def vision_transform(size: int = IMAGE_SIZE):
 
 
 def load_and_transform_vision(images: Sequence[PathLike | Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Images -> ``(B, 3, size, size)``."""
+    """Images in any format PIL reads (PNG, JPEG, WebP, TIFF, ...) -> ``(B, 3, size, size)``."""
     tf = vision_transform(size)
     return torch.stack([tf(load_image(x)) for x in images])
 
@@ -317,18 +336,24 @@ def depth_to_disparity(
     depth_m: np.ndarray | torch.Tensor,
     focal_length_px: float,
     baseline_m: float = SENSOR_BASELINES_M["kv2"],
-    min_depth: float = 0.01,
-    max_depth: float = 50.0,
+    min_depth: float = DISPARITY_MIN_DEPTH_M,
+    max_depth: float = DISPARITY_MAX_DEPTH_M,
 ) -> torch.Tensor:
-    """Metric depth -> disparity ``baseline * focal / depth`` (the SUN RGB-D recipe).
+    """Metric depth -> metric disparity ``baseline * focal / depth`` in pixels, for :func:`transform_depth`.
 
-    Depth is clipped to ``[min_depth, max_depth]`` first; missing readings (0) become ``max_depth``, i.e.
-    near-zero disparity, rather than infinite disparity.
+    Depth is clipped to ``[min_depth, max_depth]`` first (by default the released converter's clip, see
+    ``DISPARITY_MAX_DEPTH_M``); missing readings (0) become ``max_depth``, i.e. the smallest disparity, rather
+    than infinite disparity (the converter would clip them to the nearest depth).
 
     Args:
         depth_m: ``(H, W)`` depth in metres.
         focal_length_px: ``fx`` of the camera intrinsics (first entry of SUN RGB-D's ``intrinsics.txt``).
-        baseline_m: Stereo baseline of the sensor (see ``SENSOR_BASELINES_M``).
+        baseline_m: Stereo baseline of the sensor (see ``SENSOR_BASELINES_M``; 0.075 for cameras without one).
+        min_depth: Nearest depth kept, metres.
+        max_depth: Farthest depth kept, metres.
+
+    Raises:
+        ValueError: For a depth map that is not 2-D, or a non-positive focal length or baseline.
     """
     depth = torch.as_tensor(np.asarray(depth_m, dtype=np.float32))
     if depth.ndim != 2:
@@ -339,6 +364,42 @@ def depth_to_disparity(
     return baseline_m * focal_length_px / depth
 
 
+def relative_depth_to_disparity(
+    inverse_depth: np.ndarray | torch.Tensor,
+    near_m: float = 0.5,
+    far_m: float = 5.0,
+    focal_length_px: float = 518.8,
+    baseline_m: float = SENSOR_BASELINES_M["kv2"],
+) -> torch.Tensor:
+    """A monocular relative inverse-depth map (MiDaS, DPT, Depth Anything) -> metric disparity in pixels.
+
+    Such maps equal ``a / depth + b`` for unknown ``a > 0`` and ``b``, so they fix the scene's shape but not
+    its scale: we place their smallest value at ``far_m`` and their largest at ``near_m`` (linear in inverse
+    depth, which keeps the shape) and compute the disparity a Kinect-like camera (``focal_length_px``,
+    ``baseline_m``; SUN RGB-D's Kinect v1 has fx 518.8) would see. Choose ``near_m`` / ``far_m`` as the depth
+    range the scene spans; the encoder learnt indoor scenes of roughly 0.5-6 m.
+
+    Args:
+        inverse_depth: ``(H, W)`` relative inverse depth (larger is nearer).
+        near_m: Depth given to the largest value, metres.
+        far_m: Depth given to the smallest value, metres.
+        focal_length_px: Focal length of the assumed camera, pixels.
+        baseline_m: Stereo baseline of the assumed camera, metres.
+
+    Raises:
+        ValueError: For a map that is not 2-D or not finite, or ``0 < near_m < far_m`` not holding.
+    """
+    rel = torch.as_tensor(np.asarray(inverse_depth, dtype=np.float64))
+    if rel.ndim != 2 or not torch.isfinite(rel).all():
+        raise ValueError(f"relative inverse depth must be a finite (H, W) map, got shape {tuple(rel.shape)}")
+    if not 0 < near_m < far_m:
+        raise ValueError(f"need 0 < near_m < far_m, got near_m={near_m}, far_m={far_m}")
+    lo, hi = rel.min(), rel.max()
+    unit = (rel - lo) / (hi - lo) if hi > lo else torch.zeros_like(rel)
+    inverse_m = 1.0 / far_m + unit * (1.0 / near_m - 1.0 / far_m)
+    return (baseline_m * focal_length_px * inverse_m).float()
+
+
 def read_intrinsics_focal(path: PathLike) -> float:
     """``fx`` from a SUN RGB-D ``intrinsics.txt`` (a 3x3 matrix, row-major)."""
     values = Path(path).read_text().split()
@@ -347,13 +408,28 @@ def read_intrinsics_focal(path: PathLike) -> float:
     return float(values[0])
 
 
+def depth_norm(disparity_px: torch.Tensor) -> torch.Tensor:
+    """Metric disparity -> the encoder's pre-standardisation scale: Omnivore's ``DepthNorm`` on the training units.
+
+    ``clamp(disparity / TRAINING_DEPTH_FACTOR, 0.01, 75) / 75``, values in [1.3e-4, 1]; ``DEPTH_MEAN`` and
+    ``DEPTH_STD`` describe this quantity.
+    """
+    return (disparity_px / TRAINING_DEPTH_FACTOR).clamp(DEPTH_NORM_MIN, DEPTH_NORM_MAX) / DEPTH_NORM_MAX
+
+
 def transform_depth(disparity: torch.Tensor, size: int = IMAGE_SIZE, normalize: bool = True) -> torch.Tensor:
-    """``(H, W)`` disparity -> ``(1, size, size)``: bilinear short-side resize, centre crop, standardise."""
+    """``(H, W)`` metric disparity (pixels) -> ``(1, size, size)`` depth-encoder input.
+
+    In the order of Omnivore's SUN RGB-D transform: :func:`depth_norm` (clamp and scale, before any
+    interpolation), bilinear short-side resize, centre crop, standardise with ``DEPTH_MEAN`` / ``DEPTH_STD``.
+    With ``normalize=False`` only resize and crop (used for thermal images).
+    """
     from torchvision.transforms import functional as TF
 
     if disparity.ndim != 2:
         raise ValueError(f"disparity must be (H, W), got {tuple(disparity.shape)}")
-    x = TF.resize(disparity[None], size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    x = depth_norm(disparity.float()) if normalize else disparity
+    x = TF.resize(x[None], size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     x = TF.center_crop(x, size)
     return (x - DEPTH_MEAN) / DEPTH_STD if normalize else x
 
@@ -365,7 +441,7 @@ def load_and_transform_depth(
     depth_scale: float | None = None,
     sunrgbd: bool = False,
 ) -> torch.Tensor:
-    """Depth PNGs and their focal lengths -> ``(B, 1, 224, 224)`` standardised disparity."""
+    """Depth PNGs and their focal lengths -> ``(B, 1, 224, 224)`` depth-encoder inputs."""
     if len(paths) != len(focal_lengths_px):
         raise ValueError(f"{len(paths)} depth images but {len(focal_lengths_px)} focal lengths")
     return torch.stack(

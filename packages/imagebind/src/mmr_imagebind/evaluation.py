@@ -50,10 +50,12 @@ def load_inputs(
 ) -> torch.Tensor | list[str]:
     """Files (or, for text, strings) -> model inputs sized for ``cfg``.
 
-    vision/thermal: image files; audio: sound files; depth: ``.npy`` disparity maps (H, W), or depth PNGs
-    (16-bit millimetres, or 8-bit with ``depth_scale`` metres per unit) turned into disparity with the camera's
-    ``focal_length_px`` (see :func:`mmr_imagebind.data.depth_to_disparity`); imu: ``.npy`` arrays (6, T) or
-    (T, 6); text: strings.
+    vision/thermal: image files (any format PIL reads); audio: sound files; depth: ``.npy`` metric disparity
+    maps (H, W) in pixels (``baseline * fx / depth``; :func:`mmr_imagebind.data.relative_depth_to_disparity`
+    makes one from a monocular relative-depth map), or depth PNGs (16-bit millimetres, or 8-bit with
+    ``depth_scale`` metres per unit) turned into disparity with the camera's ``focal_length_px`` (see
+    :func:`mmr_imagebind.data.depth_to_disparity`); both then go through
+    :func:`mmr_imagebind.data.transform_depth`; imu: ``.npy`` arrays (6, T) or (T, 6); text: strings.
 
     Raises:
         ValueError: For an unknown modality or a file the loader rejects (the message names it).

@@ -27,7 +27,7 @@ more distinct recordings the last one is held out; a single recording of at leas
 held out; a shorter single recording has no held-out part (it only counts in the "seen recordings,
 new augmentations" column).
 
-Your own data (see ``docs/miniature.md``): a folder ``ROOT/<class>/`` of photos (``.png .jpg .jpeg``) and
+Your own data (see ``docs/miniature.md``): a folder ``ROOT/<class>/`` of photos (any format PIL reads) and
 recordings (``.wav .flac .ogg .oga``), or WebDataset shards with ``image``, ``audio`` and ``label`` (``.cls``)
 members plus a class-name list.
 """
@@ -47,7 +47,7 @@ from . import data as T
 
 SOUND_DIR_ENV = "MMR_FREEDESKTOP_SOUNDS"
 DEFAULT_SOUND_DIR = Path("/usr/share/sounds/freedesktop/stereo")
-PHOTO_EXTS = (".png", ".jpg", ".jpeg")
+PHOTO_EXTS = T.image_extensions()  # .png .jpg .webp .tiff .bmp .gif ...: whatever the installed PIL opens
 SOUND_EXTS = (".wav", ".flac", ".ogg", ".oga")
 
 #: class -> (scikit-image photo, freedesktop recordings; the last distinct one is held out).
@@ -233,7 +233,8 @@ def load_folder(root: str | Path) -> MiniatureData:
         ph = [f for f in files if f.suffix.lower() in PHOTO_EXTS]
         snd = [f for f in files if f.suffix.lower() in SOUND_EXTS]
         if not ph or not snd:
-            raise ValueError(f"class folder {root / c} needs photos {PHOTO_EXTS} and recordings {SOUND_EXTS}; "
+            raise ValueError(f"class folder {root / c} needs photos (any image format PIL reads, e.g. .png .jpg "
+                             f".webp) and recordings {SOUND_EXTS}; "
                              f"has {len(ph)} photos and {len(snd)} recordings")  # fmt: skip
         photos[c] = [T.load_image(f) for f in ph]
         train[c], heldout[c] = _split(c, _dedupe(c, snd, notes), notes)
