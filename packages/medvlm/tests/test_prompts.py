@@ -114,19 +114,24 @@ def test_edited_caption_without_classes_is_rejected(tmp_path):
 
 
 def test_mlm_assembly_with_deterministic_fake():
+    """The official questions and caption form; top-k joined with " or " into the slots with caption=None."""
     asked = []
-    answers = {"color": ["purple", "blue"], "shape": ["irregular"], "location": ["blood"]}
+    answers = {"color": ["purple", "blue"], "shape": ["irregular", "round"], "location": ["blood", "marrow"]}
 
     def fake(text: str, k: int) -> list[str]:
         asked.append(text)
-        attr = text.split()[1]
-        return answers[attr][:k] if "white" in text else ["x"][:k]
+        attr = "location" if "location" in text else text.split()[2]
+        return answers[attr][:k] if "white" in text else ["x", "y"][:k]
 
-    ps = mlm_prompt_set({"wbc": "white blood cell", "rbc": "red blood cell"}, fake, top_k=2)
-    assert "The color of white blood cell is [MASK]." in asked
-    assert "The location of white blood cell is in the [MASK]." in asked
-    assert ps.caption == "irregular, purple or blue white blood cell in blood. x, x red blood cell in x"
+    ps = mlm_prompt_set({"wbc": "white blood cell", "rbc": "red blood cell"}, fake, top_k=2, rank=1)
+    assert "The typical color of white blood cell is [MASK]." in asked
+    assert "The location of white blood cell is at [MASK]." in asked
+    assert ps.caption == "blue color, round shape white blood cell in marrow. y color, y shape red blood cell in y"
     assert ps.meta["answers"]["wbc"]["color"] == ["purple", "blue"]
+    slots = mlm_prompt_set({"wbc": "white blood cell"}, fake, top_k=2, caption=None)
+    assert slots.caption == "irregular or round, purple or blue white blood cell in blood or marrow"
+    with pytest.raises(ValueError, match="rank 2 is outside the 2 answers"):
+        mlm_prompt_set({"wbc": "white blood cell"}, fake, top_k=2, rank=2)
 
 
 def test_mlm_with_tiny_random_bert(tokenizer):
@@ -142,36 +147,39 @@ def test_mlm_with_tiny_random_bert(tokenizer):
     words = pred("The color of platelet is [MASK].", 3)
     assert len(words) == 3
     assert all(not w.startswith("##") and w not in ("the", "of", "is") and w in tokenizer.vocab for w in words)
-    ps = mlm_prompt_set({"platelet": "platelet"}, pred, attributes=("color",), top_k=2)
-    assert ps.classes[0].color == " or ".join(pred("The color of platelet is [MASK].", 2))
+    ps = mlm_prompt_set({"platelet": "platelet"}, pred, attributes=("color",), top_k=2, caption=None)
+    assert ps.classes[0].color == " or ".join(pred("The typical color of platelet is [MASK].", 2))
     ps.encode(tokenizer, max_length=32)  # an assembled auto-prompt tokenizes and maps
 
 
 def test_vqa_and_hybrid():
     def vqa(image, question):
         assert image == "img0"
-        return {"What is the color of these white blood cell?": "Purple.",
-                "What is the shape of these white blood cell?": "it is round"}.get(question, "")
+        return {"What is the color of these white blood cell?": " purple ",
+                "What is the shape of these white blood cell?": "round"}.get(question, "")
 
     v = vqa_prompt_set("img0", {"wbc": "white blood cell"}, vqa)
-    assert v.caption == "round, purple white blood cell"
-    m = PromptSet([ClassPrompt("wbc", "white blood cell", shape="irregular", color="blue", location="in blood")])
-    h = hybrid_prompt_set(m, v, from_vqa=("color",))
-    assert h.caption == "irregular, purple white blood cell in blood"
+    assert v.caption == "purple color, round shape white blood cell"
+    assert vqa_prompt_set("img0", {"wbc": "white blood cell"}, vqa, caption=None).caption == (
+        "round, purple white blood cell")
+    h = hybrid_prompt_set("img0", {"wbc": "white blood cell"}, vqa, None, knowledge={"wbc": {"location": ["bone"]}})
+    assert h.caption == "purple white blood cell in bone cells"
+    _, spans = h.caption_and_spans()
+    assert [h.caption[s:e] for (s, e), in spans] == ["white blood cell"]
 
 
 def test_phrase_span_grounds_attributes_like_the_paper_files(tokenizer, tmp_path):
-    """span="phrase": colour and shape sit inside the grounded span ("pink round wound" in the paper's
-    files), space-joined; the location stays outside it."""
+    """span="phrase": colour and shape sit inside the grounded span, colour first ("pink round wound" in the
+    paper's files), space-joined; the location stays outside it."""
     ps = PromptSet([ClassPrompt("platelet", shape="small", color="colorless", location="in blood"),
                     ClassPrompt("rbc", name="red blood cell")], span="phrase")
-    assert ps.caption == "small colorless platelet in blood. red blood cell"
+    assert ps.caption == "colorless small platelet in blood. red blood cell"
     _, spans = ps.caption_and_spans()
-    assert [ps.caption[s:e] for (s, e), in spans] == ["small colorless platelet", "red blood cell"]
+    assert [ps.caption[s:e] for (s, e), in spans] == ["colorless small platelet", "red blood cell"]
     enc = ps.encode(tokenizer, max_length=16)
     tokens = tokenizer.convert_ids_to_tokens(enc.input_ids.tolist())
     assert [[tokens[i] for i in t] for t in enc.label_to_tokens().values()] == [
-        ["small", "colorless", "platelet"], ["red", "blood", "cell"]]
+        ["colorless", "small", "platelet"], ["red", "blood", "cell"]]
     loaded = PromptSet.load(ps.save(tmp_path / "p.yaml"))
     assert loaded.span == "phrase" and loaded.caption == ps.caption
     with pytest.raises(ValueError, match="span 'words'"):
@@ -202,6 +210,6 @@ def test_vqa_prompts_with_a_tiny_random_vilt(tokenizer):
     ps = vqa_prompt_set(image, {"wbc": "white blood cell", "platelet": "platelet"}, ask)
     raw = ps.meta["answers"]
     assert set(raw) == {"wbc", "platelet"} and all(a in answers for r in raw.values() for a in r.values())
-    wbc = ps.classes[0]
-    assert (wbc.color, wbc.shape) == (raw["wbc"]["color"], raw["wbc"]["shape"])
-    assert ps.caption.startswith(f"{wbc.shape}, {wbc.color} white blood cell")
+    wbc = raw["wbc"]
+    assert ps.caption.startswith(f"{wbc['color']} color, {wbc['shape']} shape white blood cell. ")
+    assert ps.classes[0].name == "white blood cell"

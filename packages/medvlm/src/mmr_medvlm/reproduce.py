@@ -298,6 +298,15 @@ def knowledge_corpus() -> list[tuple[str, str]]:
     return out
 
 
+# The masked-LM questions in the knowledge corpus's phrasing ("the color of platelet is colorless."); the
+# official ones ("The typical color of ...") use words outside the miniature's vocabulary.
+MINIATURE_MLM_TEMPLATES = {
+    "color": "The color of {object} is {mask}.",
+    "shape": "The shape of {object} is {mask}.",
+    "location": "The location of {object} is in the {mask}.",
+}
+
+
 def train_mlm(tokenizer: Any, steps: int, seed: int) -> tuple[Any, float]:
     """A tiny BertForMaskedLM trained to fill the attribute word of the knowledge sentences."""
     from transformers import BertConfig, BertForMaskedLM
@@ -515,9 +524,12 @@ def _seed_run(job: tuple[str, int, int, int, int, float, int, bool]) -> dict[str
     predictor = hf_masked_lm_predictor(mlm, tokenizer, stopwords={"the", "of", "is", "in", "or", "location",
                                                                   "color", "shape", "usually"})
     names = {"platelet": "platelet", "rbc": "red blood cell", "wbc": "white blood cell"}
-    auto1 = mlm_prompt_set(names, predictor, attributes=("shape", "color"), top_k=1, name="MLM auto (top-1)")
+    # Asked in the knowledge corpus's own phrasing, answers in the attribute slots (not the official caption
+    # form), so these rows render like the table's other rows in both span modes.
+    auto1 = mlm_prompt_set(names, predictor, attributes=("shape", "color"), top_k=1, name="MLM auto (top-1)",
+                           templates=MINIATURE_MLM_TEMPLATES, caption=None)
     auto2 = mlm_prompt_set(names, predictor, attributes=("shape", "color", "location"), top_k=2,
-                           name="MLM auto (top-2, + location)")
+                           name="MLM auto (top-2, + location)", templates=MINIATURE_MLM_TEMPLATES, caption=None)
     # Main table: attributes grounded with the name, as in the paper's prompt files; second column: GLIP's
     # default, only the name grounded.
     prompts = [replace(p, span="phrase") for p in prompt_table() + [auto1, auto2]]
