@@ -148,6 +148,16 @@ def test_config_from_official_constructor_kwargs() -> None:
         ImageBindConfig.from_official_kwargs(vision_width=10)
 
 
+def test_official_kwargs_ignore_imu_kernel_size_like_the_constructor(caplog) -> None:
+    # ImageBindModel(imu_kernel_size=10) still builds Linear(48, 512) over 8-sample windows (6 x 8 = 48).
+    with caplog.at_level("WARNING"):
+        cfg = ImageBindConfig.from_official_kwargs(imu_kernel_size=10)
+    assert cfg.imu_kernel_size == 8 and "imu_kernel_size=10 ignored" in caplog.text
+    model = build_imagebind(cfg, modalities=["imu"], device="meta")
+    official_key = "modality_preprocessors.imu.imu_stem.proj.weight"
+    assert model.state_dict()[official_key].shape == (512, 48)
+
+
 def test_modality_only_build_is_small() -> None:
     audio_only = build_imagebind("imagebind_huge", modalities=["audio"], device="meta")
     assert parameter_counts(audio_only) == {"audio": 86235648}

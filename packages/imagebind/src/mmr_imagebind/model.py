@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmr_core.transformer import Transformer, TransformerConfig, count_parameters
+from mmr_core.utils import get_logger
+
+log = get_logger(__name__)
 
 MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")
 
@@ -112,7 +115,9 @@ class ImageBindConfig:
         For checkpoints trained with a modified official constructor (other widths, depths or kernels). The
         official defaults are not ``imagebind_huge`` (``imagebind_huge()`` overrides vision, text and output
         sizes), so fields not given take the constructor's values. The official code hard-codes 224 px,
-        77 tokens, 49408 ids and 2000 IMU samples; override those here with ``dataclasses.replace``.
+        77 tokens, 49408 ids and 2000 IMU samples; override those here with ``dataclasses.replace``. Like
+        the constructor, ``imu_kernel_size`` is accepted and ignored: the official IMU stem is hard-coded to
+        windows of 8 samples (a 48-input linear layer), so a checkpoint built with any value has that stem.
 
         Raises:
             ValueError: A keyword the official constructor does not take.
@@ -122,6 +127,10 @@ class ImageBindConfig:
             raise ValueError(f"ImageBindModel takes no argument(s) {unknown}; known: "
                              f"{sorted(OFFICIAL_CONSTRUCTOR_DEFAULTS)}")
         official = {**OFFICIAL_CONSTRUCTOR_DEFAULTS, **kwargs}
+        if official["imu_kernel_size"] != OFFICIAL_IMU_KERNEL_SIZE:
+            log.warning("imu_kernel_size=%s ignored: the official ImageBindModel hard-codes IMU windows of %d samples",
+                        official["imu_kernel_size"], OFFICIAL_IMU_KERNEL_SIZE)  # fmt: skip
+        official["imu_kernel_size"] = OFFICIAL_IMU_KERNEL_SIZE
         renamed = {"video_frames": "vision_frames", "kernel_size": "vision_kernel"}
         fields = {renamed.get(k, k): v for k, v in official.items()}
         return cls(name="official_custom", **fields)
@@ -155,6 +164,10 @@ OFFICIAL_CONSTRUCTOR_DEFAULTS: dict[str, object] = {
     "thermal_num_blocks": 12, "thermal_num_heads": 12, "thermal_drop_path": 0.0, "imu_embed_dim": 512,
     "imu_kernel_size": 8, "imu_num_blocks": 6, "imu_num_heads": 8, "imu_drop_path": 0.7,
 }
+
+# The official constructor takes ``imu_kernel_size`` but never passes it on: its IMU stem is
+# ``Linear(48, imu_embed_dim)`` over windows of ``kernel_size=8`` samples of 6 channels.
+OFFICIAL_IMU_KERNEL_SIZE = 8
 
 NAMED_CONFIGS: dict[str, dict] = {
     "imagebind_huge": {},
