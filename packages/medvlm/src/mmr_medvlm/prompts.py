@@ -267,8 +267,9 @@ class PromptSet:
         name: A label for reports (e.g. ``"+ color"``).
         separator: Text between classes (GLIP: ``". "``).
         span: What each class grounds: ``"name"`` (GLIP's ``tokens_positive``: the name only; attributes
-            in a comma-separated prefix) or ``"phrase"`` (the attributes and the name, space-joined, as in
-            the paper's released prompt files, e.g. ``"pink round wound"``; location stays outside).
+            in a comma-separated prefix) or ``"phrase"`` (colour, shape and the name, space-joined in that
+            order, as in the paper's released prompt files, e.g. ``"pink round wound"``; location stays
+            outside; a verbatim entry grounds its prefix and name).
     """
 
     classes: list[ClassPrompt]
@@ -875,7 +876,7 @@ def hybrid_prompt_set(
     and shape), the masked LM answers ``templates`` once for the dataset (the location: "Only [MASK] cells
     have a polyp."), and the caption takes both: "pink bump in colon cells" (:data:`HYBRID_CAPTION`; shape is
     asked but not used, as in the official code). :data:`RELEASED_HYBRID_CAPTION` gives the released files'
-    "pink round wound in rectum".
+    "pink round wound in rectum". An attribute both models answer takes the VQA answer.
 
     Args:
         image: Whatever ``vqa`` takes.
