@@ -1,9 +1,16 @@
 """2-process DeepSpeed runs on CPU (gloo) through the real ``deepspeed`` launcher.
 
 Each preset gets three launches of ``ds_scripts/train_tiny.py``: an uninterrupted run, a run that is
-preempted (rank 1 sends itself SIGUSR1 at step 5) and a run resumed from the preempted run's
-checkpoint. The resumed run must end bit-for-bit where the uninterrupted one did, which only happens
-if the weights, optimizer state, data position and every rank's RNG streams were all restored.
+preempted (rank 1 creates ``$MMR_PREEMPT_FILE`` at step 5; launched through the
+``mmr_core.distributed.supervise`` wrapper, which must pass the ranks' 75 on) and a run resumed from
+the preempted run's checkpoint. The resumed run must end bit-for-bit where the uninterrupted one did,
+which only happens if the weights, optimizer state, data position and every rank's RNG streams were
+all restored.
+
+Crashes and signals (ZeRO-2): rank 1 killed in the middle of writing a checkpoint (``MMR_CKPT_FAULT``
+tears its optimizer file, then SIGKILL), SIGTERM to the wrapper's process group (what SLURM sends),
+and (slow) rank 1 killed between checkpoints and USR1 to the SLURM batch shell. Each resumed run must
+again end bitwise where the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -50,15 +57,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_cmd(preset: str, ckpt: Path, out: Path, *extra: str) -> list[str]:
+SUPERVISE = [sys.executable, "-m", "mmr_core.distributed.supervise", "--"]
+
+
+def _launch_cmd(preset: str, ckpt: Path, out: Path, *extra: str, supervised: bool = False) -> list[str]:
     # `python -m deepspeed.launcher.runner` is the `deepspeed` script, and works in venvs without it.
-    return deepspeed_command(
+    cmd = deepspeed_command(
         str(SCRIPT),
         ["--preset", preset, "--ckpt-dir", str(ckpt), "--out", str(out), "--total-steps", str(TOTAL_STEPS), *extra],
         launcher=[sys.executable, "-m", "deepspeed.launcher.runner"],
         num_gpus=2,
         master_port=_free_port(),
     )
+    return SUPERVISE + cmd if supervised else cmd
 
 
 def _env() -> dict[str, str]:
@@ -68,10 +79,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(preset: str, ckpt: Path, out: Path, *extra: str) -> tuple[int, list[dict]]:
+def _run(
+    preset: str, ckpt: Path, out: Path, *extra: str, supervised: bool = False, env: dict | None = None
+) -> tuple[int, list[dict]]:
     proc = subprocess.run(
-        _launch_cmd(preset, ckpt, out, *extra),
-        env=_env(),
+        _launch_cmd(preset, ckpt, out, *extra, supervised=supervised),
+        env={**_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=LAUNCH_TIMEOUT_S,
@@ -85,18 +98,50 @@ def _run(preset: str, ckpt: Path, out: Path, *extra: str) -> tuple[int, list[dic
     return proc.returncode, reports
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of a preset, launched once per module: ``uninterrupted(preset)``."""
+    done: dict[str, dict] = {}
+
+    def get(preset: str) -> dict:
+        if preset not in done:
+            root = tmp_path_factory.mktemp(f"{preset}_full")
+            rc, reports = _run(preset, root / "ckpt", root / "out")
+            done[preset] = {"rc": rc, "reports": reports, "ckpt": root / "ckpt"}
+        return done[preset]
+
+    return get
+
+
+def _assert_resumed_exactly(resumed: list[dict], ckpt: Path, reference: dict, from_step: int) -> None:
+    """The resumed run continued from ``from_step`` and ended bitwise where the uninterrupted run did."""
+    assert resumed[0]["resumed"]["step"] == from_step
+    full_losses, resumed_losses = reference["reports"][0]["losses"], resumed[0]["losses"]
+    assert sorted(map(int, resumed_losses)) == list(range(from_step + 1, TOTAL_STEPS + 1))
+    # Same operations in the same order on the same machine: equal bits, not merely close.
+    assert {step: full_losses[step] for step in resumed_losses} == resumed_losses
+    full, ours = export_fp32_state_dict(reference["ckpt"]), export_fp32_state_dict(ckpt)
+    assert full.keys() == ours.keys()
+    assert all(torch.equal(ours[name], full[name]) for name in full), "weights differ from the uninterrupted run"
+
+
 @pytest.fixture(scope="module", params=["cpu_zero2", "cpu_zero3"])
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, uninterrupted):
     preset = request.param
     root = tmp_path_factory.mktemp(preset)
     started = time.perf_counter()
-    full_rc, full = _run(preset, root / "full_ckpt", root / "full_out")
-    part_rc, part = _run(preset, root / "part_ckpt", root / "part_out", "--preempt-at-step", str(PREEMPT_AT))
+    reference = uninterrupted(preset)
+    full_rc, full = reference["rc"], reference["reports"]
+    part_rc, part = _run(
+        preset, root / "part_ckpt", root / "part_out", "--preempt-at-step", str(PREEMPT_AT), "--preempt-with", "file",
+        supervised=True, env={"MMR_PREEMPT_FILE": str(root / "preempt")},
+    )  # fmt: skip
     resumed_rc, resumed = _run(preset, root / "part_ckpt", root / "resumed_out")
     print(f"\n{preset}: 3 launches took {time.perf_counter() - started:.1f} s")
     return {
         "preset": preset,
         "root": root,
+        "full_ckpt": reference["ckpt"],
         "full_rc": full_rc,
         "full": full,
         "part_rc": part_rc,
@@ -121,14 +166,14 @@ def test_loss_falls(runs):
 
 
 def test_keeps_last_two_checkpoints(runs):
-    ckpt = runs["root"] / "full_ckpt"
+    ckpt = runs["full_ckpt"]
     assert [p.name for p in list_checkpoints(ckpt)] == [step_tag(TOTAL_STEPS - 4), step_tag(TOTAL_STEPS)]
     assert latest_checkpoint(ckpt) == step_tag(TOTAL_STEPS)
 
 
 def test_preemption_saves_and_exits_with_distinct_code(runs):
-    assert runs["part_rc"] == PREEMPTED_EXIT_CODE
-    # Only rank 1 was signalled; the all-reduce made rank 0 stop at the same step.
+    assert runs["part_rc"] == PREEMPTED_EXIT_CODE  # passed on by the supervise wrapper
+    # Only rank 1 saw the flag file; the all-reduce made rank 0 stop at the same step.
     assert [r["stopped_at"] for r in runs["part"]] == [PREEMPT_AT, PREEMPT_AT]
     assert all(r["preempted"] for r in runs["part"])
 
@@ -145,23 +190,20 @@ def test_resume_restores_data_position_and_rng(runs):
 
 
 def test_resumed_run_matches_uninterrupted_run(runs):
-    full_losses, resumed_losses = runs["full"][0]["losses"], runs["resumed"][0]["losses"]
-    assert sorted(map(int, resumed_losses)) == list(range(PREEMPT_AT + 1, TOTAL_STEPS + 1))
-    for step, loss in resumed_losses.items():
-        assert loss == pytest.approx(full_losses[step], rel=1e-6, abs=1e-9)
+    reference = {"reports": runs["full"], "ckpt": runs["full_ckpt"]}
+    _assert_resumed_exactly(runs["resumed"], runs["root"] / "part_ckpt", reference, PREEMPT_AT)
+    # Both export formats hold the same tensors.
     root = runs["root"]
-    full = export_fp32_state_dict(root / "full_ckpt", root / "full.safetensors")
+    export_fp32_state_dict(runs["full_ckpt"], root / "full.safetensors")
     resumed = export_fp32_state_dict(root / "part_ckpt", root / "resumed.pt")
-    assert full.keys() == resumed.keys()
-    torch.testing.assert_close(resumed, full)
+    torch.testing.assert_close(torch.load(root / "resumed.pt"), resumed, rtol=0, atol=0)
 
 
 def test_fp32_export_loads_into_plain_module(runs):
     from safetensors.torch import load_file
 
-    root = runs["root"]
-    path = root / "export.safetensors"
-    export_fp32_state_dict(root / "full_ckpt", path)
+    path = runs["root"] / "export.safetensors"
+    export_fp32_state_dict(runs["full_ckpt"], path)
     tiny = _tiny_module()
     model = tiny.TinyNet()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -201,37 +243,123 @@ def test_single_process_without_launcher(tmp_path):
     assert latest_checkpoint(tmp_path / "ckpt") == step_tag(4)
 
 
-@pytest.mark.slow
-def test_sigterm_to_launcher_group_saves_and_resumes(tmp_path):
-    """A SIGTERM to the launcher's process group (what SLURM sends) stops, saves, and resumes exactly."""
+def _wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _reports(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_path, uninterrupted):
+    """Issue #13: rank 1 dies while writing step 6; resume must use step 5 and end bitwise exact."""
+    preset, torn = "cpu_zero2", 6
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run(
+        _launch_cmd(preset, ckpt, tmp_path / "out", "--save-every", "1", "--keep-last", "3", supervised=True),
+        env={**_env(), "MMR_CKPT_FAULT": f"1:{torn}"}, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode not in (0, PREEMPTED_EXIT_CODE), proc.stderr[-3000:]
+    # The torn save never left its staging directory; the pointer still names the last complete step.
+    staging = ckpt / f"{step_tag(torn)}.tmp"
+    assert staging.is_dir() and not (ckpt / step_tag(torn)).exists()
+    assert (ckpt / "latest").read_text() == step_tag(torn - 1)
+    assert latest_checkpoint(ckpt) == step_tag(torn - 1)
+    resumed_rc, resumed = _run(preset, ckpt, tmp_path / "resumed_out")
+    assert resumed_rc == 0
+    _assert_resumed_exactly(resumed, ckpt, uninterrupted(preset), torn - 1)
+    assert not staging.exists(), "the resumed run's save of the same step replaced the torn leftovers"
+
+
+def test_sigterm_to_the_process_group_saves_every_rank_exits_75_and_resumes(tmp_path, uninterrupted):
+    """SIGTERM to the wrapper's process group (what SLURM sends): the wrapper returns 75, after the ranks."""
     preset = "cpu_zero2"
-    full_rc, full = _run(preset, tmp_path / "full_ckpt", tmp_path / "full_out")
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     proc = subprocess.Popen(
-        _launch_cmd(preset, ckpt, out, "--step-sleep", "0.5", "--save-every", "2"),
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while latest_checkpoint(ckpt) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert latest_checkpoint(ckpt) is not None, "no checkpoint before the deadline"
+        _launch_cmd(preset, ckpt, out, "--step-sleep", "0.3", "--save-every", "2", supervised=True),
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _wait_for(lambda: (ckpt / "latest").is_file(), "the first checkpoint")
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-    # The runner dies at once; the workers save and leave on their own within DeepSpeed's 30 s grace.
-    while len(list(out.glob("rank*.json"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    part = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    part = _reports(out)
+    # The reports are written before the ranks exit, and the wrapper returned only after both exited.
+    assert len(part) == 2 and not any(_alive(r["pid"]) for r in part), err[-3000:]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "2 rank(s) saved and stopped" in err
     assert all(r["preempted"] for r in part)
     stopped = part[0]["stopped_at"]
     assert 2 <= stopped < TOTAL_STEPS and part[1]["stopped_at"] == stopped
-    time.sleep(2)  # let the orphaned per-node launcher notice and exit
+    assert latest_checkpoint(ckpt) == step_tag(stopped)
     resumed_rc, resumed = _run(preset, ckpt, tmp_path / "resumed_out")
-    assert (full_rc, resumed_rc) == (0, 0)
-    assert resumed[0]["resumed"]["step"] == stopped
-    torch.testing.assert_close(export_fp32_state_dict(ckpt), export_fp32_state_dict(tmp_path / "full_ckpt"))
+    assert resumed_rc == 0
+    _assert_resumed_exactly(resumed, ckpt, uninterrupted(preset), stopped)
+
+
+@pytest.mark.slow
+def test_kill_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted):
+    preset = "cpu_zero2"
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run(
+        _launch_cmd(preset, ckpt, tmp_path / "out", "--kill-at-step", "6", supervised=True),
+        env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode not in (0, PREEMPTED_EXIT_CODE), proc.stderr[-3000:]
+    assert latest_checkpoint(ckpt) == step_tag(4)
+    resumed_rc, resumed = _run(preset, ckpt, tmp_path / "resumed_out")
+    assert resumed_rc == 0
+    _assert_resumed_exactly(resumed, ckpt, uninterrupted(preset), 4)
+
+
+@pytest.mark.slow
+def test_usr1_to_the_slurm_batch_shell_saves_requeues_and_resumes(tmp_path, uninterrupted):
+    """The real batch script under a fake ``scontrol``: USR1 -> flag file -> save -> 75 -> requeue."""
+    preset = "cpu_zero2"
+    repo = Path(__file__).resolve().parents[2]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\ncase "$1" in show) echo localhost ;; requeue) echo "requeue $2" >> "$FAKE_LOG" ;; esac\n'
+    )
+    (bin_dir / "scontrol").chmod(0o755)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "MMR_", "MASTER_"))}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(tmp_path), MMR_ROOT=str(repo),
+        MMR_GPUS_PER_NODE="2", MMR_PYTHON=sys.executable, MMR_DS_PRESET=preset, MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()), MMR_DEEPSPEED=f"{sys.executable} -m deepspeed.launcher.runner",
+        FAKE_LOG=str(tmp_path / "scontrol.log"),
+    )  # fmt: skip
+    args = ["--preset", preset, "--ckpt-dir", str(ckpt), "--out", str(out), "--total-steps", str(TOTAL_STEPS),
+            "--step-sleep", "0.3", "--save-every", "2"]  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(repo / "infra" / "slurm" / "v100_single.sbatch"), str(SCRIPT), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _wait_for(lambda: (ckpt / "latest").is_file(), "the first checkpoint")
+    proc.send_signal(signal.SIGUSR1)  # --signal=B:USR1@120 signals the batch shell alone
+    stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, (stdout[-3000:], stderr[-3000:])
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    part = _reports(out)
+    assert len(part) == 2 and all(r["preempted"] for r in part) and not any(_alive(r["pid"]) for r in part)
+    stopped = part[0]["stopped_at"]
+    resumed_rc, resumed = _run(preset, ckpt, tmp_path / "resumed_out")
+    assert resumed_rc == 0
+    _assert_resumed_exactly(resumed, ckpt, uninterrupted(preset), stopped)
 
 
 @pytest.mark.slow
