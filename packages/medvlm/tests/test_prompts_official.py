@@ -48,6 +48,7 @@ import torch
 
 from mmr_medvlm.prompts import (
     HYBRID_CAPTION,
+    HYBRID_MLM_TEMPLATES,
     MLM_CAPTION,
     RELEASED_HYBRID_CAPTION,
     CaptionTemplate,
@@ -55,6 +56,7 @@ from mmr_medvlm.prompts import (
     ClassPrompt,
     PromptSet,
     hybrid_prompt_set,
+    hybrid_prompt_sets,
     load_released_prompts,
     mlm_knowledge,
     mlm_prompt_set,
@@ -185,6 +187,17 @@ def test_mlm_prompts_per_rank(dataset):
     assert mlm_prompt_set(names, Asked(answers).mlm).caption == captions[0]
 
 
+def test_mlm_sets_in_the_official_file_format(tmp_path):
+    """Mode "lama" writes every image the same entry per rank, keys caption, prefix, suffix, name."""
+    sets = mlm_prompt_sets(KVASIR_MLM, Asked(MLM_CASES["kvasir"][1]).mlm, top_k=3)
+    path = save_released_prompts({"DATA/POLYP/val/Kvasir/images/a.png": sets[1]}, tmp_path / "lama.json")
+    assert path.read_text() == (
+        '{"DATA/POLYP/val/Kvasir/images/a.png": {"caption": "red color, flat shape bump in rectum", '
+        '"prefix": ["red color, flat shape "], "suffix": [" in rectum"], "name": ["bump"]}}')
+    back = load_released_prompts(path, ["polyp"])["DATA/POLYP/val/Kvasir/images/a.png"]
+    assert back.caption == sets[1].caption and _grounded(back) == ["bump"]
+
+
 def test_mlm_questions_tokenize_like_the_official_cls_sep_text(tmp_path):
     """The official text carries literal "[CLS]"/"[SEP]" and is tokenized with ``tokenize`` (no specials added);
     ours adds them: the ids agree, so the masked LM sees the same input, and the raw top-k is ``torch.topk``."""
@@ -299,16 +312,17 @@ HYBRID_CASES = {
 def test_hybrid_prompts_per_rank(dataset):
     names, mlm_answers, vqa_answers, captions, grounded = HYBRID_CASES[dataset]
     mlm, vqa = Asked(mlm_answers), Asked(vqa_answers)
-    knowledge = mlm_knowledge(names, mlm.mlm, top_k=3, templates={"location": "Only {mask} cells have a {object}."})
-    sets = [hybrid_prompt_set("image.png", names, vqa.vqa, None, top_k=3, rank=j, knowledge=knowledge)
-            for j in range(3)]
+    knowledge = mlm_knowledge(names, mlm.mlm, top_k=3, templates=HYBRID_MLM_TEMPLATES)
+    sets = hybrid_prompt_sets("image.png", names, vqa.vqa, knowledge, top_k=3)
     assert sorted(mlm.questions) == sorted(mlm_answers)
-    assert sorted(set(vqa.questions)) == sorted(vqa_answers)
+    assert sorted(vqa.questions) == sorted(vqa_answers)  # each asked once per image, as officially
     assert [s.caption for s in sets] == captions
     assert all(_grounded(s) == grounded for s in sets)
     assert HYBRID_CAPTION.attributes == ("color", "location")  # shape is asked, not written
     one = hybrid_prompt_set("image.png", names, Asked(vqa_answers).vqa, Asked(mlm_answers).mlm)
     assert one.caption == captions[0]
+    assert hybrid_prompt_set("image.png", names, Asked(vqa_answers).vqa, None, top_k=3, rank=1,
+                             knowledge=knowledge).caption == captions[1]
 
 
 # -- the released files -----------------------------------------------------------------------------

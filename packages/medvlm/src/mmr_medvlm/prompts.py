@@ -890,7 +890,8 @@ def hybrid_prompt_set(
         caption: Where the answers go; ``None`` puts them in the attribute slots.
         questions: The VQA questions.
         templates: The masked-LM questions.
-        knowledge: Masked-LM answers already asked (:func:`mlm_knowledge` with ``templates``).
+        knowledge: Masked-LM answers already asked (:func:`mlm_knowledge` with ``templates``); every
+            attribute in it is used.
         answers: VQA answers already asked for this image (:func:`vqa_answers`).
     """
     class_names = _class_names(names)
@@ -902,8 +903,28 @@ def hybrid_prompt_set(
         if vqa is None:
             raise ValueError("hybrid_prompt_set needs a VQA model or its answers")
         answers = vqa_answers(image, class_names, vqa, questions)
-    merged = {c: {**{a: _at_rank(knowledge[c][a], rank, top_k) for a in templates}, **answers[c]}
+    merged = {c: {**{a: _at_rank(words, rank, top_k) for a, words in knowledge[c].items()}, **answers[c]}
               for c in class_names}
     meta = {"source": "hybrid", "rank": rank, "answers": {c: dict(answers[c]) for c in class_names},
-            "knowledge": {c: {a: list(knowledge[c][a]) for a in templates} for c in class_names}}
+            "knowledge": {c: {a: list(words) for a, words in knowledge[c].items()} for c in class_names}}
     return _assemble(class_names, merged, caption, name, meta)
+
+
+def hybrid_prompt_sets(
+    image: Any,
+    names: NamesLike,
+    vqa: VQAModel,
+    knowledge: Mapping[str, Mapping[str, Sequence[str]]],
+    top_k: int = 3,
+    name: str = "hybrid",
+    *,
+    caption: CaptionTemplate | None = HYBRID_CAPTION,
+    questions: Mapping[str, str] = VQA_QUESTIONS,
+) -> list[PromptSet]:
+    """The official hybrid run for one image: the VQA model asked once, one prompt set per masked-LM rank (its
+    top1, top2, top3 files), from ``knowledge`` asked once for the dataset (:func:`mlm_knowledge` with
+    :data:`HYBRID_MLM_TEMPLATES`)."""
+    class_names = _class_names(names)
+    answers = vqa_answers(image, class_names, vqa, questions)
+    return [hybrid_prompt_set(image, class_names, None, None, top_k=top_k, name=f"{name} top{j + 1}", rank=j,
+                              caption=caption, knowledge=knowledge, answers=answers) for j in range(top_k)]
