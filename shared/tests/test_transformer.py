@@ -82,6 +82,11 @@ def test_trunk_matches_multihead_attention_reference(add_bias_kv: bool, causal: 
         # ImageBind's text mask: additive -inf above the diagonal.
         mask = torch.full((7, 7), float("-inf")).triu(1)
     with torch.no_grad():
+        # Same arithmetic in another order (SDPA vs nn.MultiheadAttention's matmuls, fused vs split
+        # projections): each output is a chain of dot products of <= 4*24 = 96 float32 terms of size
+        # <= ~3, so rounding is bounded by ~96 * 2**-24 * 3 ~ 2e-5 worst case and ~sqrt(96) * 2**-24 * 3
+        # ~ 2e-6 typical per layer; two blocks with LayerNorm keep it there on any x86 BLAS (AVX2 or
+        # AVX-512 kernels only change the order). 1e-5 abs + 1e-5 rel leaves a 5x margin on the typical.
         torch.testing.assert_close(ours(x), ref(x, mask), rtol=1e-5, atol=1e-5)
 
 
@@ -96,6 +101,7 @@ def test_layer_scale_and_external_mask() -> None:
     allowed = torch.rand(5, 5) > 0.3
     allowed.fill_diagonal_(True)
     with torch.no_grad():
+        # The same argument as in the test above (dot products of <= 64 terms, two blocks).
         torch.testing.assert_close(ours(x, attn_mask=allowed), ref(x, ~allowed), rtol=1e-5, atol=1e-5)
 
 
@@ -180,6 +186,8 @@ def test_pool_index_computes_only_the_pooled_token_of_the_last_block(causal: boo
         full = trunk(x)[torch.arange(3), pool]
         pooled = trunk(x, pool_index=pool)
     assert pooled.shape == (3, 1, 32)
+    # One query row instead of all: the same dot products, but BLAS may block a 1-row matmul differently
+    # from a 7-row one; rounding bound as in the reference test above (<= 128 terms of size ~3).
     torch.testing.assert_close(pooled[:, 0], full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="query_index"):
         trunk.blocks[-1].attn(x, torch.ones(7, 7, dtype=torch.bool), query_index=pool)
