@@ -608,9 +608,9 @@ def hf_masked_lm_predictor(
             ``k`` highest-scoring vocabulary entries as they are (``torch.topk`` over the mask's logits).
 
     The official code passes its segment ids where BERT takes the attention mask, an all-zero mask. Where
-    transformers fills masked scores with -10000 (before 4.20, transformers PR #17306) every score gets the same
+    transformers fills masked scores with -10000 (until its PR #17306, mid-2022) every score gets the same
     shift, which softmax ignores, so that equals the all-ones mask used here up to float32 rounding of the
-    shifted scores (about 1e-3 at 1e4). From 4.20 the fill is the dtype's minimum, which swamps the scores and
+    shifted scores (about 1e-3 at 1e4). After it the fill is the dtype's minimum, which swamps the scores and
     makes the attention uniform; we do not reproduce that. Which one the official run had depends on the
     transformers it ran (it imports OFA's fork; its version is not pinned).
     """
