@@ -1,7 +1,9 @@
 """The SLURM batch scripts, run with bash under a fake SLURM (fake ``scontrol``, ``srun`` and launcher).
 
 Dry runs must print the exact hostfile and launch command; real runs must forward a USR1 to the
-training processes (through the preemption flag file) and requeue the job when they stop on it.
+training processes (through the preemption flag file) and requeue the job when they stop on it, and
+on SIGTERM must wait for the ranks to finish saving and return their 75 (the real 2-process DeepSpeed
+runs of the same paths are in ``shared/tests/test_deepspeed_distributed.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ if [[ $FAKE_MODE == wait-preempt ]]; then
   while [[ ! -e $MMR_PREEMPT_FILE ]]; do sleep 0.1; done
   exit 75
 fi
+if [[ $FAKE_MODE == rank ]]; then
+  # Like the real launcher on SIGTERM: it dies at once, while its rank (PreemptionHandler) finishes
+  # its checkpoint, leaves the supervise marker and exits 75.
+  bash -c '
+    trap "stop=1" TERM
+    echo $$ > "$FAKE_ARGS.rank"
+    while [[ -z $stop ]]; do sleep 0.05; done
+    sleep 1.5
+    echo 75 > "$MMR_SUPERVISE_DIR/preempted.rank0.pid$$"
+    date +%s.%N > "$FAKE_ARGS.saved"
+    exit 75' &
+  wait
+fi
+[[ $FAKE_MODE == preempted ]] && exit 75  # the ranks saved and stopped on a signal of their own
 exit 0
 """
 
@@ -104,8 +120,8 @@ def test_single_node_dry_run_prints_exact_command(fake_slurm, script, preset, pr
     assert lines == [
         f"[mmr] hostfile {hostfile}:",
         "gpu07 slots=8",
-        f"[mmr] launch: deepspeed --num_gpus=8 --master_addr=gpu07 --master_port={PORT} "
-        "packages/llava/train.py --config a\\ b.yaml",
+        f"[mmr] launch: {sys.executable} -m mmr_core.distributed.supervise -- deepspeed --num_gpus=8 "
+        f"--master_addr=gpu07 --master_port={PORT} packages/llava/train.py --config a\\ b.yaml",
     ]
     assert hostfile.read_text() == "gpu07 slots=8\n"
     # The training processes are told the preset, its JSON, the precision and the attention kernel.
@@ -135,7 +151,8 @@ def test_multi_node_dry_run_prints_exact_command(fake_slurm, script):
     )  # fmt: skip
     assert printed == [
         "srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=32",
-        "bash", "-c", 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"', "mmr-node", *per_node,
+        "bash", "-c", 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"', "mmr-node",
+        sys.executable, "-m", "mmr_core.distributed.supervise", "--", *per_node,
     ]  # fmt: skip
     assert len(lines) == 5
 
@@ -205,3 +222,49 @@ def test_stale_preempt_flag_is_cleared_on_restart(fake_slurm):
     )
     assert proc.returncode == 0, proc.stderr
     assert not flag.exists() and not Path(env["FAKE_LOG"]).exists()
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["batch-shell", "process-group"])
+def test_sigterm_waits_for_the_ranks_and_returns_75(fake_slurm, to_group):
+    """SIGTERM to the batch shell alone, or to its whole process group (scancel, time limit).
+
+    Before: bash died at once (143) with the ranks still saving, and the launcher returned 143 too.
+    Now the shell passes TERM on, waits for the supervise wrapper, which waits for the rank: 75.
+    """
+    _, _, env = fake_slurm
+    _hosts(env, "gpu01")
+    env.update(MMR_DEEPSPEED="fake-deepspeed", FAKE_MODE="rank")
+    proc = subprocess.Popen(
+        ["bash", str(SLURM / "a100_single.sbatch"), "train.py"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    rank_pid_file = Path(env["FAKE_ARGS"] + ".rank")
+    deadline = time.monotonic() + 60
+    while not rank_pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rank_pid_file.exists(), "the rank never started"
+    time.sleep(0.2)  # its trap is set right before it writes its pid
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    returned = time.time()
+    assert proc.returncode == 75, (out, err)
+    assert float(Path(env["FAKE_ARGS"] + ".saved").read_text()) <= returned  # saved before the script returned
+    assert not Path(f"/proc/{int(rank_pid_file.read_text())}").exists()
+    assert "[mmr] launcher exited with 75" in out and "not requeueing" in out
+    assert not Path(env["FAKE_LOG"]).exists()  # scancel / time limit: SLURM decides, not us
+
+
+def test_ranks_stopping_on_their_own_signal_requeue(fake_slurm):
+    """A USR1 sent to the job steps (not the batch shell) makes the ranks save and exit 75: requeue."""
+    _, _, env = fake_slurm
+    _hosts(env, "node01", "node02")
+    env.update(MMR_DEEPSPEED="fake-deepspeed", FAKE_MODE="preempted")
+    proc = subprocess.run(
+        ["bash", str(SLURM / "v100_multinode.sbatch"), "train.py"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 75, proc.stderr
+    assert Path(env["FAKE_LOG"]).read_text() == f"requeue {JOB_ID}\n"

@@ -27,6 +27,15 @@ _mmr_on_usr1() {
     touch "$MMR_PREEMPT_FILE"
 }
 
+_mmr_on_term() {
+    # SLURM sends TERM to the batch shell too (scancel, time limit, preemption with a grace time). Without
+    # this trap bash would die at once, returning 143 while the ranks are still saving; instead pass the
+    # signal to the launcher wrapper (which passes it to every rank) and keep waiting for it.
+    MMR_TERMINATED=1
+    echo "[mmr] $1: passing it to the training processes and waiting for them to save and stop"
+    [[ -n ${MMR_LAUNCH_PID:-} ]] && kill -s "$1" "$MMR_LAUNCH_PID" 2>/dev/null
+}
+
 mmr_slurm_main() {
     [[ $# -ge 1 ]] || _mmr_die "usage: sbatch ${0##*/} TRAIN_SCRIPT [ARGS...]"
     [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_JOB_NODELIST:-} ]] || _mmr_die "SLURM_JOB_ID/SLURM_JOB_NODELIST unset: submit with sbatch"
@@ -57,18 +66,23 @@ mmr_slurm_main() {
 
     local build=("$python" -m mmr_core.distributed.command --null --launcher "${MMR_DEEPSPEED:-deepspeed}"
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
-    local launch=()
+    # The deepspeed launcher returns before its ranks on SIGTERM and never reports their 75; this wrapper
+    # forwards signals to the ranks, waits for every one of them and exits 75 when they saved on preemption.
+    local supervise=("$python" -m mmr_core.distributed.supervise --)
+    local launch=() ds=()
     if [[ ${#nodes[@]} -eq 1 ]]; then
-        mapfile -d '' launch < <("${build[@]}" --num-gpus "$gpus" -- "$@")
+        mapfile -d '' ds < <("${build[@]}" --num-gpus "$gpus" -- "$@")
+        [[ ${#ds[@]} -gt 0 ]] && launch=("${supervise[@]}" "${ds[@]}")
     else
         # One deepspeed launcher per node under srun (no ssh/pdsh needed); each one fills in its node rank.
-        local per_node=()
-        mapfile -d '' per_node < <("${build[@]}" --hostfile "$hostfile" --no-ssh --node-rank __NODE_RANK__ -- "$@")
-        launch=(srun --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1)
-        # srun no longer inherits --cpus-per-task (SLURM >= 22.05): without it all ranks of a node share one core.
-        [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && launch+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-        # shellcheck disable=SC2016  # expanded by the per-node bash, not here
-        launch+=(bash -c 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"' mmr-node "${per_node[@]}")
+        mapfile -d '' ds < <("${build[@]}" --hostfile "$hostfile" --no-ssh --node-rank __NODE_RANK__ -- "$@")
+        if [[ ${#ds[@]} -gt 0 ]]; then
+            launch=(srun --nodes="${#nodes[@]}" --ntasks="${#nodes[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1)
+            # srun no longer inherits --cpus-per-task (SLURM >= 22.05): without it all ranks of a node share one core.
+            [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && launch+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+            # shellcheck disable=SC2016  # expanded by the per-node bash, not here
+            launch+=(bash -c 'exec "${@//__NODE_RANK__/$SLURM_NODEID}"' mmr-node "${supervise[@]}" "${ds[@]}")
+        fi
     fi
     [[ ${#launch[@]} -gt 0 ]] || _mmr_die "could not build the launch command (is mmr_core importable by $python?)"
 
@@ -81,26 +95,34 @@ mmr_slurm_main() {
         return 0
     fi
 
-    MMR_PREEMPTED=0
+    MMR_PREEMPTED=0 MMR_TERMINATED=0
     trap _mmr_on_usr1 USR1
+    trap '_mmr_on_term TERM' TERM
+    trap '_mmr_on_term INT' INT
     "${launch[@]}" &
-    local pid=$! rc
-    # `wait` returns early (status > 128) whenever the trap runs; keep waiting until the launcher is gone.
+    MMR_LAUNCH_PID=$!
+    local rc
+    # `wait` returns early (status > 128) whenever a trap runs; keep waiting until the launcher is gone.
     while :; do
-        wait "$pid"
+        wait "$MMR_LAUNCH_PID"
         rc=$?
-        kill -0 "$pid" 2>/dev/null || break
+        kill -0 "$MMR_LAUNCH_PID" 2>/dev/null || break
     done
     if [[ $rc -gt 128 ]]; then
-        wait "$pid" 2>/dev/null
+        wait "$MMR_LAUNCH_PID" 2>/dev/null
         local final=$?
         [[ $final -ne 127 ]] && rc=$final
     fi
-    trap - USR1
-    if [[ $MMR_PREEMPTED == 1 && $rc -ne 0 ]]; then
-        echo "[mmr] stopped on preemption (exit $rc): requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
-    fi
+    trap - USR1 TERM INT
     echo "[mmr] launcher exited with $rc"
+    if [[ $rc -eq $MMR_PREEMPTED_EXIT_CODE || ($MMR_PREEMPTED == 1 && $rc -ne 0) ]]; then
+        if [[ $MMR_PREEMPTED == 0 && $MMR_TERMINATED == 1 ]]; then
+            # TERM means scancel, the time limit, or a preemption that SLURM requeues itself: not ours to requeue.
+            echo "[mmr] stopped on SIGTERM after saving (exit $rc); not requeueing job $SLURM_JOB_ID"
+        else
+            echo "[mmr] stopped on preemption (exit $rc): requeueing job $SLURM_JOB_ID"
+            scontrol requeue "$SLURM_JOB_ID" || echo "[mmr] scontrol requeue $SLURM_JOB_ID failed" >&2
+        fi
+    fi
     return "$rc"
 }
