@@ -22,7 +22,7 @@ from mmr_imagebind.evaluation import (
     zero_shot_classification,
 )
 from mmr_imagebind.miniature import WordTokenizer
-from mmr_imagebind.model import ImageBind, ImageBindConfig
+from mmr_imagebind.model import ImageBind, ImageBindConfig, build_imagebind
 from mmr_imagebind.zeroshot import mean_average_precision, text_classifier, zero_shot_logits
 
 WORDS = ["a", "photo", "of", "the", "sound", "picture", "dog", "rain", "car"]
@@ -132,10 +132,51 @@ def test_cli_embed_zeroshot_retrieve(setup, tmp_path: Path, capsys) -> None:
         g = embed(model, "vision", load_inputs("vision", images, model.config))
     assert res["matches"][0]["item"] == images[int(zero_shot_logits(q, g).argmax())]
 
-    with pytest.raises(SystemExit, match="not found"):
-        cli.main(["embed", "--checkpoint", str(ckpt), "--modality", "vision", str(tmp_path / "nope.png")])
-    with pytest.raises(SystemExit, match="one known class per input"):
-        cli.main([*args, "--labels", "dog", *sounds])
+    # User mistakes: "error: ..." on stderr and exit status 2.
+    assert cli.main(["embed", "--checkpoint", str(ckpt), "--modality", "vision", str(tmp_path / "nope.png")]) == 2
+    assert "error: input files not found" in capsys.readouterr().err
+    assert cli.main([*args, "--labels", "dog", *sounds]) == 2
+    assert "error: --labels needs one known class per input" in capsys.readouterr().err
+
+
+def test_cli_config_file_of_official_constructor_kwargs(tmp_path: Path, capsys) -> None:
+    """An official-layout .pth built with other ImageBindModel arguments runs from the CLI via --config FILE."""
+    kwargs = {"imu_embed_dim": 16, "imu_num_blocks": 1, "imu_num_heads": 2, "out_embed_dim": 8}
+    torch.manual_seed(0)
+    model = build_imagebind(ImageBindConfig.from_official_kwargs(**kwargs), modalities=["imu"]).eval()
+    ckpt = tmp_path / "custom.pth"
+    torch.save(model.state_dict(), ckpt)
+    imu = np.random.default_rng(0).standard_normal((6, 2000)).astype(np.float32)
+    np.save(tmp_path / "imu.npy", imu)
+    with torch.no_grad():
+        direct = model.encode("imu", torch.from_numpy(imu)[None])
+    (tmp_path / "custom.yaml").write_text("".join(f"{k}: {v}\n" for k, v in kwargs.items()))
+    (tmp_path / "custom.json").write_text(json.dumps(kwargs))
+    for config in ("custom.yaml", "custom.json"):
+        out = tmp_path / f"{config}.safetensors"
+        args = ["embed", "--checkpoint", str(ckpt), "--config", str(tmp_path / config), "--modality", "imu"]
+        assert cli.main([*args, "--out", str(out), str(tmp_path / "imu.npy")]) == 0
+        from safetensors.torch import load_file
+
+        # The same module, weights and input: bit-identical.
+        torch.testing.assert_close(load_file(out)["embeddings"], direct, rtol=0, atol=0)
+    capsys.readouterr()
+    base = ["embed", "--checkpoint", str(ckpt), "--modality", "imu", str(tmp_path / "imu.npy")]
+    # Without the config the default imagebind_huge sizes do not fit the checkpoint: a clear error, status 2.
+    assert cli.main(base) == 2
+    assert "error:" in capsys.readouterr().err
+    for name, text, message in [
+        ("typo.yaml", "imu_embed_dims: 16\n", "takes no argument"),
+        ("type.yaml", "imu_embed_dim: wide\n", "imu_embed_dim='wide' should be like 512"),
+        ("list.yaml", "- imu_embed_dim\n", "must hold a mapping"),
+        ("size.txt", "", "neither a named config"),
+    ]:
+        (tmp_path / name).write_text(text)
+        assert cli.main([*base, "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and name in err, err
+    assert cli.main([*base, "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_compile_flag(setup, tmp_path: Path, monkeypatch) -> None:

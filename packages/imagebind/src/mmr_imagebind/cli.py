@@ -7,7 +7,11 @@
     python -m mmr_imagebind.cli retrieve --checkpoint ckpt.pth --query "a barking dog" --gallery-modality vision *.jpg
 
 ``--checkpoint`` is the official ``imagebind_huge.pth`` or a ``.safetensors`` file of this package (its config is
-stored inside); only the modalities a command needs are built. Text uses CLIP's BPE (``--bpe`` or
+stored inside); only the modalities a command needs are built. A ``.pth`` built with other arguments of the
+official ``ImageBindModel`` constructor takes ``--config model.yaml`` (or ``.json``): a mapping of those keyword
+arguments, e.g. ``{vision_embed_dim: 1280, vision_num_blocks: 32, out_embed_dim: 1024}``, unnamed ones at the
+constructor's defaults (see ``ImageBindConfig.from_official_kwargs``); ``--config`` also takes a named size
+(``imagebind_huge``, ``tiny``). Mistakes on the command line print ``error: ...`` and exit with status 2. Text uses CLIP's BPE (``--bpe`` or
 ``$MMR_IMAGEBIND_BPE``), or for small models trained with a word vocabulary, ``--vocab words.txt`` (one word a
 line; see :class:`mmr_imagebind.miniature.WordTokenizer`). ``--labels`` gives zero-shot ground truth
 (class names, one per file, comma-separated) to print top-1/top-5.
@@ -22,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_imagebind
+from .checkpoint import CheckpointMismatchError, load_imagebind
 from .evaluation import embed, load_inputs
-from .model import MODALITIES, ImageBind
+from .model import MODALITIES, NAMED_CONFIGS, OFFICIAL_CONSTRUCTOR_DEFAULTS, ImageBind, ImageBindConfig
 from .zeroshot import DEFAULT_TEMPLATES, text_classifier, top_k_accuracy, zero_shot_logits
 
 
@@ -40,11 +44,51 @@ def _tokenizer(args: argparse.Namespace, model: ImageBind):
     return CLIPTokenizer(args.bpe, context_length=cfg.text_context_length, vocab_size=cfg.text_vocab_size)
 
 
+def model_config(spec: str | None) -> str | ImageBindConfig | None:
+    """``--config``: None, a named size, or a JSON/YAML file of official ``ImageBindModel`` keyword arguments.
+
+    Raises:
+        ValueError: An unknown name, a missing or unreadable file, a file that is not a mapping, a keyword
+            the official constructor does not take, or a value of the wrong type (the message names the file).
+    """
+    if spec is None or spec in NAMED_CONFIGS:
+        return spec
+    path = Path(spec)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"--config {spec!r} is neither a named config {sorted(NAMED_CONFIGS)} nor a .json/.yaml file")
+    if not path.is_file():
+        raise ValueError(f"--config file {path} does not exist")
+    import yaml  # JSON is a subset of YAML: one parser for both
+
+    try:
+        kwargs = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read --config file {path}: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--config file {path} must hold a mapping of ImageBindModel keyword arguments")
+    for key, value in kwargs.items():
+        default = OFFICIAL_CONSTRUCTOR_DEFAULTS.get(key)
+        if isinstance(default, tuple):
+            ok = isinstance(value, list | tuple) and len(value) == len(default)
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = default is None or (isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"--config file {path}: {key}={value!r} should be like {default!r}")
+    try:
+        return ImageBindConfig.from_official_kwargs(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"--config file {path}: {e}") from e
+
+
 def _load(args: argparse.Namespace, modalities: list[str]) -> ImageBind:
     path = Path(args.checkpoint)
     if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    model = load_imagebind(path, config=args.config, modalities=list(dict.fromkeys(modalities)))
+        raise ValueError(f"checkpoint {path} does not exist")
+    config = model_config(args.config)
+    model = load_imagebind(path, config=config, modalities=list(dict.fromkeys(modalities)))
     return model.to(args.device, getattr(torch, args.dtype)).eval()
 
 
@@ -52,7 +96,7 @@ def _inputs(args, model: ImageBind, modality: str, items: list[str]):
     if modality != "text":
         missing = [f for f in items if not Path(f).is_file()]
         if missing:
-            raise SystemExit(f"error: input files not found: {missing[:5]}")
+            raise ValueError(f"input files not found: {missing[:5]}")
     return load_inputs(modality, items, model.config, args.focal_length, args.depth_scale)
 
 
@@ -72,7 +116,7 @@ def cmd_embed(args: argparse.Namespace) -> dict:
 def cmd_zeroshot(args: argparse.Namespace) -> dict:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(classes) < 2:
-        raise SystemExit("error: --classes needs at least two comma-separated class names")
+        raise ValueError("--classes needs at least two comma-separated class names")
     model = _load(args, ["text", args.modality])
     tok = _tokenizer(args, model)
     templates = args.templates or list(DEFAULT_TEMPLATES)
@@ -87,7 +131,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> dict:
         labels = [c.strip() for c in args.labels.split(",")]
         unknown = sorted(set(labels) - set(classes))
         if len(labels) != len(args.inputs) or unknown:
-            raise SystemExit(f"error: --labels needs one known class per input (unknown: {unknown})")
+            raise ValueError(f"--labels needs one known class per input (unknown: {unknown})")
         y = torch.tensor([classes.index(c) for c in labels])
         out["top1"] = top_k_accuracy(probs, y, 1)
         out["top5"] = top_k_accuracy(probs, y, 5)
@@ -115,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--checkpoint", required=True, help="imagebind_huge.pth or a .safetensors of this package")
-        sp.add_argument("--config", default=None, help="named config when the checkpoint stores none")
+        sp.add_argument("--config", default=None,
+                        help="named config (imagebind_huge, tiny) or a .json/.yaml file of the official "
+                             "ImageBindModel keyword arguments the .pth was built with")  # fmt: skip
         sp.add_argument("--bpe", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz")
         sp.add_argument("--vocab", default=None, help="word list for small word-vocabulary models")
         sp.add_argument("--batch-size", type=int, default=16)
@@ -158,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"embed": cmd_embed, "zeroshot": cmd_zeroshot, "retrieve": cmd_retrieve}[args.command]
     try:
         result = handler(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, CheckpointMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))
