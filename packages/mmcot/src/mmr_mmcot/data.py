@@ -201,6 +201,7 @@ class VisionFeatures:
 
     def __init__(self, array: np.ndarray | torch.Tensor, name_map: Mapping[str, Any], patch_num: int | None = None):
         array = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).float()
+        self.pooled = array.dim() == 2  # one vector per image (ResNet), repeated below
         if array.dim() == 2:
             if patch_num is None:
                 raise DataError("2-D (pooled) features need patch_num to be repeated to")

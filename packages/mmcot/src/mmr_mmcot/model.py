@@ -42,6 +42,8 @@ VISION_SHAPES: dict[str, tuple[int, int]] = {
     "resnet": (512, 2048),
     "vit": (145, 1024),
 }
+# Released as one pooled vector per image; the loader repeats it to the patch count above.
+POOLED_VISION = ("resnet",)
 
 # T5 backbone sizes (Hugging Face configs of the named checkpoints). The vocab of the released
 # checkpoints is 32128; we never download weights, these only describe shapes.
@@ -66,8 +68,11 @@ _NAMED: dict[str, dict] = {
         d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=256, dropout_rate=0.0, **_V10
     ),
 }
-# Test / miniature sizes: they default to small 8x16 stand-in features instead of a named extractor's.
+# Test / miniature sizes: without a ``vision`` they take small 8x16 stand-in features (named STAND_IN);
+# with one, the extractor's shape as every size does.
 SMALL_SIZES = ("tiny", "mini", "mini-unifiedqa")
+STAND_IN = "stand-in"
+STAND_IN_SHAPE = (8, 16)
 
 
 @dataclass
@@ -87,7 +92,7 @@ class MMCoTConfig:
             rescaled by d_model**-0.5 before it.
         dropout_rate: Dropout in T5 (and thus on the encoder output before fusion, as the official code).
         vision: Name of the feature extractor in ``VISION_SHAPES``; sets ``patch_num``/``patch_dim``
-            unless those are given explicitly.
+            unless those are given explicitly (``STAND_IN``: the test sizes' 8x16 stand-in features).
         patch_num: Image tokens per example (m).
         patch_dim: Feature size per image token.
         fusion_mask: Apply ``image_mask`` and the text padding mask in the fusion (False: official).
@@ -135,10 +140,20 @@ class MMCoTConfig:
         if unknown:
             raise ValueError(f"unknown MMCoTConfig fields {unknown}")
         values = {**_NAMED[name], **overrides}
-        if name in SMALL_SIZES and "vision" not in overrides:  # small stand-in features for tests
-            values.setdefault("patch_num", 8)
-            values.setdefault("patch_dim", 16)
+        if name in SMALL_SIZES and overrides.get("vision") is None:  # small stand-in features for tests
+            values["vision"] = STAND_IN
+            values.setdefault("patch_num", STAND_IN_SHAPE[0])
+            values.setdefault("patch_dim", STAND_IN_SHAPE[1])
         return cls(**values)
+
+    def feature_source(self) -> str:
+        """Where ``(patch_num, patch_dim)`` come from, in words (for error messages)."""
+        shape = (self.patch_num, self.patch_dim)
+        if VISION_SHAPES.get(self.vision) == shape:
+            return f"vision={self.vision!r}"
+        if self.vision == STAND_IN and shape == STAND_IN_SHAPE:
+            return "the test size's 8x16 stand-in features: no vision was set"
+        return f"patch_num={self.patch_num}, patch_dim={self.patch_dim} set explicitly"
 
     @staticmethod
     def names() -> list[str]:
@@ -235,8 +250,8 @@ class MMCoTModel(nn.Module):
         expected = (self.config.patch_num, self.config.patch_dim)
         if image_features.dim() != 3 or tuple(image_features.shape[1:]) != expected:
             raise ValueError(
-                f"image_features must have shape (batch, {expected[0]}, {expected[1]}) for vision="
-                f"{self.config.vision!r}, got {tuple(image_features.shape)}"
+                f"image_features must have shape (batch, {expected[0]}, {expected[1]}) "
+                f"({self.config.feature_source()}), got {tuple(image_features.shape)}"
             )
 
     def encode(

@@ -360,7 +360,7 @@ def run(
         "",
         _mean_std_table(summary),
         "",
-        "| Method | answer extraction failures (all seeds) | stage-1 rationale ROUGE-L | "
+        "| Method | answer extraction failures (all seeds) | stage-1 rationale ROUGE-L (paper's definition) | "
         "hallucinated rationales on image questions |",
         "|---|---|---|---|",
     ]

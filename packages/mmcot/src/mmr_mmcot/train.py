@@ -33,8 +33,8 @@ import torch
 from mmr_core.utils import get_logger, progress, seed_everything
 
 from .data import Collator, ScienceQA, ScienceQADataset, VisionFeatures, collapse_whitespace, render_pair
-from .metrics import category_accuracy, extract_predictions, rationale_scores
-from .model import SMALL_SIZES, MMCoTConfig, MMCoTModel
+from .metrics import SIMILARITY_MODEL, category_accuracy, extract_predictions, rationale_scores
+from .model import POOLED_VISION, VISION_SHAPES, MMCoTConfig, MMCoTModel
 
 log = get_logger(__name__)
 
@@ -45,7 +45,9 @@ class TrainConfig:
 
     # model
     model: str = "flan-alpaca-base"
-    vision: str = "vit"
+    # Feature extractor (detr, clip, resnet, vit): sets the feature shape for every model size. None: vit
+    # for the named checkpoints, 8x16 stand-in features for the test sizes (tiny, mini, mini-unifiedqa).
+    vision: str | None = None
     patch_num: int = 0  # 0: from ``vision`` (explicit sizes for custom extractors)
     patch_dim: int = 0
     use_vision: bool = True
@@ -88,6 +90,9 @@ class TrainConfig:
     ds_preset: str = "cpu_zero2"
     random_fallback: bool = False
     num_threads: int = 0
+    # evaluation: the rationale-similarity model (a local folder or a Hugging Face id found in the local
+    # cache; never downloaded); empty to skip. Without it the similarity is reported as not computed.
+    similarity_model: str = SIMILARITY_MODEL
 
 
 # ---- building blocks ---------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def load_tokenizer(spec: str) -> Any:
 def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel:
     """Model from the named size; weights from ``init_checkpoint`` (ours or official) when given."""
     overrides: dict[str, Any] = {"fusion_mask": cfg.fusion_mask}
-    if cfg.model not in SMALL_SIZES:  # the test sizes default to small 8x16 stand-in features
+    if cfg.vision is not None:
         overrides["vision"] = cfg.vision
     if cfg.patch_num and cfg.patch_dim:
         overrides.update(patch_num=cfg.patch_num, patch_dim=cfg.patch_dim)
@@ -299,9 +304,16 @@ def _features(cfg: TrainConfig, model_cfg: MMCoTConfig) -> VisionFeatures | None
         raise ValueError("use_vision=true needs features and name_map (or set use_vision=false)")
     feats = VisionFeatures.load(cfg.features, cfg.name_map, patch_num=model_cfg.patch_num)
     if feats.shape != (model_cfg.patch_num, model_cfg.patch_dim):
+        # Pooled (2-D) features were repeated to the model's patch_num: their dim and kind tell the extractor.
+        def fits(name: str, shape: tuple[int, int]) -> bool:
+            return name in POOLED_VISION and shape[1] == feats.shape[1] if feats.pooled else shape == feats.shape
+
+        kinds = [f"vision={name} {shape}" for name, shape in VISION_SHAPES.items() if fits(name, shape)]
+        fix = f"set {' or '.join(kinds)}, or" if kinds else "set"
         raise ValueError(
-            f"features {cfg.features} have shape {feats.shape}, model expects "
-            f"{(model_cfg.patch_num, model_cfg.patch_dim)} (vision={model_cfg.vision!r})"
+            f"features {cfg.features} have shape {feats.shape}, model {cfg.model!r} expects "
+            f"{(model_cfg.patch_num, model_cfg.patch_dim)} ({model_cfg.feature_source()}); "
+            f"{fix} patch_num and patch_dim to the features' shape"
         )
     return feats
 
@@ -390,7 +402,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         references = {}
         for pid in data.split(cfg.eval_split):
             references[pid] = collapse_whitespace(render_pair(data.problems[pid], cfg.stage1_format, pid)[1])
-        metrics["rationale"] = rationale_scores(rationales[cfg.eval_split], references)
+        metrics["rationale"] = rationale_scores(rationales[cfg.eval_split], references, cfg.similarity_model)
+        if metrics["rationale"]["similarity"] is None:
+            log.warning("rationale similarity %s", metrics["rationale"]["similarity_note"])
     if cfg.stages in ("both", "answer"):
         if not rationales:
             path = out / "stage1" / f"generated_{cfg.eval_split}.json"
@@ -411,7 +425,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         extraction = extract_predictions(
             answers[cfg.eval_split], data.problems, random_fallback=cfg.random_fallback, seed=cfg.seed
         )
-        metrics["answer"] = category_accuracy(extraction.predictions, data.problems)
+        metrics["answer"] = category_accuracy(extraction.predictions, data.problems, pids=data.split(cfg.eval_split))
         metrics["extraction_failures"] = len(extraction.failures)
     _write_json(out / "metrics.json", metrics)
     return metrics
