@@ -10,31 +10,82 @@ import torch
 
 from mmr_llava.checkpoint import load_pretrained
 from mmr_llava.conversation import (
+    IMAGE_PLACEHOLDER,
     add_vision_tokens,
     get_template,
-    prepare_tokenizer,
     stop_strings,
     tokenize_with_labels,
 )
 from mmr_llava.data import Collator, load_image, preprocess_image
-from mmr_llava.model import LlavaModel
+from mmr_llava.model import IMAGE_SENTINEL, LlavaModel, build_text_config
 
 
 def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) -> tuple[LlavaModel, Any]:
-    """Model (either checkpoint layout) and tokenizer (saved next to it unless given)."""
+    """Model (either checkpoint layout) and tokenizer (saved next to it unless given), ready to chat.
+
+    Nothing is added to an official tokenizer and the embedding is never resized: LLaVA-1.5's tokenizer has
+    exactly the model's 32,000 tokens and no ``<image>``, and its prompts mark images with the original's
+    sentinel id (see :func:`image_token_id`). Only the tokens the model config asks for
+    (``mm_use_im_start_end``, ``mm_use_im_patch_token``) are added when the tokenizer lacks them, as the
+    original's loader does, and each must then have an embedding row.
+
+    Args:
+        folder: Checkpoint folder (original or Hugging Face layout, read from its config.json).
+        tokenizer: Tokenizer folder; default ``folder``.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode, the tokenizer has a pad token (UNK, else EOS, as
+        the original's v1 setup).
+
+    Raises:
+        ValueError: The tokenizer does not fit the model (see :func:`check_tokenizer_fits`).
+    """
     from transformers import AutoTokenizer
 
     model = load_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or folder))
-    image_id = prepare_tokenizer(tok)
-    if image_id != model.config.image_token_index:
-        raise ValueError(f"tokenizer's <image> id {image_id} differs from the model's image_token_index "
-                         f"{model.config.image_token_index}")
+    # Handing AutoTokenizer the language model's config keeps it from reading config.json, whose original-layout
+    # model_type ("llava_llama") transformers does not know and warns about on every load.
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or folder), config=build_text_config(model.config.text))
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
     add_vision_tokens(tok, model.config.mm_use_im_start_end, model.config.mm_use_im_patch_token)
-    if len(tok) > model.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocabulary only {model.vocab_size} "
-                         "(a tokenizer from another run?)")
+    check_tokenizer_fits(model, tok, str(tokenizer or folder))
     return model, tok
+
+
+def image_token_id(tok, model: LlavaModel) -> int:
+    """The id that marks image positions in this tokenizer's prompts for this model.
+
+    The tokenizer's own ``<image>`` token when it is the model's ``image_token_index`` (our runs, llava-hf);
+    otherwise the original's sentinel (-200), which :meth:`LlavaModel.embed` accepts and which no tokenizer
+    emits (a tokenizer without ``<image>``, or whose ``<image>`` has no embedding row).
+    """
+    index = model.config.image_token_index
+    if tok.get_vocab().get(IMAGE_PLACEHOLDER) == index:
+        return index
+    return IMAGE_SENTINEL
+
+
+def check_tokenizer_fits(model: LlavaModel, tok, where: str = "tokenizer") -> None:
+    """Every id the tokenizer can emit into a prompt has an embedding row, and none is an image position.
+
+    Raises:
+        ValueError: Tokens beyond the model's vocabulary other than an unused ``<image>`` (a tokenizer from
+            another run?), or a model ``image_token_index`` that is an ordinary token of this tokenizer
+            (its text would be replaced by image features); the message names ``where`` and the tokens.
+    """
+    vocab_size = model.vocab_size
+    beyond = [t for t in tok.convert_ids_to_tokens(list(range(vocab_size, len(tok)))) if t != IMAGE_PLACEHOLDER]
+    if beyond:
+        raise ValueError(f"{where}: tokenizer has {len(tok)} tokens but the model's vocabulary only {vocab_size}; "
+                         f"{beyond[:5]} have no embedding row (a tokenizer from another run?)")
+    index = model.config.image_token_index
+    if 0 <= index < len(tok):
+        token = tok.convert_ids_to_tokens(index)
+        if token != IMAGE_PLACEHOLDER:
+            raise ValueError(f"{where}: the model's image_token_index {index} is the tokenizer's token {token!r}, "
+                             f"not {IMAGE_PLACEHOLDER}: that text would be taken for image positions (a tokenizer "
+                             "from another run?)")
 
 
 def _stop_ids(tok, template: str) -> list[int]:
@@ -67,9 +118,10 @@ def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[
     get_template(template)
     cfg = model.config
     wrap = add_vision_tokens(tok, cfg.mm_use_im_start_end) if cfg.mm_use_im_start_end else None
+    image_id = image_token_id(tok, model)
     samples = []
     for conv, imgs in zip(conversations, images):
-        enc = tokenize_with_labels(tok, template, conv, image_token_id=cfg.image_token_index,
+        enc = tokenize_with_labels(tok, template, conv, image_token_id=image_id,
                                    num_patches=cfg.num_patches, add_generation_prompt=True, image_wrap=wrap)
         pix = (torch.stack([preprocess_image(load_image(i, image_folder, "prompt"), cfg.image_size,
                                              cfg.image_aspect_ratio) for i in imgs])
