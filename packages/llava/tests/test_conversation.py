@@ -128,3 +128,23 @@ def test_everything_generated_after_the_generation_prompt_is_supervised(llama_to
     assert train["input_ids"][:n] == prompt["input_ids"]
     assert all(lab != -100 for lab in train["labels"][n:])
     assert all(lab == -100 for lab in train["labels"][:n])
+
+
+def test_empty_messages_render_as_the_original():
+    # Conversation.get_prompt: an empty message is the bare role tag (no separator) in the v0/v1/mpt
+    # styles and is left out in llama_2; it is never supervised.
+    msgs = [("user", "Q1"), ("assistant", ""), ("user", "Q2"), ("assistant", "A2")]
+    cases = {
+        "v1": ("USER: Q1 ASSISTANT:USER: Q2 ASSISTANT: A2</s>", ["A2</s>"]),
+        "v0": ("###Human: Q1###Assistant:Human: Q2###Assistant: A2###", ["A2###"]),
+        "llama_2": ("\n\nQ1 [/INST]<s>[INST] Q2 [/INST] A2 </s>", ["A2 </s>"]),
+        "chatml": ("<|im_start|>user\nQ1<|im_end|><|im_start|>assistant\n<|im_start|>user\nQ2<|im_end|>"
+                   "<|im_start|>assistant\nA2<|im_end|>", ["A2<|im_end|>"]),
+    }
+    for name, (suffix, answers) in cases.items():
+        text, spans = conv.render(name, msgs)
+        assert text.endswith(suffix), (name, text)
+        assert [text[a:b] for a, b in spans] == answers
+    assert conv.render("v1", msgs[:2])[0].endswith("USER: Q1 ASSISTANT:")
+    with pytest.raises(ValueError, match="non-empty first user turn"):
+        conv.render("llama_2", [("user", ""), ("assistant", "A")])

@@ -82,6 +82,34 @@ def test_truncated_dataset_drops_cut_images(tok):
     torch.testing.assert_close(item["pixel_values"][0], full[1]["pixel_values"][0])
 
 
+def test_encode_record_reports_what_truncation_removed(tok):
+    full, image_id = _ds(tok)
+    assert [(full[i]["images_cut"], full[i]["supervision_cut"]) for i in range(3)] == [(0, False)] * 3
+    positions = (full[1]["input_ids"] == image_id).nonzero().flatten().tolist()
+    item = _ds(tok, max_length=positions[4] + 2)[0][1]  # cut inside the second image, before the answer
+    assert (item["id"], item["images_cut"], item["supervision_cut"]) == ("two", 1, True)
+    text = full[2]
+    first_answer_token = int((text["labels"] != -100).nonzero()[0])
+    item = _ds(tok, max_length=first_answer_token + 1)[0][2]  # one answer token survives
+    assert (item["images_cut"], item["supervision_cut"]) == (0, False)
+    item = _ds(tok, max_length=first_answer_token)[0][2]
+    assert (item["images_cut"], item["supervision_cut"]) == (0, True)
+
+
+def test_single_image_turns_are_rewritten_as_the_original_does():
+    record = {"id": "r", "image": "x.jpg", "conversations": [
+        {"from": "human", "value": "Hello."}, {"from": "gpt", "value": "Hi."},
+        {"from": "human", "value": "  What is this?\n<image> "}, {"from": "gpt", "value": "A cube."}]}
+    convs = data.normalize_conversations(record)
+    assert [c["value"] for c in convs] == ["Hello.", "Hi.", "<image>\nWhat is this?", "A cube."]
+    alone = dict(record, conversations=[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A."}])
+    assert data.normalize_conversations(alone)[0]["value"] == "<image>"
+    # Several images in one turn (beyond the original) stay where the data puts them.
+    two = dict(id="two", images=["a", "b"],
+               conversations=[{"from": "human", "value": "Is <image> like <image>?"}, {"from": "gpt", "value": "No."}])
+    assert data.normalize_conversations(two)[0]["value"] == "Is <image> like <image>?"
+
+
 def test_collator_padding_sides(tok):
     ds, _ = _ds(tok)
     items = [ds[0], ds[2]]

@@ -2,13 +2,21 @@
 
 Each template renders the exact prompt strings of the LLaVA formats (``plain``, ``v0`` with ``###``,
 ``v1``/Vicuna, ``llama_2``, ``chatml`` = the original ``mpt`` style) and records, while rendering, the
-character spans that the model must learn: every assistant answer plus its end-of-turn separator.
+character spans that the model must learn: every assistant answer plus its end-of-turn separator. An
+empty message renders as the original's ``Conversation.get_prompt`` does: the bare role tag
+(``ASSISTANT:``, no end-of-turn) in ``v0``/``v1``/``chatml``, nothing at all in ``llama_2``; it is not
+supervised.
 
-The official code finds those tokens by re-tokenizing pieces of the prompt and subtracting magic
+Token ids follow the original's ``tokenizer_image_token``: the prompt is split at every ``<image>``, each
+piece is tokenized on its own (so a SentencePiece tokenizer starts the text after an image with its
+``▁`` word prefix, in legacy and non-legacy mode alike), and the image positions are written in between;
+``<image>`` never needs to be in the vocabulary.
+
+The official code finds the supervised tokens by re-tokenizing pieces of the prompt and subtracting magic
 constants (``len(tokenize(instruction)) - 2``, a "legacy" correction), and when the arithmetic does not
-add up it masks the whole sample with only a printed warning. Here the full string is tokenized once
-with character offsets, and a token is supervised when it overlaps a supervised span. A token that
-crosses the end of a span (or swallows prompt text before it) is a ``TokenizationMismatch``: an error by
+add up it masks the whole sample with only a printed warning. Here each piece is tokenized once with
+character offsets, and a token is supervised when it overlaps a supervised span. A token that crosses
+the end of a span (or swallows prompt text before it) is a ``TokenizationMismatch``: an error by
 default, or a counted warning when ``on_mismatch="warn"``.
 """
 
@@ -19,6 +27,8 @@ import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from mmr_llava.model import IMAGE_SENTINEL
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -123,8 +133,8 @@ def render(template: Template | str, messages: Sequence[dict | tuple], add_gener
             (the conversation must then end with a user turn).
 
     Returns:
-        ``(text, spans)``: ``spans`` are ``(start, end)`` character ranges of each answer plus its
-        end-of-turn separator.
+        ``(text, spans)``: ``spans`` are ``(start, end)`` character ranges of each non-empty answer plus
+        its end-of-turn separator.
     """
     t = get_template(template) if isinstance(template, str) else template
     turns = _turns(messages)
@@ -140,22 +150,23 @@ def render(template: Template | str, messages: Sequence[dict | tuple], add_gener
         parts.append((IMAGE_PLACEHOLDER * n_img, False))
         if len(turns) == 2:
             parts.append((turns[1][1] + t.sep, True))
-    elif t.style == "single":
+    elif t.style in ("single", "two"):
         parts.append((t.system + t.sep, False))
         for role, text in turns:
+            if not text:  # the original writes the bare tag, without a separator
+                parts.append((t.roles[role] + ":", False))
+                continue
             parts.append((t.roles[role] + ": ", False))
-            parts.append((text + t.sep, role == 1))
-        if add_generation_prompt:
-            parts.append((t.roles[1] + ":", False))
-    elif t.style == "two":
-        parts.append((t.system + t.sep, False))
-        for role, text in turns:
-            parts.append((t.roles[role] + ": ", False))
-            parts.append((text + (t.sep if role == 0 else t.sep2), role == 1))
+            end = t.sep if t.style == "single" or role == 0 else t.sep2
+            parts.append((text + end, role == 1))
         if add_generation_prompt:
             parts.append((t.roles[1] + ":", False))
     elif t.style == "llama_2":
+        if turns and not turns[0][1]:
+            raise ValueError("the llama_2 template needs a non-empty first user turn (as the original asserts)")
         for i, (role, text) in enumerate(turns):
+            if not text:  # the original drops an empty turn from the prompt
+                continue
             if role == 0:
                 if i == 0:
                     text = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n{text}" if t.system else text
@@ -168,7 +179,8 @@ def render(template: Template | str, messages: Sequence[dict | tuple], add_gener
         parts.append(("<|im_start|>system\n" + t.system + t.sep, False))
         for role, text in turns:
             parts.append((t.roles[role], False))
-            parts.append((text + t.sep, role == 1))
+            if text:  # the original writes only the role tag for an empty message
+                parts.append((text + t.sep, role == 1))
         if add_generation_prompt:
             parts.append((t.roles[1], False))
     else:
@@ -176,7 +188,7 @@ def render(template: Template | str, messages: Sequence[dict | tuple], add_gener
 
     text, spans, pos = "", [], 0
     for piece, supervised in parts:
-        if supervised:
+        if supervised and piece:
             spans.append((pos, pos + len(piece)))
         text += piece
         pos += len(piece)
@@ -191,21 +203,25 @@ def stop_strings(template: Template | str) -> list[str]:
 
 
 def prepare_tokenizer(tokenizer, template: Template | str | None = None) -> int:
-    """Register ``<image>`` (and the template's special tokens) as single tokens; return the image id.
+    """Register the template's special tokens, set a pad token; return the id for image positions.
+
+    ``<image>`` is not added: :func:`tokenize_with_labels` never tokenizes it, so an official checkpoint's
+    tokenizer keeps exactly its ``vocab_size`` tokens.
 
     Returns:
-        The id of ``<image>``; the caller sets ``LlavaConfig.image_token_index`` to it. A pad token is
-        set to the UNK (or EOS) token when missing.
+        The tokenizer's own ``<image>`` id when its vocabulary has one (the tiny BPE tokenizers, Hugging
+        Face LLaVA tokenizers, runs saved before this change), else the original's ``IMAGE_SENTINEL``
+        (-200), which ``LlavaModel.embed`` takes as an image position beside ``image_token_index``. A pad
+        token is set to the UNK (or EOS) token when missing.
     """
-    extra = [IMAGE_PLACEHOLDER]
     if template is not None:
-        extra += list((get_template(template) if isinstance(template, str) else template).special_tokens)
-    missing = [tok for tok in extra if tok not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        extra = list((get_template(template) if isinstance(template, str) else template).special_tokens)
+        missing = [tok for tok in extra if tok not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    return tokenizer.get_vocab().get(IMAGE_PLACEHOLDER, IMAGE_SENTINEL)
 
 
 def add_vision_tokens(tokenizer, use_im_start_end: bool = False, use_im_patch_token: bool = False
@@ -233,6 +249,27 @@ def _generation_prompt_ends_at_role_tag(template: Template) -> bool:
     return generation_prompt == generation_prompt.rstrip()
 
 
+def _tokenize_around_images(tokenizer, text: str) -> tuple[list[int | None], list[tuple[int, int]]]:
+    """Tokens of ``text`` as the original's ``tokenizer_image_token`` makes them, with character offsets.
+
+    The text is split at every ``<image>`` and each piece is tokenized on its own, without special tokens
+    (the original tokenizes each piece with its BOS and drops it again). An image is ``None`` in the ids.
+    """
+    ids: list[int | None] = []
+    offsets: list[tuple[int, int]] = []
+    start = 0
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            ids.append(None)
+            offsets.append((start - len(IMAGE_PLACEHOLDER), start))
+        if piece:
+            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            offsets += [(start + s, start + e) for s, e in enc["offset_mapping"]]
+        start += len(piece) + len(IMAGE_PLACEHOLDER)
+    return ids, offsets
+
+
 def tokenize_with_labels(
     tokenizer,
     template: Template | str,
@@ -245,11 +282,15 @@ def tokenize_with_labels(
 ) -> dict[str, list[int]]:
     """Token ids and labels (``-100`` outside answers and their end-of-turn tokens).
 
+    The ids are the original's (``tokenizer_image_token`` on the rendered prompt; see the module
+    docstring), with each image expanded to its ``num_patches`` positions.
+
     Args:
         tokenizer: A fast (offset-reporting) tokenizer prepared with :func:`prepare_tokenizer`.
         template: Template or name.
-        messages: Alternating user/assistant turns.
-        image_token_id: Id of ``<image>``; each one is expanded to ``num_patches`` copies.
+        messages: Alternating user/assistant turns; every ``<image>`` in them is one image.
+        image_token_id: Id written at image positions (:func:`prepare_tokenizer`'s result or
+            ``LlavaConfig.image_token_index``); None writes the original's ``IMAGE_SENTINEL`` (-200).
         num_patches: Image positions per image.
         add_generation_prompt: Render a prompt for generation (no labels needed).
         image_wrap: ``(im_start_id, im_end_id)`` put around every image block (``mm_use_im_start_end``;
@@ -266,8 +307,7 @@ def tokenize_with_labels(
     text, spans = render(t, messages, add_generation_prompt=add_generation_prompt)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} does not report character offsets; use a fast tokenizer")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    ids, offsets = _tokenize_around_images(tokenizer, text)
     labels = [IGNORE_INDEX] * len(ids)
     problems = []
     # A whitespace-only token right before an answer (a small vocabulary splits " Yes" into "▁" + "Yes";
@@ -276,6 +316,8 @@ def tokenize_with_labels(
     # Templates whose generation prompt ends in that whitespace (chatml "assistant\n") keep it unsupervised.
     starts = {a for a, _ in spans} if _generation_prompt_ends_at_role_tag(t) else set()
     for i, (s, e) in enumerate(offsets):
+        if ids[i] is None:  # an image: never supervised (<image> is never inside an answer)
+            continue
         if e in starts and s < e and not text[s:e].strip():
             labels[i] = ids[i]
             continue
@@ -300,17 +342,16 @@ def tokenize_with_labels(
         warnings.warn(msg, stacklevel=2)
     if t.add_bos and tokenizer.bos_token_id is not None:
         ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels
-    if image_token_id is not None:
-        out_ids, out_labels = [], []
-        for tok, lab in zip(ids, labels):
-            if tok == image_token_id:
-                block = [image_token_id] * num_patches
-                if image_wrap is not None:
-                    block = [image_wrap[0]] + block + [image_wrap[1]]
-                out_ids += block
-                out_labels += [IGNORE_INDEX] * len(block)
-            else:
-                out_ids.append(tok)
-                out_labels.append(lab)
-        ids, labels = out_ids, out_labels
-    return {"input_ids": ids, "labels": labels}
+    image_id = IMAGE_SENTINEL if image_token_id is None else image_token_id
+    out_ids, out_labels = [], []
+    for tok, lab in zip(ids, labels):
+        if tok is None:
+            block = [image_id] * num_patches
+            if image_wrap is not None:
+                block = [image_wrap[0]] + block + [image_wrap[1]]
+            out_ids += block
+            out_labels += [IGNORE_INDEX] * len(block)
+        else:
+            out_ids.append(tok)
+            out_labels.append(lab)
+    return {"input_ids": out_ids, "labels": out_labels}

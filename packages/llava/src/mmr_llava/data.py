@@ -6,9 +6,17 @@ A record of the LLaVA JSON format::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}]}
 
-Every ``<image>`` placeholder takes one image in order; a record with one image and no placeholder gets
-``<image>\\n`` in front of its first question (as the original data loader does). Images may be file
-paths (relative to ``image_folder``), PIL images, or ``(3, H, W)`` tensors in [0, 1].
+Every ``<image>`` placeholder takes one image in order. As the original's ``preprocess_multimodal``, a
+turn with one placeholder is rewritten to ``<image>\\n`` + the rest of the turn stripped ("What is
+this?\\n<image>" trains as "<image>\\nWhat is this?"); a turn with several placeholders, which the
+original does not support, keeps them where the data puts them, since their order carries meaning. A
+record with one image and no placeholder gets ``<image>\\n`` in front of its first question: the
+original inserts nothing, so it would train on such a record without looking at its image. Images may
+be file paths (relative to ``image_folder``), PIL images, or ``(3, H, W)`` tensors in [0, 1].
+
+Truncation to ``max_length`` never cuts an image: the images from the cut on are dropped (the original
+keeps the first positions of a cut image). :func:`encode_record` reports the images it dropped and
+whether truncation removed every supervised token, so that training can count and report such samples.
 """
 
 from __future__ import annotations
@@ -126,11 +134,18 @@ def record_images(record: dict[str, Any]) -> list[Any]:
 
 
 def normalize_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
-    """Check placeholders against images; add the single-image placeholder when it is missing."""
+    """Check placeholders against images; put a turn's single image first, as the original does.
+
+    Returns:
+        The conversation with each one-image turn as ``<image>\\n`` + its stripped text, and the
+        placeholder added in front of the first question of a one-image record that has none.
+    """
     rid = record.get("id", "?")
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise DataError(f"record {rid}: 'conversations' must be a non-empty list")
+    if not all(isinstance(c, dict) and isinstance(c.get("value"), str) for c in convs):
+        raise DataError(f"record {rid}: every conversation turn must be a dict with a string 'value'")
     convs = [dict(c) for c in convs]
     n_img = len(record_images(record))
     n_ph = sum(c["value"].count(IMAGE_PLACEHOLDER) for c in convs)
@@ -140,6 +155,9 @@ def normalize_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
         raise DataError(f"record {rid}: {n_ph} '<image>' placeholder(s) but {n_img} image(s)")
     if any(IMAGE_PLACEHOLDER in c["value"] for c in convs if c.get("from") in ("gpt", "assistant")):
         raise DataError(f"record {rid}: '<image>' inside an assistant answer")
+    for c in convs:
+        if c["value"].count(IMAGE_PLACEHOLDER) == 1:  # preprocess_multimodal's rewrite ("<image>" alone stays so)
+            c["value"] = (IMAGE_PLACEHOLDER + "\n" + c["value"].replace(IMAGE_PLACEHOLDER, "").strip()).strip()
     return convs
 
 
@@ -225,12 +243,21 @@ def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_
                   image_size: int, image_folder: str | Path | None = None, max_length: int = 2048,
                   on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None,
                   image_aspect_ratio: str = "pad") -> dict[str, Any]:
-    """One record -> ``{"input_ids", "labels", "pixel_values" (N, 3, S, S) or None}``."""
+    """One record -> its tensors and what truncation removed.
+
+    Returns:
+        ``{"input_ids", "labels", "pixel_values" (N, 3, S, S) or None, "id", "images_cut",
+        "supervision_cut"}``: ``images_cut`` counts the images that truncation to ``max_length`` dropped,
+        ``supervision_cut`` is True when the record had supervised tokens and truncation removed them all
+        (the sample then adds nothing to the loss).
+    """
     rid = str(record.get("id", "?"))
     convs = normalize_conversations(record)
     enc = tokenize_with_labels(tokenizer, template, convs, image_token_id=image_token_id,
                                num_patches=num_patches, on_mismatch=on_mismatch, image_wrap=image_wrap)
+    n_images = enc["input_ids"].count(image_token_id) // max(num_patches, 1)
     ids, labels, kept = truncate(enc["input_ids"], enc["labels"], max_length, image_token_id, num_patches, rid)
+    supervised_before = any(lab != IGNORE_INDEX for lab in enc["labels"])
     refs = record_images(record)
     if template == "plain" and refs:
         refs = refs[: max(1, convs[0]["value"].count(IMAGE_PLACEHOLDER))]
@@ -240,7 +267,8 @@ def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_
         pixels = torch.stack([preprocess_image(load_image(r, image_folder, rid), image_size, image_aspect_ratio)
                               for r in refs])
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": pixels}
+            "pixel_values": pixels, "id": rid, "images_cut": n_images - kept,
+            "supervision_cut": supervised_before and all(lab == IGNORE_INDEX for lab in labels)}
 
 
 @dataclass
