@@ -28,6 +28,11 @@ def official():
 def test_vision_matches_official(official) -> None:
     x = D.load_and_transform_vision([TDIR / "image.png"])
     assert x.shape == (1, 3, 224, 224)
+    # PIL's bicubic resize works in integers (identical on every CPU), ToTensor and Normalize are correctly
+    # rounded element-wise operations: the grid should agree exactly (measured 0.0 on Intel and AMD); 1e-5
+    # (40 units in the last place of |x| <= 2.7) leaves room for a differently fused (x - m) / s. The means
+    # sum 50176 values of |x| <= 2.7 in an order that depends on the vector width: <= log2(50176) u = 16u of
+    # mean |x| on each machine, 2e-6 between them, also inside 1e-5.
     torch.testing.assert_close(x[:, :, ::8, ::8], official["vision_grid"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.mean(dim=(2, 3)), official["vision_mean"], rtol=1e-5, atol=1e-5)
 
@@ -121,6 +126,10 @@ def test_video_matches_official_pipeline(official) -> None:
     frames = torch.from_numpy(np.load(TDIR / "video_frames.npy"))
     x = D.transform_video(frames, fps=10)[None]
     assert x.shape == (1, 15, 3, 2, 224, 224)
+    # Bilinear interpolation of values in [0, 1]: 4-term weighted sums (antialias off), with or without
+    # fused multiply-adds depending on the CPU's kernels: <= 4u = 2.4e-7 before the CLIP normalisation,
+    # <= 1e-6 after dividing by std >= 0.26; the means of 224 x 224 values add <= 16u of mean |x| (2e-6
+    # for |x| <= 2.2). 1e-5 covers both; measured 0.0.
     torch.testing.assert_close(x[..., ::16, ::16], official["video_grid"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.mean(dim=(4, 5)), official["video_mean"], rtol=1e-5, atol=1e-5)
 
@@ -147,6 +156,8 @@ def test_image_modes(tmp_path: Path) -> None:
     assert g.shape == base.shape
     # Grayscale becomes three equal channels before normalisation.
     unnorm = g[0] * torch.tensor(D.CLIP_STD).view(3, 1, 1) + torch.tensor(D.CLIP_MEAN).view(3, 1, 1)
+    # Equal channels in 0..1 normalised with different mean/std and mapped back: four correctly rounded
+    # operations on values |x| <= 3.8 (1 / 0.2613 at most): < 4u x 3.8 x 0.28 + 2u = 4e-7; atol 1e-5.
     torch.testing.assert_close(unnorm[0], unnorm[1], atol=1e-5, rtol=0)
     sixteen = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
     sixteen.save(tmp_path / "g16.png")

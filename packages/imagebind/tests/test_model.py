@@ -57,6 +57,14 @@ def test_parity_with_official_outputs(parity, tiny_model, name: str) -> None:
     modality = name.split("_")[0]
     with torch.no_grad():
         ours = tiny_model.encode(modality, parity["input"][name])
+    # The official operations in the same order; only the summation order inside GEMMs, convolutions and
+    # SDPA may differ (kernels chosen by shape and CPU). Outputs are unit vectors times the logit scale
+    # s <= 20. A reordered K-term dot product (K <= 384, the 3x2x8x8 vision patch) changes by about
+    # sqrt(log2 K) u relative with blocked sums (rounding errors as independent, Higham 2nd ed. sec. 3.7),
+    # and ~15 such stages follow each other (stem, 2 blocks x (2 LayerNorms, attention, MLP), head): a few
+    # 10u of s, 1e-6 for s = 1 up to 4e-5 for s = 20, inside atol + rtol |x| = 1e-5 (1 + |x|) for the
+    # components that carry the norm. Measured: 0.0 on the Intel Xeon that made the fixture, at most
+    # 2.5e-6 (1.3e-7 of s) on an AMD EPYC.
     torch.testing.assert_close(ours, parity["output"][name], rtol=1e-5, atol=1e-5)
 
 
@@ -219,6 +227,9 @@ def test_pooled_last_block_equals_full_block(causal: bool, bias_kv: bool, layer_
         full = block(x, None, causal)[torch.arange(3), pool]
         got = pooled_last_block(block, x, pool, causal)
     assert got.shape == (3, 1, 16)
+    # The same arithmetic for the pooled rows; GEMMs of 1 row instead of 7 may sum their K <= 64 terms
+    # (MLP hidden width) in another order: <= 64 u = 4e-6 relative to the sum of |terms| in the worst case,
+    # for outputs of size ~1 (randn inputs, LayerNorm), hence rtol 1e-5 and atol 1e-6 near zero.
     torch.testing.assert_close(got[:, 0], full, rtol=1e-5, atol=1e-6)
 
 
@@ -243,6 +254,8 @@ def test_inference_shortcuts_equal_the_plain_trunk(parity, tiny_model, monkeypat
     finally:
         hook.remove()
     assert seen[0] == int(text.argmax(-1).max()) + 1 < text.shape[1]  # the fast text run was truncated
+    # Shorter sequences and a 1-row last block change only GEMM/SDPA summation order (K <= 384): the
+    # parity test's bound (a few 10u of the logit scale <= 20) applies.
     for m in fast:
         torch.testing.assert_close(fast[m], plain[m], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_noisy, fast["text"], rtol=1e-5, atol=1e-5)
@@ -259,6 +272,9 @@ def test_vision_stem_folds_the_repeated_frames(tiny_model) -> None:
         video = torch.randn(2, 3, 4, 32, 32)  # more frames than the kernel: the Conv3d path
         torch.testing.assert_close(stem(video), stem[1](video))
     assert folded.shape == plain.shape == (2, 16, 1, 4, 4)
+    # conv2d(x, w0 + w1) vs conv3d summing w0 x + w1 x: the same 384 products grouped differently; randn
+    # inputs and the tiny stem's weights give outputs of size ~1 and a worst-case regrouping error of
+    # 384 u ~ 2.3e-5 of the sum of |terms| (~1e-6 realistic, sqrt(384) u): rtol 1e-5, atol 1e-6.
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
 
 
@@ -294,6 +310,8 @@ def test_compile_option_plumbing(parity, eager_compile) -> None:
     hook = model.modality_trunks["text"].blocks[0].register_forward_hook(lambda m, a, o: lengths.append(o.shape[1]))
     with torch.no_grad():
         for m, x in [("text", text), ("audio", parity["input"]["audio"]), ("vision", parity["input"]["vision"])]:
+            # Dynamo's eager backend runs the same ATen ops; text is padded to 32 tokens (other GEMM shapes,
+            # other summation order): the parity test's bound applies.
             torch.testing.assert_close(model.encode(m, x, compile=True), model.encode(m, x), rtol=1e-5, atol=1e-5)
         model.encode("imu", parity["input"]["imu"], postprocess=False, compile=True)
     hook.remove()
@@ -316,6 +334,7 @@ def test_compile_option_plumbing(parity, eager_compile) -> None:
     got = embed(model, "imu", imu, batch_size=2, compile=True)
     hook.remove()
     assert got.shape == (5, 16) and set(shapes) == {2}
+    # A padded batch of 2 vs a batch of 1: only GEMM blocking differs (the parity test's bound).
     torch.testing.assert_close(got, embed(model, "imu", imu, batch_size=2), rtol=1e-5, atol=1e-5)
     model.train()
     assert not model._compiled
@@ -341,6 +360,7 @@ def test_copies_and_pickles_of_a_compiled_model_drop_its_compiled_encoders(eager
         torch.testing.assert_close(twin.encode("imu", imu, compile=True), twin.encode("imu", imu))
         assert not torch.allclose(twin.encode("imu", imu, compile=True), original, atol=1e-3)
         restored = pickle.loads(pickle.dumps(model))
+        # Eager (restored, uncompiled) vs the compiled original on the same weights: the parity test's bound.
         torch.testing.assert_close(restored.encode("imu", imu), original, rtol=1e-5, atol=1e-5)
     assert model._compiled  # the original keeps its own
 
@@ -354,4 +374,5 @@ def test_compiled_inductor_matches_official_outputs(parity) -> None:
     with torch.no_grad():
         for name in ["vision", "vision_video", "text", "audio", "depth", "thermal", "imu"]:
             got = model.encode(name.split("_")[0], parity["input"][name], compile=True)
+            # Inductor fuses and reorders the same float32 sums: the eager parity test's bound.
             torch.testing.assert_close(got, parity["output"][name], rtol=1e-5, atol=1e-5)
