@@ -104,6 +104,9 @@ def test_summary_is_mean_and_std_over_seeds_and_claims_are_checked_per_seed():
     assert held["Two-stage beats one-stage QCM->RA"] == [True, False]
     assert held["Two-stage without vision is much worse than with it"] == [True, False]  # IMG gap 60 vs 5
     assert held["Vision features cut hallucinated rationales"] == [True, True]
+    # A seed whose rationales were all empty has no ROUGE-L (None): the others' mean stands.
+    runs[1]["two-stage with vision"]["rougeL"] = None
+    assert summarize(runs)["two-stage with vision"]["rougeL"] == (80.0, 0.0)
 
 
 def test_run_needs_a_seed(tmp_path):

@@ -173,8 +173,10 @@ def summarize(runs: dict[int, dict[str, dict]]) -> dict[str, dict]:
             values = [r["accuracy"][cat] for r in rows if not math.isnan(r["accuracy"].get(cat, math.nan))]
             summary["accuracy"][cat] = mean_std(values) if values else (math.nan, math.nan)
         for key in ("hallucination", "rougeL"):
-            if key in rows[0]:
-                summary[key] = mean_std([r[key] for r in rows])
+            # rougeL is None for a seed whose stage 1 generated only empty rationales (nothing to score).
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if values:
+                summary[key] = mean_std(values)
         out[name] = summary
     return out
 
