@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmr_core.config import ConfigError, load_config
+from mmr_imagebind import data as D
 from mmr_imagebind.recipes import RECIPES, get_recipe
 from mmr_imagebind.train import (
     LoRAConfig,
@@ -116,6 +117,16 @@ def test_pair_transform_depth_thermal_imu_deterministic() -> None:
         torch.testing.assert_close(again[1], x)  # same key and epoch: same augmentation
         tf.epoch = 1
         assert not torch.equal(tf(sample)[0], img)  # another epoch: another crop
+    # Depth samples hold metric disparity; without augmentation the pair transform is the inference
+    # transform (DepthNorm, resize, crop, standardise: the same float32 operations, bit-identical).
+    disparity = torch.linspace(5.0, 100.0, 30 * 40).view(1, 30, 40)
+    evaluation = PairTransform(get_recipe("sunrgbd"), mcfg, seed=0, train=False)
+    torch.testing.assert_close(evaluation({**sample, "depth": disparity})[1],
+                               D.transform_depth(disparity[0], mcfg.depth_image_size), rtol=0, atol=0)  # fmt: skip
+    _, augmented = PairTransform(get_recipe("sunrgbd"), mcfg, seed=0)({**sample, "depth": disparity})
+    # DepthNorm before the crop keeps every value inside DepthNorm's range [0.01 / 75, 1], standardised.
+    low, high = (0.01 / 75 - D.DEPTH_MEAN) / D.DEPTH_STD, (1 - D.DEPTH_MEAN) / D.DEPTH_STD
+    assert low - 1e-5 <= augmented.min() and augmented.max() <= high + 1e-5  # 1e-5: float32 rounding of the ends
     _, imu = PairTransform(get_recipe("ego4d"), mcfg)(sample)
     assert imu.shape == (6, mcfg.imu_length)
     with pytest.raises(KeyError, match="needs 'image' and 'audio'"):

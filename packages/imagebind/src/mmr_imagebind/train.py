@@ -344,13 +344,17 @@ class PairTransform:
             if "image" not in sample or m not in sample:
                 raise KeyError(f"sample {key} needs 'image' and {m!r}, has {sorted(sample)}")
             partner = sample[m] if m in ("depth", "thermal") else None
+            if m == "depth":  # metric disparity; Omnivore's SUN RGB-D transform runs DepthNorm before cropping
+                partner = T.depth_norm(torch.as_tensor(partner).float())
             image, partner = self._image(T.load_image(sample["image"]), partner, gen)
             if m == "audio":
                 x = self._audio(sample["audio"], int(sample["sample_rate"]), gen)
             elif m in ("depth", "thermal"):
                 size = getattr(mc, f"{m}_image_size")
                 p = partner[0] if partner.ndim == 3 else partner
-                x = T.transform_depth(p, size, normalize=(m == "depth"))
+                x = T.transform_depth(p, size, normalize=False)
+                if m == "depth":
+                    x = (x - T.DEPTH_MEAN) / T.DEPTH_STD
                 if self.train and self.recipe.augment.random_erase:
                     from torchvision import transforms
 
