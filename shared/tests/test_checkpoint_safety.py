@@ -255,3 +255,38 @@ def test_supervise_passes_other_exit_codes_on(tmp_path):
     assert proc.wait(timeout=30) == 128 + signal.SIGKILL
     proc = _supervise(str(tmp_path / "no-such-launcher"))
     assert proc.wait(timeout=30) == 127
+
+
+# --- the three-call loop helper -------------------------------------------------------------------
+
+
+def test_resumable_run_saves_periodically_and_at_the_end(tmp_path):
+    from mmr_core.distributed import PreemptionHandler, ResumableRun
+
+    engine = FakeEngine()
+    run = ResumableRun(engine, tmp_path, save_every=3, keep_last=None, preemption=PreemptionHandler(signals=()))
+    assert run.resume() is None
+    for step in range(1, 8):
+        assert run.after_step(step, {"step_in_epoch": step}) is False
+    run.finish(7, {"step_in_epoch": 7})
+    assert [p.name for p in list_checkpoints(tmp_path, complete_only=True)] == [step_tag(3), step_tag(6), step_tag(7)]
+    again = ResumableRun(FakeEngine(), tmp_path, save_every=3, preemption=PreemptionHandler(signals=()))
+    assert again.resume() == {"step": 7, "data_state": {"step_in_epoch": 7}}
+
+
+def test_resumable_run_saves_and_exits_75_on_preemption(tmp_path):
+    from mmr_core.distributed import PreemptionHandler, ResumableRun
+
+    handler = PreemptionHandler(signals=(signal.SIGUSR1,))
+    run = ResumableRun(FakeEngine(), tmp_path, save_every=100, preemption=handler.install())
+    try:
+        assert run.after_step(1, {}) is False
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert run.after_step(2, {"step_in_epoch": 2}) is True  # saved before returning
+        assert latest_checkpoint(tmp_path) == step_tag(2)
+        with pytest.raises(SystemExit) as leaving:
+            run.finish(2, {"step_in_epoch": 2})
+        assert leaving.value.code == PREEMPTED_EXIT_CODE
+        assert [p.name for p in list_checkpoints(tmp_path)] == [step_tag(2)]  # no second save of step 2
+    finally:
+        handler.uninstall()

@@ -1,23 +1,27 @@
-"""DeepSpeed utilities: config presets, launch helper, resumable checkpoints, preemption.
+"""DeepSpeed utilities: config presets, launch helper, crash-safe checkpoints, preemption, launcher wrapper.
 
-Names are imported lazily so that ``python -m mmr_core.distributed.command`` (used by the SLURM
-scripts) does not pay for importing torch and DeepSpeed.
+Names are imported lazily so that ``python -m mmr_core.distributed.command`` and
+``python -m mmr_core.distributed.supervise`` (used by the SLURM scripts) do not pay for importing torch
+and DeepSpeed.
 
-Typical recipe skeleton::
+Intended use in a package's ``train.py`` (launched by ``deepspeed``, ``torchrun``, ``srun`` or plain
+``python``; under SLURM through ``infra/slurm/*.sbatch``, which wrap the launcher in ``supervise``)::
 
-    from mmr_core.distributed import (PreemptionHandler, finalize_distributed, init_distributed,
-                                      load_checkpoint, preset, save_checkpoint)
+    from mmr_core.distributed import ResumableRun, init_distributed, preset
 
     env = init_distributed()                       # deepspeed / torchrun / srun / plain python
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=preset("cpu_zero2"))
-    resumed = load_checkpoint(engine, ckpt_dir)    # None on a fresh start
-    stop = PreemptionHandler().install()
-    for step in ...:
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                      config=preset("cpu_zero2"))
+    run = ResumableRun(engine, ckpt_dir, save_every=500)   # SIGTERM / SIGUSR1 / $MMR_PREEMPT_FILE
+    state = run.resume()                           # newest complete checkpoint; None on a fresh start
+    for step in ...:                               # one optimizer step each
         ...
-        if stop.should_stop():
-            save_checkpoint(engine, ckpt_dir, step, data_state)
-            finalize_distributed(); stop.exit()
-    finalize_distributed()
+        if run.after_step(step, data_state):       # saves every 500 steps; on preemption saves, True
+            break
+    run.finish(step, data_state)                   # final save, finalize, exit 75 if preempted
+
+The lower-level pieces (:func:`save_checkpoint`, :func:`load_checkpoint`, :class:`PreemptionHandler`,
+:func:`finalize_distributed`) stay available for loops that need another shape. See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ _EXPORTS = {
     "PREEMPTED_EXIT_CODE": "preemption",
     "checkpoint_problem": "checkpoint",
     "supervise": "supervise",
+    "ResumableRun": "loop",
 }
 
 __all__ = sorted(_EXPORTS)
