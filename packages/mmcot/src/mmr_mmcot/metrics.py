@@ -10,9 +10,9 @@ Rationale quality follows mm-cot's ``evaluations.py`` (``rouge==1.0.1`` and nltk
   .get_scores(target, prediction, avg=True)`` (the target in the package's hypothesis slot): texts split
   into sentences at every ".", words at spaces; word *types* counted (the package's default
   ``exclusive=True`` sets); the LCS words of every reference/candidate sentence pair united; F = 2PR /
-  (P + R + 1e-8). Pairs with an empty prediction or empty target are skipped. (Later ``rouge`` releases
-  and some descriptions use F with beta = P/R; the pinned 1.0.1 that produced the paper's table computes
-  this F1.) Re-implemented here and tested against the ``rouge`` package.
+  (P + R + 1e-8). Pairs with an empty prediction or empty target are skipped. (``rouge`` 0.3.x used F with
+  beta = P/R; 1.0.0 and the pinned 1.0.1 compute this F1.) Re-implemented here and tested against the
+  ``rouge`` package.
 * ``bleu1`` / ``bleu4``: nltk ``sentence_bleu`` (no smoothing, uniform weights) on tokens split at
   whitespace and periods, over the pids with a non-empty target.
 * ``similarity``: cosine of sentence embeddings (sentence-transformers ``all-MiniLM-L6-v2``: BERT, mean
