@@ -282,3 +282,26 @@ def test_unsupported_projector_activation_is_named(tmp_path):
         assert str(tmp_path / "config.json") in str(err.value)
     with pytest.raises(ValueError, match="mlp2x_relu_and_more"):
         build_model(dataclasses.replace(LlavaConfig.from_name("tiny"), projector_type="mlp2x_relu_and_more"))
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_llama"])
+def test_original_config_model_types(tmp_path, model_type, caplog):
+    """LLaVA-1.5's own config.json says model_type "llava" (the original's name before "llava_llama"), with the
+    LLaMA fields at the top level beside mm_*: the original layout, a LLaMA. Its tokenizer loads without
+    transformers reading that config (which warns about "llava_llama" on every plain AutoTokenizer load)."""
+    from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
+
+    model = build_model("tiny", seed=0)
+    ckpt.save_pretrained(model, tmp_path, layout="original")
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, "model_type": model_type}))
+    cfg, layout = ckpt.read_config(tmp_path)
+    assert layout == "original" and cfg.text["model_type"] == "llama"
+    _same(model, ckpt.load_pretrained(tmp_path))
+    train_tiny_tokenizer(["a red circle", "two blue squares"], 64).save_pretrained(tmp_path)
+    caplog.clear()
+    tok = ckpt.load_tokenizer(tmp_path)
+    assert tok("a red circle")["input_ids"] and not [r for r in caplog.records if "model of type" in r.getMessage()]
+    if model_type == "llava_llama":  # the warning this avoids
+        transformers.AutoTokenizer.from_pretrained(tmp_path)
+        assert [r for r in caplog.records if "model of type `llava_llama`" in r.getMessage()]

@@ -50,13 +50,20 @@ _ORIGINAL_EXTRA = ("image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padd
 
 
 def detect_layout(config_json: dict[str, Any]) -> str:
-    """``hf`` or ``original``, from the contents of a config.json."""
-    if config_json.get("model_type") == "llava" or "text_config" in config_json:
+    """``hf`` or ``original``, from the contents of a config.json.
+
+    The model type alone does not tell: LLaVA-1.5's own checkpoints (liuhaotian/llava-v1.5-7b) say
+    ``model_type: llava`` like transformers' llava, but keep the language model's fields at the top level
+    beside ``mm_*`` fields, where transformers nests them in ``text_config``.
+    """
+    if "text_config" in config_json:
         return "hf"
     if any(k in config_json for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
         return "original"
-    raise ValueError("config.json is neither a Hugging Face llava config (model_type 'llava') nor an original "
-                     "LLaVA config (mm_vision_tower / mm_projector_type / mm_hidden_size fields)")
+    if config_json.get("model_type") == "llava":
+        return "hf"  # transformers' llava with every sub-config left at its default
+    raise ValueError("config.json is neither a Hugging Face llava config (model_type 'llava', text_config) nor an "
+                     "original LLaVA config (mm_vision_tower / mm_projector_type / mm_hidden_size fields)")
 
 
 # -- configs -----------------------------------------------------------------------------------
@@ -107,7 +114,9 @@ def config_from_original(d: dict[str, Any], where: str = "config.json") -> Llava
         except Exception as err:  # noqa: BLE001 - re-raised with the name that failed
             raise ValueError(f"{where}: cannot resolve vision tower '{tower}' offline; known towers: "
                              f"{sorted(KNOWN_VISION_TOWERS)} (or add an 'mmr_vision_config' entry)") from err
-    family = str(d.get("model_type", "llava_llama")).removeprefix("llava_")
+    # llava_llama / llava_mistral / llava_qwen ...; plain "llava" is LLaVA-1.5's own name for the LLaMA one.
+    family = str(d.get("model_type") or "llava_llama")
+    family = "llama" if family == "llava" else family.removeprefix("llava_")
     family = {"qwen": "qwen2", "": "llama"}.get(family, family)
     text = {k: v for k, v in d.items() if not k.startswith(("mm_", "mmr_")) and k not in _ORIGINAL_EXTRA}
     text = _text_dict(text, family)
@@ -162,7 +171,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> LlavaConfig
         ValueError: Settings we cannot run as transformers does (several vision layers, a projector without
             biases, a ``projector_hidden_act`` with weights of its own); the message names ``where`` and the key.
     """
-    text = d["text_config"]
+    text = d.get("text_config") or {}  # absent: transformers' default, a LLaMA
     layer = d.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise ValueError(f"{where}: vision_feature_layer={layer!r}: only a single layer is supported")
@@ -414,6 +423,31 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> Ll
         raise KeyError(f"{folder}: {err.args[0]}") from None
     load_state(model, state, where=str(folder))
     return model
+
+
+def load_tokenizer(path: str | Path, config: LlavaConfig | None = None):
+    """A tokenizer folder through ``AutoTokenizer``, without transformers reading a LLaVA ``config.json``.
+
+    ``AutoTokenizer`` reads the folder's config.json to pick a tokenizer class, and warns on every load
+    ("You are using a model of type `llava_llama` ...") about the original layout's model types, which it
+    does not know. Handing it the language model's config instead avoids the read and the warning.
+
+    Args:
+        path: Tokenizer folder (often a checkpoint folder).
+        config: The model's config; default: the folder's own config.json when it is a LLaVA checkpoint
+            (any other folder is left to transformers).
+    """
+    from transformers import AutoTokenizer
+
+    from mmr_llava.model import build_text_config
+
+    if config is None and (Path(path) / "config.json").is_file():
+        try:
+            config = read_config(path)[0]
+        except ValueError:  # not a LLaVA checkpoint: transformers knows its config
+            config = None
+    kwargs = {"config": build_text_config(config.text)} if config is not None else {}
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)
 
 
 EMBED_KEY = "model.embed_tokens.weight"

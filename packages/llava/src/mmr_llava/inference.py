@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mmr_llava.checkpoint import load_pretrained
+from mmr_llava.checkpoint import load_pretrained, load_tokenizer
 from mmr_llava.conversation import (
     IMAGE_PLACEHOLDER,
     add_vision_tokens,
@@ -17,7 +17,7 @@ from mmr_llava.conversation import (
     tokenize_with_labels,
 )
 from mmr_llava.data import Collator, load_image, preprocess_image
-from mmr_llava.model import IMAGE_SENTINEL, LlavaModel, build_text_config
+from mmr_llava.model import IMAGE_SENTINEL, LlavaModel
 
 
 def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) -> tuple[LlavaModel, Any]:
@@ -40,12 +40,8 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) 
     Raises:
         ValueError: The tokenizer does not fit the model (see :func:`check_tokenizer_fits`).
     """
-    from transformers import AutoTokenizer
-
     model = load_pretrained(folder).eval()
-    # Handing AutoTokenizer the language model's config keeps it from reading config.json, whose original-layout
-    # model_type ("llava_llama") transformers does not know and warns about on every load.
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or folder), config=build_text_config(model.config.text))
+    tok = load_tokenizer(tokenizer or folder, model.config)  # without transformers' "llava_llama" warning
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     add_vision_tokens(tok, model.config.mm_use_im_start_end, model.config.mm_use_im_patch_token)
