@@ -269,7 +269,7 @@ def test_depth_transform_worked_example() -> None:
         # relative to an operand no larger than x / std <= 34 or the result itself: |error| <
         # 8 u (34 + |want|) <= 3.2e-5; the hand values carry 7 decimals (5e-8).
         assert got == pytest.approx(want, abs=8 * 2**-24 * (34 + abs(want)) + 5e-8), (d, got, want)
-    # Before the fix the encoder saw (disparity - 0.0418) / 0.0295 directly: 2540 for 0.5 m.
+    # Before the fix the encoder saw (disparity - 0.0418) / 0.0295 directly: 2541 for 0.5 m.
     assert x.abs().max() < 33
 
 
