@@ -271,6 +271,9 @@ def test_depth_transform_worked_example() -> None:
         assert got == pytest.approx(want, abs=8 * 2**-24 * (34 + abs(want)) + 5e-8), (d, got, want)
     # Before the fix the encoder saw (disparity - 0.0418) / 0.0295 directly: 2541 for 0.5 m.
     assert x.abs().max() < 33
+    # depth_factor=1 feeds metric disparity: 2 m -> 18.75 px -> 0.25 -> (0.25 - 0.0418) / 0.0295 = 7.0576271.
+    metric = D.transform_depth(torch.full((224, 224), 18.75), depth_factor=1.0)
+    assert metric[0, 112, 112].item() == pytest.approx(7.0576271, abs=8 * 2**-24 * (34 + 7.06) + 5e-8)
 
 
 def test_depth_norm_comes_before_resizing() -> None:

@@ -408,27 +408,38 @@ def read_intrinsics_focal(path: PathLike) -> float:
     return float(values[0])
 
 
-def depth_norm(disparity_px: torch.Tensor) -> torch.Tensor:
+def depth_norm(disparity_px: torch.Tensor, depth_factor: float = TRAINING_DEPTH_FACTOR) -> torch.Tensor:
     """Metric disparity -> the encoder's pre-standardisation scale: Omnivore's ``DepthNorm`` on the training units.
 
-    ``clamp(disparity / TRAINING_DEPTH_FACTOR, 0.01, 75) / 75``, values in [1.3e-4, 1]; ``DEPTH_MEAN`` and
+    ``clamp(disparity / depth_factor, 0.01, 75) / 75``, values in [1.3e-4, 1]; ``DEPTH_MEAN`` and
     ``DEPTH_STD`` describe this quantity.
+
+    Args:
+        disparity_px: Metric disparity ``baseline * fx / depth`` in pixels.
+        depth_factor: How many times the training data overstated depth (8, see ``TRAINING_DEPTH_FACTOR``);
+            1 feeds metric disparity unchanged (then clip depth with ``depth_to_disparity(..., min_depth=0.01,
+            max_depth=50)``), for comparison with recipes that use true metres.
     """
-    return (disparity_px / TRAINING_DEPTH_FACTOR).clamp(DEPTH_NORM_MIN, DEPTH_NORM_MAX) / DEPTH_NORM_MAX
+    return (disparity_px / depth_factor).clamp(DEPTH_NORM_MIN, DEPTH_NORM_MAX) / DEPTH_NORM_MAX
 
 
-def transform_depth(disparity: torch.Tensor, size: int = IMAGE_SIZE, normalize: bool = True) -> torch.Tensor:
+def transform_depth(
+    disparity: torch.Tensor,
+    size: int = IMAGE_SIZE,
+    normalize: bool = True,
+    depth_factor: float = TRAINING_DEPTH_FACTOR,
+) -> torch.Tensor:
     """``(H, W)`` metric disparity (pixels) -> ``(1, size, size)`` depth-encoder input.
 
     In the order of Omnivore's SUN RGB-D transform: :func:`depth_norm` (clamp and scale, before any
-    interpolation), bilinear short-side resize, centre crop, standardise with ``DEPTH_MEAN`` / ``DEPTH_STD``.
-    With ``normalize=False`` only resize and crop (used for thermal images).
+    interpolation; ``depth_factor`` goes to it), bilinear short-side resize, centre crop, standardise with
+    ``DEPTH_MEAN`` / ``DEPTH_STD``. With ``normalize=False`` only resize and crop (used for thermal images).
     """
     from torchvision.transforms import functional as TF
 
     if disparity.ndim != 2:
         raise ValueError(f"disparity must be (H, W), got {tuple(disparity.shape)}")
-    x = depth_norm(disparity.float()) if normalize else disparity
+    x = depth_norm(disparity.float(), depth_factor) if normalize else disparity
     x = TF.resize(x[None], size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     x = TF.center_crop(x, size)
     return (x - DEPTH_MEAN) / DEPTH_STD if normalize else x
