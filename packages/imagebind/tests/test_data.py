@@ -230,6 +230,8 @@ def test_depth_png_and_disparity(tmp_path: Path) -> None:
     batch = D.load_and_transform_depth([tmp_path / "d16.png"], [f])
     assert batch.shape == (1, 1, 224, 224)
     # 2 m at fx 518.8: 19.455 px of metric disparity, 2.4319 px in the training units, / 75 = 0.032425.
+    # float32: millimetres x 0.001 and about six more roundings on values <= 20, then x - 0.0418 cancels to
+    # -0.0094 (relative error x 3.5) and / 0.0295: < 8u x 3.5 = 1.7e-6 relative to the result; rel 1e-5.
     expected = (0.075 * 518.8 / 2.0 / 8 / 75 - D.DEPTH_MEAN) / D.DEPTH_STD
     assert batch[0, 0, 112, 112].item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="focal lengths"):

@@ -63,6 +63,8 @@ def test_load_inputs_shapes_and_errors(setup, tmp_path: Path) -> None:
     Image.fromarray(np.full((50, 60), 2000, np.uint16)).save(tmp_path / "depth.png")
     from_png = load_inputs("depth", [tmp_path / "depth.png"], cfg, focal_length_px=520.0)
     np.save(tmp_path / "disp.npy", np.full((50, 60), 0.075 * 520.0 / 2.0))
+    # 19.5 px either way, up to the float32 rounding of 2000 x 0.001 (u relative, 6e-8), far inside
+    # assert_close's float32 default (rtol 1.3e-6, atol 1e-5).
     torch.testing.assert_close(from_png, load_inputs("depth", [tmp_path / "disp.npy"], cfg))
     with pytest.raises(ValueError, match="focal length"):
         load_inputs("depth", [tmp_path / "depth.png"], cfg)
