@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.scenes import write_dataset
@@ -44,17 +45,46 @@ def test_stage1_then_stage2(scenes, tmp_path):
     assert s1["step"] == 3 and all(torch.isfinite(torch.tensor(s1["losses"])))
     proj = torch.load(tmp_path / "s1" / "mm_projector.bin", weights_only=True)
     assert sorted(proj)[0].startswith("model.mm_projector.")
+    # No tokenizer=: stage 2 takes the checkpoint's own (training a new one on the instruction data would
+    # give the stage-1 embeddings other ids).
     s2 = train(_cfg(scenes, tmp_path / "s2", init_from=str(tmp_path / "s1" / "model"),
-                    tokenizer=str(tmp_path / "s1" / "tokenizer"), projector_from=str(tmp_path / "s1/mm_projector.bin"),
+                    projector_from=str(tmp_path / "s1/mm_projector.bin"),
                     lr=3e-3, max_steps=8, gradient_checkpointing=True, group_by_modality_length=True,
                     packing=True))
     assert s2["losses"][-1] < s2["losses"][0]
+    tok1 = AutoTokenizer.from_pretrained(str(tmp_path / "s1" / "model"))
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path / "s2" / "model"))
+    assert tok2.get_vocab() == tok1.get_vocab()
     model = ckpt.load_pretrained(tmp_path / "s2" / "model")
+    assert model.vocab_size == ckpt.load_pretrained(tmp_path / "s1" / "model").vocab_size == len(tok1)
     torch.testing.assert_close(model.projector.state_dict()["0.bias"].shape, torch.Size([64]))
     # Stage 1 froze the language model: its weights are still the random init of stage 1's model.
     s1_model = ckpt.load_pretrained(tmp_path / "s1" / "model")
     torch.testing.assert_close(s1_model.projector.state_dict()["0.weight"],
                                proj["model.mm_projector.0.weight"])
+
+
+def test_init_from_without_a_tokenizer_is_named(scenes, tmp_path):
+    from mmr_llava.model import LlavaConfig, LlavaModel
+
+    ckpt.save_pretrained(LlavaModel(LlavaConfig.from_name("tiny")), tmp_path / "bare", layout="original")
+    with pytest.raises(FileNotFoundError, match="bare has no tokenizer.*tokenizer="):
+        train(_cfg(scenes, tmp_path / "run", init_from=str(tmp_path / "bare"), max_steps=1))
+
+
+def test_truncation_is_counted_in_the_log_and_summary(scenes, tmp_path):
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    # 12 tokens end inside the v1 system prompt: every sample loses its image and all its answers.
+    with pytest.warns(UserWarning, match=r"max_length=12 cut 6 image\(s\) from 6 sample\(s\) and left 6"):
+        out = train(_cfg(scenes, tmp_path / "cut", max_length=12, max_steps=2, micro_batch_size=3))
+    cut = out["truncation"]
+    assert (cut["samples_with_images_cut"], cut["images_cut"], cut["samples_without_supervision"]) == (6, 6, 6)
+    assert len(cut["examples"]) == 6
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["truncation"]["samples_without_supervision"] for m in logged] == [3, 6]
+    full = train(_cfg(scenes, tmp_path / "full", max_steps=1, micro_batch_size=3))
+    assert full["truncation"] == {"samples_with_images_cut": 0, "images_cut": 0, "samples_without_supervision": 0,
+                                  "examples": []}
 
 
 def test_resume_matches_uninterrupted(scenes, tmp_path):

@@ -7,10 +7,16 @@ Usage::
 
     python packages/llava/train.py --preset pretrain data=captions.json output_dir=runs/s1
     deepspeed --num_gpus 8 packages/llava/train.py --preset finetune hardware=a100 zero_stage=3 \\
-        init_from=runs/s1 projector_from=runs/s1/mm_projector.bin data=instruct.json output_dir=runs/s2
+        init_from=runs/s1/model projector_from=runs/s1/mm_projector.bin data=instruct.json output_dir=runs/s2
 
 Arguments after the preset are ``key=value`` overrides of :class:`TrainConfig` (``--config file.yaml``
 also works). A run resumes from the newest checkpoint in ``output_dir/checkpoints`` unless ``resume=false``.
+With ``init_from`` the checkpoint's own tokenizer is used (its embeddings follow those ids); another one
+must be named with ``tokenizer=``.
+
+Samples that truncation to ``max_length`` changes are counted, never dropped silently: images cut off
+(their positions removed with the image) and samples left with no supervised token. The counts go into
+every ``metrics.jsonl`` line and the end-of-run summary (``truncation``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ import torch
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import add_vision_tokens, prepare_tokenizer
 from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
-from mmr_llava.model import LlavaConfig, LlavaModel
+from mmr_llava.model import IMAGE_SENTINEL, LlavaConfig, LlavaModel
 
 
 @dataclass
@@ -46,7 +53,8 @@ class TrainConfig:
             folder; its tokenizer is used unless ``tokenizer`` is set.
         lm_gguf_file: GGUF file inside the ``lm_from`` folder.
         projector_from: A stage-1 ``mm_projector.bin`` loaded into the projector (works under ZeRO-3).
-        tokenizer: Tokenizer folder; None trains a small BPE tokenizer on the data (tests, miniature).
+        tokenizer: Tokenizer folder. None: the ``init_from`` checkpoint's tokenizer, else the ``lm_from``
+            model's, else a small BPE tokenizer trained on the data (tests, miniature).
         data: LLaVA JSON file.
         image_folder: Folder that image paths in the data are relative to.
         template: Conversation template.
@@ -162,14 +170,40 @@ def _attn_for(hardware: str) -> str:
     return "sdpa"  # V100 has no flash-attention 2; SDPA uses its memory-efficient kernel
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def checkpoint_tokenizer(folder: str | Path):
+    """The tokenizer saved in a checkpoint folder (both layouts keep it beside the weights).
+
+    Raises:
+        FileNotFoundError: The folder holds none of :data:`TOKENIZER_FILES`.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"init_from={folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): the checkpoint's "
+            "embeddings follow the ids of the tokenizer it was trained with, so name that one with tokenizer=...")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Path, is_main: bool):
-    """The run's tokenizer; a trained one is saved in ``output_dir/tokenizer`` so a resume reuses it."""
+    """The run's tokenizer, saved in ``output_dir/tokenizer``.
+
+    In order: ``tokenizer`` when given; the ``init_from`` checkpoint's own (a new tokenizer would give the
+    checkpoint's embeddings other ids); the ``lm_from`` model's; the one an interrupted attempt of this run
+    saved; a small BPE tokenizer trained on the data.
+    """
     from transformers import AutoTokenizer
 
     saved = out_dir / "tokenizer"
     if cfg.tokenizer:
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    elif cfg.lm_from and not cfg.init_from:
+    elif cfg.init_from:
+        tok = checkpoint_tokenizer(cfg.init_from)
+    elif cfg.lm_from:
         tok = ckpt.load_language_model(cfg.lm_from, cfg.lm_gguf_file, tokenizer_only=True)[1]
     elif (saved / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(saved))
@@ -216,7 +250,11 @@ def build_model_for(cfg: TrainConfig, tok, image_token_id: int,
     new = [i for i in (image_wrap or ()) if i >= model.vocab_size or not cfg.init_from]
     if len(tok) > model.vocab_size or new:
         model.resize_token_embeddings(max(len(tok), model.vocab_size), mean_init_ids=new)
-    model.config.image_token_index = image_token_id
+    if image_token_id != IMAGE_SENTINEL:  # the tokenizer's own <image>
+        model.config.image_token_index = image_token_id
+    elif 0 <= model.config.image_token_index < len(tok):
+        # Image positions carry the sentinel; the configured index must not also claim a real token.
+        model.config.image_token_index = IMAGE_SENTINEL
     model.config.mm_use_im_start_end, model.config.mm_use_im_patch_token = start_end, patch
     if cfg.projector_from:
         ckpt.load_projector(model, cfg.projector_from)
@@ -274,6 +312,41 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+@dataclass
+class TruncationCounts:
+    """Samples that truncation to ``max_length`` changed (counted per sample drawn, on all ranks).
+
+    Attributes:
+        samples_with_images_cut: Samples that lost one or more images (ours drops a cut image whole).
+        images_cut: Images dropped.
+        samples_without_supervision: Samples whose supervised tokens all lay past ``max_length``.
+        examples: Up to 10 record ids of such samples (this rank's).
+    """
+
+    samples_with_images_cut: int = 0
+    images_cut: int = 0
+    samples_without_supervision: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, item: dict[str, Any]) -> None:
+        images, unsupervised = int(item.get("images_cut", 0)), bool(item.get("supervision_cut", False))
+        self.samples_with_images_cut += images > 0
+        self.images_cut += images
+        self.samples_without_supervision += unsupervised
+        if (images or unsupervised) and len(self.examples) < 10:
+            self.examples.append(str(item.get("id", "?")))
+
+    def totals(self, device: torch.device, distributed: bool) -> dict[str, Any]:
+        """The counts summed over ranks (a collective under DeepSpeed: every rank must call it)."""
+        counts = [self.samples_with_images_cut, self.images_cut, self.samples_without_supervision]
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor(counts, dtype=torch.long, device=device)
+            torch.distributed.all_reduce(t)
+            counts = t.tolist()
+        return {"samples_with_images_cut": counts[0], "images_cut": counts[1],
+                "samples_without_supervision": counts[2], "examples": list(self.examples)}
 
 
 def epoch_order(ds: LlavaDataset, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[int]:
@@ -338,7 +411,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, cfg.warmup_ratio))
 
     ckpt_dir = out_dir / "checkpoints"
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "truncation": {}}
     if use_ds:
         import deepspeed
 
@@ -363,6 +436,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state.update(saved["state"])
 
     losses: list[float] = []
+    truncation = TruncationCounts(**state["truncation"])  # resumed runs go on counting
     metrics_path = out_dir / "metrics.jsonl"
     model.train()
     t0, tokens = time.perf_counter(), 0
@@ -382,6 +456,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step_loss = 0.0
             for k in range(cfg.grad_accum):
                 items = [ds[i] for i in batches[bi + k]]
+                for it in items:
+                    truncation.add(it)
                 tokens += sum(len(it["input_ids"]) for it in items)  # real tokens, padding excluded
                 batch = {k2: (v.to(device) if isinstance(v, torch.Tensor) else v)
                          for k2, v in collate(items).items()}
@@ -404,11 +480,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state["step_in_epoch"] += 1
             losses.append(step_loss)
             next(bar_iter, None)
-            if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
-                rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": state["step"], "loss": step_loss, "tokens_per_s": rate,
-                                        "lr": scheduler.get_last_lr()[0]}) + "\n")
+            state["truncation"] = dataclasses.asdict(truncation)
+            if state["step"] % cfg.log_every == 0 or state["step"] == total:
+                cut = truncation.totals(device, use_ds)  # all ranks: a collective under DeepSpeed
+                if rank == 0:
+                    rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({"step": state["step"], "loss": step_loss, "tokens_per_s": rate,
+                                            "lr": scheduler.get_last_lr()[0],
+                                            "truncation": {k: v for k, v in cut.items() if k != "examples"}})
+                                + "\n")
             if cfg.save_every and state["step"] % cfg.save_every == 0:
                 _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir, use_ds, rank)
             if state["step"] >= total or state["step"] == cfg.stop_after_steps:
@@ -421,8 +502,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.save_every:
         _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir, use_ds, rank)
     export_model(model, cfg, out_dir, rank, tok)
+    cut = truncation.totals(device, use_ds)
+    if rank == 0 and (cut["samples_with_images_cut"] or cut["samples_without_supervision"]):
+        warnings.warn(f"max_length={cfg.max_length} cut {cut['images_cut']} image(s) from "
+                      f"{cut['samples_with_images_cut']} sample(s) and left {cut['samples_without_supervision']} "
+                      f"sample(s) with no supervised token (e.g. records {cut['examples']})", stacklevel=2)
     result = {"losses": losses, "step": state["step"], "output_dir": str(out_dir), "rank": rank, "world": world,
-              "tokens_per_s": tokens * world / max(time.perf_counter() - t0, 1e-9)}
+              "tokens_per_s": tokens * world / max(time.perf_counter() - t0, 1e-9), "truncation": cut}
     if use_ds:
         from mmr_core.distributed import finalize_distributed
 
@@ -431,7 +517,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir: Path, use_ds: bool, rank: int) -> None:
-    data_state = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+    data_state = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
+                  "truncation": state["truncation"]}
     if use_ds:
         from mmr_core.distributed import save_checkpoint
 
