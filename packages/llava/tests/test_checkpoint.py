@@ -305,3 +305,27 @@ def test_original_config_model_types(tmp_path, model_type, caplog):
     if model_type == "llava_llama":  # the warning this avoids
         transformers.AutoTokenizer.from_pretrained(tmp_path)
         assert [r for r in caplog.records if "model of type `llava_llama`" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("top_level", "text_level"), [(None, True), (True, False), (False, True), (None, False)])
+def test_tied_embeddings_as_transformers_ties_them(tmp_path, top_level, text_level):
+    """transformers 5 ties lm_head by the top-level tie_word_embeddings as its LlavaConfig resolves it, and then
+    writes no lm_head tensor; ours ties (or not) the same way and gives its logits."""
+    tiny = LlavaConfig.from_name("tiny-qwen2")
+    text = transformers.Qwen2Config(**{**{k: v for k, v in tiny.text.items() if k != "model_type"},
+                                       "tie_word_embeddings": text_level})
+    extra = {} if top_level is None else {"tie_word_embeddings": top_level}
+    torch.manual_seed(0)
+    theirs = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**tiny.vision), text_config=text,
+        image_token_index=tiny.image_token_index, image_seq_length=tiny.num_patches, attn_implementation="eager",
+        **extra)).eval()
+    tied = theirs.lm_head.weight.data_ptr() == theirs.model.language_model.embed_tokens.weight.data_ptr()
+    theirs.save_pretrained(tmp_path)
+    ours = ckpt.load_pretrained(tmp_path, attn_implementation="eager").eval()
+    lm = ours.language_model
+    assert (lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()) == tied
+    ids, pixels = _image_batch(tiny.image_token_index, tiny.num_patches, tiny.image_size)
+    with torch.no_grad():  # tolerance: see _LOGIT_ATOL
+        torch.testing.assert_close(ours(ids, pixels)["logits"], theirs(input_ids=ids, pixel_values=pixels).logits,
+                                   rtol=0, atol=_LOGIT_ATOL)

@@ -183,14 +183,32 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> LlavaConfig
         projector_activation(activation)
     except ValueError as err:
         raise ValueError(f"{where}: projector_hidden_act: {err}") from None
+    text = _text_dict(text, text.get("model_type", "llama"))
+    text["tie_word_embeddings"] = _hf_ties_embeddings(d, where)
     return LlavaConfig(
-        vision=_vision_dict(d["vision_config"]), text=_text_dict(text, text.get("model_type", "llama")),
+        vision=_vision_dict(d["vision_config"]), text=text,
         projector_type=f"mlp2x_{activation}", vision_select_layer=layer,
         vision_select_feature="patch" if d.get("vision_feature_select_strategy", "default") == "default"
         else "cls_patch",
         image_token_index=int(d.get("image_token_index", d.get("image_token_id", 32000))),
         vision_tower_name=str(d["vision_config"].get("_name_or_path") or "openai/clip-vit-large-patch14-336"),
     )
+
+
+def _hf_ties_embeddings(d: dict[str, Any], where: str) -> bool:
+    """Whether the installed transformers ties lm_head to the input embeddings for this llava config.json.
+
+    transformers 5 decides it from the top-level ``tie_word_embeddings`` as its LlavaConfig resolves it
+    against the text config's (a file saying True at either level ties), and then writes no lm_head
+    tensor; reading the text config alone would leave our lm_head missing or untied.
+    """
+    import transformers
+
+    try:
+        resolved = transformers.LlavaConfig.from_dict({k: v for k, v in d.items() if k not in _CONFIG_NOISE})
+    except Exception as err:  # noqa: BLE001 - re-raised with the file's name
+        raise ValueError(f"{where}: transformers cannot read this llava config: {err}") from err
+    return bool(resolved.tie_word_embeddings)
 
 
 # -- state dict key maps ---------------------------------------------------------------------------
