@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,13 @@ def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "origin
         cfg, weights = config_to_original(model.config), to_original_keys(state)
     elif layout == "hf":
         cfg, weights = config_to_hf(model.config), to_hf_keys(state, _lm_prefix(model))
+        if not 0 <= model.config.image_token_index < model.vocab_size:
+            # LLaVA-1.5's own vocabulary has no image row (it marks images with -200); llava-hf added one.
+            warnings.warn(f"{folder}: image_token_index {model.config.image_token_index} has no row in the "
+                          f"vocabulary of {model.vocab_size}: transformers' llava looks that id up before it places "
+                          "image features, so only mmr_llava can run this folder with images (give the model an "
+                          "image row with resize_token_embeddings and set image_token_index to it for transformers)",
+                          stacklevel=2)
     else:
         raise ValueError(f"layout must be 'original' or 'hf', got '{layout}'")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
