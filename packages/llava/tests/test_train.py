@@ -87,6 +87,21 @@ def test_truncation_is_counted_in_the_log_and_summary(scenes, tmp_path):
                                   "examples": []}
 
 
+def test_a_real_32k_tokenizer_trains_without_an_image_token(scenes, tmp_path, llama_tokenizer):
+    """A SentencePiece tokenizer keeps its 32,000 ids: image positions carry the sentinel, not a new token."""
+    from mmr_llava.model import IMAGE_SENTINEL
+
+    if llama_tokenizer.legacy:
+        pytest.skip("one mode is enough here; the golden tests cover both")
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    llama_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    out = train(_cfg(scenes, tmp_path / "run", tokenizer=str(tmp_path / "tok"), max_steps=1, micro_batch_size=2))
+    assert out["step"] == 1 and torch.isfinite(torch.tensor(out["losses"])).all()
+    model = ckpt.load_pretrained(tmp_path / "run" / "model")
+    assert model.vocab_size == 32000 and model.config.image_token_index == IMAGE_SENTINEL
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "run" / "model"))) == 32000
+
+
 def test_resume_matches_uninterrupted(scenes, tmp_path):
     os.environ["MMR_NO_PROGRESS"] = "1"
     full = train(_cfg(scenes, tmp_path / "full", lr=1e-3, max_steps=6, micro_batch_size=2))
