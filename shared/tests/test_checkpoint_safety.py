@@ -290,3 +290,38 @@ def test_resumable_run_saves_and_exits_75_on_preemption(tmp_path):
         assert [p.name for p in list_checkpoints(tmp_path)] == [step_tag(2)]  # no second save of step 2
     finally:
         handler.uninstall()
+
+
+_TWO_RANKS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch.distributed as dist
+    from mmr_core.distributed import load_checkpoint
+    rank, store, ckpt = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        load_checkpoint(object(), ckpt)
+    except RuntimeError as err:
+        print(f"rank {rank} raised: {err}")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_failure_on_rank_0_reaches_every_rank_instead_of_a_hang(tmp_path):
+    """Rank 0 alone chooses the checkpoint; when that fails, rank 1 must fail too, not wait forever."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / step_tag(3)).mkdir(parents=True)  # a step directory without a completeness record
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_RANKS_SCRIPT, str(rank), str(tmp_path / "store"), str(ckpt)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert "rank 0 raised: " in outputs[0] and "none is complete" in outputs[0], outputs[0][-2000:]
+    assert "rank 1 raised: rank 0 failed: RuntimeError: " in outputs[1], outputs[1][-2000:]
+    assert "none is complete" in outputs[1]

@@ -365,28 +365,47 @@ def save_checkpoint(
     with _durable_writes(engine, tear=fault == (rank, step)):
         # Ends with DeepSpeed's barrier: past it, every rank's files are written (and fsynced).
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    if rank == 0:
+
+    def commit() -> None:
         _commit(staging, root / tag, step, world, fsync_files=not hooked)
         _prune(root, keep_last, tag)
-    if world > 1:
-        dist.barrier()  # no rank leaves (or exits on preemption) before the checkpoint is committed
+
+    # No rank leaves (or exits on preemption) before rank 0 has committed the checkpoint.
+    _from_rank0(commit)
     return tag
 
 
-def _agree_on_tag(directory: str | Path, tag: str | None) -> str | None:
-    """Rank 0 picks the checkpoint and tells the others, so that every rank loads the same one."""
+def _from_rank0(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 and hand its result (or its error) to every rank.
+
+    Used instead of a bare barrier where rank 0 alone does something that can fail: an error on rank 0
+    then surfaces on every rank instead of leaving the others waiting forever.
+    """
     rank, world = _world()
+    result, error = None, None
     if rank == 0:
-        if tag is None:
-            tag = latest_checkpoint(directory)
-        else:
-            problem = checkpoint_problem(Path(directory) / tag)
-            if problem is not None:
-                raise RuntimeError(f"load_checkpoint: checkpoint {tag!r} in {directory} is incomplete: {problem}")
+        try:
+            result = work()
+        except Exception as err:  # re-raised below, on every rank
+            error = err
     if world > 1:
-        box = [tag]
+        box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
         dist.broadcast_object_list(box, src=0)
-        tag = box[0]
+        result, message = box[0]
+        if message is not None and error is None:
+            raise RuntimeError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
+def _choose_tag(directory: str | Path, tag: str | None) -> str | None:
+    """Rank 0's choice of checkpoint: ``tag`` if complete, else the newest complete one."""
+    if tag is None:
+        return latest_checkpoint(directory)
+    problem = checkpoint_problem(Path(directory) / tag)
+    if problem is not None:
+        raise RuntimeError(f"load_checkpoint: checkpoint {tag!r} in {directory} is incomplete: {problem}")
     return tag
 
 
@@ -409,7 +428,7 @@ def load_checkpoint(engine: Any, directory: str | Path, tag: str | None = None) 
         RuntimeError: When the chosen checkpoint is incomplete, cannot be read, or was not written by
             :func:`save_checkpoint`; the message names the checkpoint directory.
     """
-    tag = _agree_on_tag(directory, tag)
+    tag = _from_rank0(lambda: _choose_tag(directory, tag))  # every rank loads the same checkpoint
     if tag is None:
         return None
     where = Path(directory) / tag
