@@ -75,8 +75,11 @@ def test_init_from_without_a_tokenizer_is_named(scenes, tmp_path):
 def test_truncation_is_counted_in_the_log_and_summary(scenes, tmp_path):
     os.environ["MMR_NO_PROGRESS"] = "1"
     # 12 tokens end inside the v1 system prompt: every sample loses its image and all its answers.
-    with pytest.warns(UserWarning, match=r"max_length=12 cut 6 image\(s\) from 6 sample\(s\) and left 6"):
+    with pytest.warns(UserWarning) as said:
         out = train(_cfg(scenes, tmp_path / "cut", max_length=12, max_steps=2, micro_batch_size=3))
+    messages = [str(w.message) for w in said]
+    assert any("max_length cut 1 image(s) and every supervised token" in m for m in messages)  # at once
+    assert any("max_length=12 cut 6 image(s) from 6 sample(s) and left 6" in m for m in messages)  # at the end
     cut = out["truncation"]
     assert (cut["samples_with_images_cut"], cut["images_cut"], cut["samples_without_supervision"]) == (6, 6, 6)
     assert len(cut["examples"]) == 6

@@ -335,7 +335,13 @@ class TruncationCounts:
         self.samples_with_images_cut += images > 0
         self.images_cut += images
         self.samples_without_supervision += unsupervised
-        if (images or unsupervised) and len(self.examples) < 10:
+        if not (images or unsupervised):
+            return
+        if not self.examples:  # the first one is said at once; the counts follow in every log line
+            warnings.warn(f"record {item.get('id', '?')}: max_length cut {images} image(s)"
+                          + (" and every supervised token" if unsupervised else "")
+                          + " (counted under 'truncation' in metrics.jsonl and the run summary)", stacklevel=2)
+        if len(self.examples) < 10:
             self.examples.append(str(item.get("id", "?")))
 
     def totals(self, device: torch.device, distributed: bool) -> dict[str, Any]:
