@@ -23,7 +23,7 @@ CPU with AMX the GEMMs then run on its bf16 tiles.
 first call, which compiles, is timed apart ("compile s") and the steady state is timed with the other two.
 
 On the CPU it also prints the arithmetic floor of each input: the GEMM and attention FLOPs of our encoder
-(counted with ``torch.utils.flop_counter``) at this CPU's best fp32 rates measured during the run (a 2048^3
+(counted with fvcore as in ``docs/models.md``, ``mmr_core.flops.count_flops``) at this CPU's best fp32 rates measured during the run (a 2048^3
 GEMM and SDPA at the vision shape, measured before and between inputs, best kept), and ``ceiling`` =
 official time / floor, the most any exact fp32 implementation with our
 FLOPs could gain on this machine.
@@ -158,16 +158,12 @@ def machine_rates(threads: int) -> tuple[float, float]:
 
 
 def arithmetic(model: ImageBind, modality: str, x: torch.Tensor) -> tuple[float, float]:
-    """FLOPs of ``model.encode`` in GEMMs (linear, conv) and in attention (SDPA), counted by running it."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    """FLOPs of ``model.encode`` in GEMMs (linear, conv) and in attention (SDPA): the fvcore count that
+    ``scripts/model_cards.py`` makes for ``docs/models.md`` (``mmr_core.flops.count_flops``), at this batch."""
+    from mmr_core.flops import count_flops
 
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # not in the counter's registry
-    mapping = {cpu_sdpa: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model.encode(modality, x)
-    counts = counter.get_flop_counts().get("Global", {})
-    attn = sum(v for k, v in counts.items() if "attention" in str(k))
-    return sum(counts.values()) - attn, attn
+    count = count_flops(model, (x,), forward=lambda m, x: m.encode(modality, x))
+    return 2 * count.gemm_macs, 2 * count.attention_macs  # fvcore counts multiply-adds
 
 
 def peak_rss_mib(ckpt: Path, config: str, modalities: list[str] | None) -> float:

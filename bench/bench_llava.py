@@ -26,6 +26,10 @@ the model fits a CPU.
     python bench/bench_llava.py                         # CPU, 1 thread, 3 rounds
     python bench/bench_llava.py --ablation              # + ours on padded batches (packing's share)
     python bench/bench_llava.py --device cuda --batch 16
+
+It ends with the FLOP ceiling of training (``bench/ceilings.py``): the fvcore count of our steps (as in
+``docs/models.md``), their floor at the machine's best GEMM rate (CPU: measured; GPU: datasheet peak), each
+side's MFU and the most any implementation of these FLOPs could gain over the baseline.
 """
 
 from __future__ import annotations
@@ -220,6 +224,43 @@ def worker(which: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def training_flops(args: argparse.Namespace):
+    """fvcore count (as in ``docs/models.md``) of ours on the timed batches of a round: the packed forward
+    with its loss x3 (forward + backward), except the frozen vision tower, which runs forward only. The
+    padded baseline computes more; its MFU and ceiling are against these useful FLOPs."""
+    from mmr_core.flops import FlopCount, count_flops
+    from mmr_llava.data import PackingCollator
+    from mmr_llava.model import LlavaModel
+
+    cfg = bench_config()
+    model = LlavaModel(cfg, attn_implementation="sdpa").eval()
+    collate = PackingCollator(pad_token_id=PAD)
+    batches = make_batches(args.steps + args.warmup, args.batch, cfg.text["vocab_size"], cfg.image_size)
+    total = FlopCount({})
+    for items in batches[args.warmup:]:
+        b = collate(items)
+        # Traced inputs must be tensors: the others (a text-only batch's pixel_values) stay None.
+        names = [k for k in ("input_ids", "pixel_values", "attention_mask", "labels", "position_ids")
+                 if isinstance(b.get(k), torch.Tensor)]
+
+        def forward(m, *tensors, names=names):
+            kw = dict(zip(names, tensors, strict=True))
+            return m(kw["input_ids"], kw.get("pixel_values"), kw.get("attention_mask"), kw.get("labels"),
+                     position_ids=kw.get("position_ids"))["loss"]
+
+        count = count_flops(model, [b[k] for k in names], forward=forward)
+        frozen = FlopCount({})
+        if b.get("pixel_values") is not None:
+            # The tower alone: encode_images (tower + projector) less the projector on the tower's output.
+            images = count_flops(model, (b["pixel_values"],), forward=LlavaModel.encode_images)
+            with torch.no_grad():
+                feats = model.encode_images(b["pixel_values"])
+            projector_in = torch.zeros(*feats.shape[:-1], cfg.vision["hidden_size"])
+            frozen = images + count_flops(model.projector, (projector_in,)).scaled(-1)
+        total = total + count.scaled(3) + frozen.scaled(-2)
+    return total
+
+
 def _run(which: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", which] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                             if k not in ("worker", "json", "ablation")]
@@ -287,6 +328,15 @@ def main() -> None:
               f"{med('ours_padded', 'tokens_per_s') / med('hf', 'tokens_per_s'):.2f}x |")
     for k in ("gen_b1_ms", "gen_b8_ms"):
         print(f"| {k} | {med('hf', k):.1f} | {med('ours', k):.1f} | {med('hf', k) / med('ours', k):.2f}x faster |")
+    from ceilings import ceiling_row, machine_rates, print_ceilings
+
+    torch.set_num_threads(args.threads)  # the rate at the workers' thread count
+    rates = machine_rates(args.device)
+    flops = training_flops(args)
+    real = hf["real_tokens"]
+    seconds = {"transformers": real / med("hf", "tokens_per_s"), "ours": real / med("ours", "tokens_per_s")}
+    print_ceilings([ceiling_row(f"{args.steps} training steps (median round)", flops, rates, seconds)], rates,
+                   list(seconds))
     diff = max(abs(a - b) for a, b in zip(hf["losses"], ours["losses"], strict=True))
     print("losses hf  :", [round(x, 4) for x in hf["losses"]])
     print("losses ours:", [round(x, 4) for x in ours["losses"]])

@@ -1,19 +1,23 @@
 """Multimodal-CoT: our model vs an official-style reference, same weights and data, one run.
 
 Generation latency: ours computes the fused encoder output once and decodes with the KV cache over
-dynamically padded inputs; the reference (``mmr_mmcot.reference``, built like the official code) pads to
+dynamically padded inputs; the reference (``packages/mmcot/tests/mmcot_reference.py``, built like the official code) pads to
 max length and re-runs the whole model on the full prefix at every step (no cache).
 Training steps/s: dynamic padding (ours) vs max-length padding (reference), same loss and optimizer.
 
     python bench/bench_mmcot.py [--size mini|tiny|flan-alpaca-base] [--threads 2] [--new-tokens 64]
 
 Prints a table with the ratios; ``--json PATH`` also writes them. Greedy outputs are checked equal.
+Then the FLOP ceiling of training (``bench/ceilings.py``): the fvcore count of our mean step (as in
+``docs/models.md``), its floor at this CPU's measured GEMM rate, each side's MFU and the most any
+implementation of these FLOPs could gain over the reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -65,7 +69,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from mmr_mmcot.model import MMCoTConfig, MMCoTModel
-    from mmr_mmcot.reference import OfficialStyleMMCoT
+    # The official-style reference is a test oracle: it lives with the tests, not in the wheel.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "mmcot" / "tests"))
+    from mmcot_reference import OfficialStyleMMCoT
 
     overrides = {"fusion_mask": False, "dropout_rate": 0.0}
     if args.vision:
@@ -132,6 +138,7 @@ def main() -> None:
 
     sps_ours = train_loop(ours, ours_step)
     sps_ref = train_loop(ref, ref_step)
+    ceiling = training_ceiling(cfg, train[2:], 1 / sps_ours, 1 / sps_ref)
 
     result = {
         "size": args.size,
@@ -161,8 +168,37 @@ def main() -> None:
     )
     print(f"| training steps/s | {sps_ours:.2f} | {sps_ref:.2f} | {result['train_speedup']:.2f}x faster |")
     print(f"greedy outputs identical: {same}")
+    from ceilings import print_ceilings
+
+    print_ceilings([ceiling], ceiling.pop("rates"), ["reference", "ours"])
+    result["ceiling"] = ceiling
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+
+
+def training_ceiling(cfg, batches, seconds_ours: float, seconds_ref: float) -> dict:
+    """Floor, MFU and ceiling of the mean training step: the fvcore count of a teacher-forced forward (as
+    ``docs/models.md`` makes it, traced on the meta device) on each timed batch at our dynamic padding, x3
+    for forward + backward. The reference computes more (max-length padding); its MFU and ceiling are
+    against the same useful FLOPs."""
+    from ceilings import ceiling_row, machine_rates
+
+    from mmr_core.flops import FlopCount, count_flops
+    from mmr_mmcot.model import MMCoTModel
+
+    with torch.device("meta"):
+        meta = MMCoTModel(cfg).eval()
+    total = FlopCount({})
+    for ids, labels, images in batches:
+        x, m = _pad(ids, 0)
+        y, _ = _pad(labels, 0)
+        with torch.device("meta"):
+            inputs = (torch.empty_like(x), torch.empty_like(m), torch.empty(images.shape), torch.empty_like(y))
+        total = total + count_flops(meta, inputs, forward=lambda mod, a, b, c, d: mod(a, b, c, decoder_input_ids=d).logits)
+    rates = machine_rates("cpu")
+    row = ceiling_row("training step (mean, fwd + bwd)", total, rates,
+                      {"reference": seconds_ref, "ours": seconds_ours}, factor=3 / len(batches))
+    return {**row, "rates": rates}
 
 
 if __name__ == "__main__":

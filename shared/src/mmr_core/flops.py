@@ -92,7 +92,8 @@ _ELEMENTWISE = (
     "exp", "log", "tanh", "sigmoid", "gelu", "silu", "hardsigmoid", "hardswish", "erf", "reciprocal",
     "clamp_min", "clamp_max", "hardtanh", "bernoulli_", "maximum", "minimum", "cos", "sin",
 )  # fmt: skip
-_REDUCTIONS = ("mean", "sum", "softmax", "log_softmax", "norm", "linalg_vector_norm", "cumsum", "var")
+_REDUCTIONS = ("mean", "sum", "softmax", "log_softmax", "norm", "linalg_vector_norm", "cumsum", "var",
+               "cross_entropy_loss", "binary_cross_entropy_with_logits")
 
 #: Handles for arithmetic operators fvcore does not count (or counts wrongly), keyed by traced op name.
 ARITHMETIC_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
@@ -119,7 +120,7 @@ NO_ARITHMETIC_OPS: frozenset[str] = frozenset(
         "rand_like", "randn", "size", "numel", "Int", "ScalarImplicit", "floor_divide", "remainder",
         "floor", "ceil", "round", "clamp", "clamp_", "relu", "relu_", "scalar_tensor", "resolve_conj",
         "resolve_neg", "_unsafe_view", "as_strided", "split_with_sizes", "item", "masked_scatter",
-        "index_put_", "nonzero", "bitwise_xor", "any", "all",
+        "index_put_", "nonzero", "bitwise_xor", "any", "all", "nll_loss", "nll_loss_nd", "nll_loss2d",
     )
 )  # fmt: skip
 # (relu and clamp are arithmetic of a kind; fvcore ignores them by default and so do we, to keep its totals.)
