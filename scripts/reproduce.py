@@ -6,8 +6,9 @@ Usage (from the repository root, inside .venv; scripts/reproduce.sh sets that up
     python scripts/reproduce.py --list
 
 Each step runs in its own process so that one failure is reported without losing the others. A
-package takes part once it ships ``mmr_<name>.reproduce`` with ``run(out_dir: Path) -> str``, which
-writes its plots into ``out_dir`` and returns a markdown section whose image links are relative to it.
+package takes part once it ships ``mmr_<name>.miniature.reproduce`` (or ``mmr_<name>.reproduce``) with
+``run(out_dir: Path) -> str``, which writes its plots into ``out_dir`` and returns a markdown section
+whose image links are relative to it.
 """
 
 from __future__ import annotations
@@ -36,12 +37,21 @@ TITLES = {
 }
 
 
+def _find_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent that is a module, not a package (e.g. an old miniature.py)
+        return False
+
+
 def _package_command(name: str, out_dir: Path) -> list[str] | None:
-    if importlib.util.find_spec(f"mmr_{name}.reproduce") is None:
+    # The miniature in its own subpackage (mmr_<name>.miniature), or beside the library before that split.
+    module = next((m for m in (f"mmr_{name}.miniature.reproduce", f"mmr_{name}.reproduce") if _find_module(m)), None)
+    if module is None:
         return None
     code = (
         "import sys; from pathlib import Path; "
-        f"from mmr_{name}.reproduce import run; "
+        f"from {module} import run; "
         "out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True); "
         "section = run(out); (out / 'section.md').write_text(section)"
     )

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mmr_core.distributed import deepspeed_command
-from mmr_mmcot.synthetic import corpus, write_release
+from mmr_mmcot.miniature.synthetic import corpus, write_release
 from mmr_mmcot.tokenizer import train_sentencepiece
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~80 s on 2 shared cores

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from mmcot_reference import OfficialStyleMMCoT
 
 from mmr_mmcot.model import VISION_SHAPES, MMCoTConfig, MMCoTModel, build_model, zero_image_features
-from mmr_mmcot.reference import OfficialStyleMMCoT
 
 
 def _reference(cfg: MMCoTConfig, seed: int = 0) -> OfficialStyleMMCoT:

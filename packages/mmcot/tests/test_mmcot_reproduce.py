@@ -8,8 +8,8 @@ import pytest
 
 from mmr_mmcot.data import ScienceQA, VisionFeatures, render_pair
 from mmr_mmcot.metrics import CATEGORIES
-from mmr_mmcot.reproduce import claims, hallucination_rate, run, summarize
-from mmr_mmcot.synthetic import COLORS, DIRECTIONS, generate_problems, write_release
+from mmr_mmcot.miniature.reproduce import claims, hallucination_rate, run, summarize
+from mmr_mmcot.miniature.synthetic import COLORS, DIRECTIONS, generate_problems, write_release
 
 
 @pytest.mark.parametrize("chain", ["keyed", "listed"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmr_mmcot.data import Collator, ScienceQA, ScienceQADataset, VisionFeatures
+from mmr_mmcot.miniature.synthetic import corpus, write_release
 from mmr_mmcot.model import VISION_SHAPES, MMCoTConfig, MMCoTModel
-from mmr_mmcot.synthetic import corpus, write_release
 from mmr_mmcot.tokenizer import train_sentencepiece
 from mmr_mmcot.train import TrainConfig, _features, build_for_run, fit, main
 
@@ -141,7 +141,7 @@ def test_bad_config_values(synthetic, tmp_path):
 
 
 def test_answer_question_runs_both_stages(synthetic):
-    from mmr_mmcot.train import answer_question
+    from mmr_mmcot.inference import answer_question
 
     files, tok = synthetic
     cfg = MMCoTConfig.from_name("tiny", vocab_size=tok.vocab_size)

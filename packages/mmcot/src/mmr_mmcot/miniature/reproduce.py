@@ -13,7 +13,7 @@ and report category accuracy, stage-1 rationale ROUGE-L, and how often the stage
 question names the wrong colour/direction, i.e. misreports the image ("hallucinated"), with and without
 vision. Every row is run on several data seeds (a new release each) and reported as mean and std.
 
-    python -m mmr_mmcot.reproduce --out DIR [--seeds 0 1 2] [--steps 150] [--n-test 200]
+    python -m mmr_mmcot.miniature.reproduce --out DIR [--seeds 0 1 2] [--steps 150] [--n-test 200]
 
 Design history (each measured on 2 shared cores, from generated-problem seed 0 unless said):
 
@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 from mmr_core.utils import mean_std, progress
+from mmr_mmcot.metrics import CATEGORIES, category_accuracy, extract_predictions
 
-from .metrics import CATEGORIES, category_accuracy, extract_predictions
 from .synthetic import COLORS, DIRECTIONS, corpus, write_release
 
 N_TRAIN, N_TEST = 320, 200
@@ -75,7 +75,7 @@ _ATTR_WORDS = re.compile(r"\b(" + "|".join(COLORS + DIRECTIONS) + r")\b")
 
 
 def _config(data_dir: Path, out_dir: Path, name: str, steps: int = STEPS, **kw):
-    from .train import TrainConfig
+    from mmr_mmcot.train import TrainConfig
 
     return TrainConfig(
         model=MODEL,
@@ -121,8 +121,8 @@ def _run_variant(args: tuple[int, str, str, str, int]) -> dict:
     """One ablation row for one data seed (runs in a worker process with one thread)."""
     seed, name, data_dir, out_dir, steps = args
     torch.set_num_threads(1)
-    from .data import ScienceQA
-    from .train import load_tokenizer, run, run_stage
+    from mmr_mmcot.data import ScienceQA
+    from mmr_mmcot.train import load_tokenizer, run, run_stage
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     start = time.perf_counter()
@@ -179,6 +179,17 @@ def summarize(runs: dict[int, dict[str, dict]]) -> dict[str, dict]:
                 summary[key] = mean_std(values)
         out[name] = summary
     return out
+
+
+def _json_ready(value):
+    """``value`` with every NaN as None (standard JSON: a category without problems has no mean)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
 
 
 def _plots(out_dir: Path, runs: dict[int, dict[str, dict]], summary: dict[str, dict]) -> tuple[str, str]:
@@ -315,7 +326,7 @@ def run(
         n_train: Generated training problems per seed.
         n_test: Generated test problems per seed.
     """
-    from .tokenizer import train_sentencepiece
+    from mmr_mmcot.tokenizer import train_sentencepiece
 
     if not seeds:
         raise ValueError("seeds must name at least one data seed")
@@ -341,7 +352,7 @@ def run(
     summary = summarize(runs)
     hall_png, acc_png = _plots(out_dir, runs, summary)
     (out_dir / "results.json").write_text(
-        json.dumps({"runs": {str(s): r for s, r in runs.items()}, "summary": summary}, indent=1)
+        json.dumps(_json_ready({"runs": {str(s): r for s, r in runs.items()}, "summary": summary}), indent=1, allow_nan=False)
     )
     minutes = (time.perf_counter() - start) / 60
 

@@ -1,10 +1,11 @@
-"""An independent re-statement of how the official mm-cot code computes, for parity tests and benchmarks.
+"""Test oracle: an independent re-statement of how the official mm-cot code computes (parity tests, benchmark).
 
 Built the way the official ``T5ForMultimodalGeneration`` (first release) is built: one ``nn.Module`` with
 ``shared``, an encoder ``T5Stack``, a decoder ``T5Stack``, ``lm_head`` and the fusion layers at the top
 level; the fusion runs inside every forward call, without a padding mask; greedy decoding re-runs the
 whole model on the full prefix at every step (no KV cache). Its ``state_dict`` therefore has the first
-release's checkpoint layout. Not meant for real use: it is deliberately slow.
+release's checkpoint layout. Not meant for real use: it is deliberately slow, and it lives with the tests
+(not in the wheel); `bench/bench_mmcot.py` puts this folder on `sys.path` to use it.
 """
 
 from __future__ import annotations
