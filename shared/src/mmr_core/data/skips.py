@@ -29,6 +29,11 @@ SKIP_REASONS: tuple[str, ...] = (
     "decode_other",  # txt / cls / json / unknown members
     "missing_field",  # a field the pipeline requires is absent from the sample
     "transform",  # the user's transform raised
+    # records read from JSON / JSONL files (mmr_core.io.records.RecordError.cause)
+    "encoding",  # the record's line is not UTF-8
+    "bad_json",  # the line is not valid JSON
+    "wrong_type",  # a field has the wrong type (a string where a list is expected, ...)
+    "bad_value",  # a field's value is out of its domain (non-finite, negative, too long, ...)
 )
 _INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 
@@ -141,7 +146,7 @@ class SkipCounter:
         self._shared.add(_INDEX[reason])
         what = f"sample {key!r}" if key is not None else "rest of shard"
         err = f"{type(exn).__name__}: {exn}" if isinstance(exn, BaseException) else str(exn)
-        self.logger.warning("skipping %s (%s) in shard %s: %s [%s]", what, reason, url, err, self.summary())
+        self.logger.warning("skipping %s (%s) in %s: %s [%s]", what, reason, url, err, self.summary())
         self._check(reason, url, key, err)
 
     def _check(self, reason: str, url: str | None, key: str | None, err: str) -> None:
