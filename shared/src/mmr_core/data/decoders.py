@@ -16,16 +16,16 @@ field          stored as                           decoded to
 ``json``       json                                dict
 =============  ==================================  ===========================================================
 
-Image mode conversion (documented choice): every mode becomes RGB. ``L`` is replicated to three
-channels; ``P`` goes through its palette; ``LA``, ``RGBA`` and ``P`` with transparency lose their alpha
-channel (no compositing: transparent pixels keep their stored colour); ``CMYK`` uses PIL's conversion;
-16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) are scaled to 8 bits by 1/257 (I/F are clipped).
+Image mode conversion: every mode becomes 8-bit RGB by the repository's one set of rules,
+:func:`mmr_core.io.images.to_rgb` (palette, alpha dropped, CMYK, 16-bit grey scaled by 65535, float grey
+by its range; see that module's table). EXIF orientation is not applied to shard members.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,17 +48,10 @@ class DecodeError(ValueError):
 
 
 def to_rgb(img):
-    """Convert a PIL image of any mode to RGB (see the module docstring for the rules)."""
-    from PIL import Image
+    """Convert a PIL image of any mode to RGB (the rules of :func:`mmr_core.io.images.to_rgb`)."""
+    from mmr_core.io.images import to_rgb as convert  # imported here: mmr_core.io imports this package
 
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32) / 257.0
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # PIL warns when converting a transparent palette straight to RGB
-    return img.convert("RGB")
+    return convert(img)
 
 
 def decode_image(data: bytes, output: str = "tensor"):
@@ -84,6 +77,29 @@ def decode_image(data: bytes, output: str = "tensor"):
     raise ValueError(f"image output must be 'pil', 'tensor' or 'uint8', got {output!r}")
 
 
+# libsndfile's parse log marks a chunk whose declared size disagrees with the file as "data : 64000 (should
+# be 31978)". The sample chunks are "data" (WAV, W64, RF64) and "SSND" (AIFF).
+_CHUNK_SIZE_LOG = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# Streaming writers that cannot seek back leave the size unset: 0 or the largest 32-bit value (RIFF / RF64).
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)
+
+
+def truncated_audio_bytes(parse_log: str) -> tuple[int, int] | None:
+    """``(declared, present)`` bytes of samples when a WAV/AIFF file ends before its declared data, else None.
+
+    libsndfile reads such a file without complaint and returns only the frames present, so a download cut
+    in the middle would otherwise give a shorter recording (and, after padding, a wrong embedding).
+
+    Args:
+        parse_log: ``soundfile.info(path).extra_info`` (libsndfile's header parse log).
+    """
+    for declared, present in _CHUNK_SIZE_LOG.findall(parse_log):
+        declared, present = int(declared), int(present)
+        if present < declared and declared not in _UNKNOWN_SIZES:
+            return declared, present
+    return None
+
+
 def decode_audio(data: bytes, mono: bool = False) -> tuple[torch.Tensor, int]:
     """Decode wav/flac/ogg bytes with soundfile to a float32 (C, T) tensor and its sample rate.
 
@@ -94,6 +110,9 @@ def decode_audio(data: bytes, mono: bool = False) -> tuple[torch.Tensor, int]:
     import soundfile as sf
 
     frames, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
+    cut = truncated_audio_bytes(sf.info(io.BytesIO(data)).extra_info)
+    if cut:
+        raise ValueError(f"audio is truncated: {cut[1]} of the {cut[0]} sample bytes its header declares")
     if frames.shape[0] == 0:
         raise ValueError("audio has no frames")
     wav = torch.from_numpy(np.ascontiguousarray(frames.T))
