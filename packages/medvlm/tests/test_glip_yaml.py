@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mmr_medvlm.model import GLIP, GLIPConfig, Targets, convert_official_key
-from mmr_medvlm.official_yaml import load_official_glip_yaml
+from mmr_medvlm.config import load_official_glip_yaml
 
 FIXTURE = Path(__file__).parent / "fixtures" / "glip_tiny_o365_goldg_keys.json.gz"
 # GLIP-T(A)'s 541 official state-dict names and shapes ({"key": [shape...]}, no "module." prefix), made
@@ -154,7 +154,7 @@ def test_glip_t_yaml_is_glip_tiny_field_by_field_and_builds_the_official_key_set
 
 
 def test_from_official_yaml_logs_the_report_and_applies_overrides(caplog):
-    with caplog.at_level(logging.INFO, logger="mmr_medvlm.model"):
+    with caplog.at_level(logging.INFO, logger="mmr_medvlm.config"):
         cfg = GLIPConfig.from_official_yaml(GLIP_T, align_residual=True, max_query_len=64)
     assert cfg.align_residual and cfg.max_query_len == 64 and cfg.num_convs == 6
     text = caplog.text

@@ -1,9 +1,11 @@
-"""Read microsoft/GLIP's own yaml configs (``configs/pretrain/*.yaml``) into a :class:`GLIPConfig`.
+"""Read microsoft/GLIP's own yaml configs (``configs/pretrain/*.yaml``) into ``GLIPConfig`` field values.
 
 Every key either maps to a config field, is checked against the one value this implementation builds
 (a clear error names it otherwise), or is listed as ignored with the reason; keys a yaml omits take
-GLIP's ``defaults.py`` values, as GLIP's own yacs merge gives them. ``GLIPConfig.from_official_yaml`` is the
-short way in; :func:`load_official_glip_yaml` also returns the report.
+GLIP's ``defaults.py`` values, as GLIP's own yacs merge gives them. This module knows GLIP's yaml and
+imports nothing of this package; :mod:`mmr_medvlm.config` builds the config from what it returns
+(``GLIPConfig.from_official_yaml`` is the short way in; ``mmr_medvlm.config.load_official_glip_yaml``
+also returns the report).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from mmr_medvlm.model import GLIPConfig
 
 # maskrcnn_benchmark/config/defaults.py (microsoft/GLIP 9dda955) for every key this loader maps or checks: a
 # yaml that omits one of them gets GLIP's default, as GLIP's own yacs merge gives it. Note that many of
@@ -274,7 +274,7 @@ _YAML_TRAINING_ONLY: dict[str, tuple[Any, str]] = {}
 
 @dataclass
 class OfficialYamlReport:
-    """What :func:`load_official_glip_yaml` did with every key of an official GLIP yaml."""
+    """What :func:`read_official_glip_yaml` did with every key of an official GLIP yaml."""
 
     files: list[str] = field(default_factory=list)  # the _BASE_ chain, base first ("<text>" for a string)
     mapped: dict[str, tuple[str, Any]] = field(default_factory=dict)  # yaml key -> (our field, value)
@@ -351,9 +351,9 @@ def _read_yaml_chain(path_or_text: Any, base_dir: Any, seen: tuple[str, ...]) ->
     return merged, files + [name]
 
 
-def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: bool = False
-                            ) -> tuple[GLIPConfig, OfficialYamlReport]:
-    """Build a :class:`GLIPConfig` from an official microsoft/GLIP yaml (e.g. ``glip_Swin_T_O365_GoldG.yaml``).
+def read_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: bool = False
+                            ) -> tuple[dict[str, Any], OfficialYamlReport]:
+    """The ``GLIPConfig`` field values of an official microsoft/GLIP yaml (e.g. ``glip_Swin_T_O365_GoldG.yaml``).
 
     Every key that shapes the network is mapped to a field, or checked against the one value this
     implementation builds; keys the yaml omits take GLIP's ``defaults.py`` values. Keys that do not change
@@ -367,7 +367,7 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
             ``report.training_only`` (none at present).
 
     Returns:
-        The config and the report of what happened to every key.
+        The field values (keyword arguments of ``GLIPConfig``) and the report of what happened to every key.
 
     Raises:
         ValueError: A setting this implementation does not build (names the key and its value), an
@@ -443,4 +443,4 @@ def load_official_glip_yaml(path_or_text: Any, *, base_dir: Any = None, strict: 
     if not len(values["anchor_sizes"]) == len(values["anchor_strides"]) == 5:
         raise ValueError(f"GLIP yaml MODEL.RPN.ANCHOR_SIZES={values['anchor_sizes']} and ANCHOR_STRIDE="
                          f"{values['anchor_strides']} must both give the 5 levels P3-P7")
-    return GLIPConfig(**values), report
+    return values, report
