@@ -179,14 +179,12 @@ def checkpoint_tokenizer(folder: str | Path):
     Raises:
         FileNotFoundError: The folder holds none of :data:`TOKENIZER_FILES`.
     """
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"init_from={folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): the checkpoint's "
             "embeddings follow the ids of the tokenizer it was trained with, so name that one with tokenizer=...")
-    return AutoTokenizer.from_pretrained(str(folder))
+    return ckpt.load_tokenizer(folder)
 
 
 def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Path, is_main: bool):
