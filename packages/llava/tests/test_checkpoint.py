@@ -329,3 +329,44 @@ def test_tied_embeddings_as_transformers_ties_them(tmp_path, top_level, text_lev
     with torch.no_grad():  # tolerance: see _LOGIT_ATOL
         torch.testing.assert_close(ours(ids, pixels)["logits"], theirs(input_ids=ids, pixel_values=pixels).logits,
                                    rtol=0, atol=_LOGIT_ATOL)
+
+
+def test_released_checkpoint_without_vision_tower(tmp_path, capsys):
+    """LLaVA's released checkpoints hold no vision tower (the original loads CLIP from mm_vision_tower): ours
+    reads it from a full CLIP checkpoint folder, given or named by mm_vision_tower, and says what to do when
+    neither is there. Buffers older transformers saved (rotary inv_freq, CLIP position_ids) are skipped."""
+    from safetensors.torch import load_file, save_file
+
+    from mmr_llava.cli import main as cli_main
+    from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
+
+    model = build_model("tiny", seed=0)
+    folder = ckpt.save_pretrained(model, tmp_path / "released", layout="original")
+    weights = load_file(str(folder / "model.safetensors"))
+    released = {k: v for k, v in weights.items() if not k.startswith("model.vision_tower.")}
+    released["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(released, str(folder / "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no vision tower weights .*'tiny-clip'.*vision_tower="):
+        ckpt.load_pretrained(folder)
+
+    # openai/clip-vit-large-patch14-336 is a whole CLIPModel: vision_model.* beside the text tower.
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=model.config.vision, text_config=text,
+                                                          projection_dim=32))
+    missing, unexpected = clip.vision_model.load_state_dict(model.vision_tower.state_dict(), strict=False)
+    assert not missing and not unexpected
+    clip.save_pretrained(tmp_path / "clip")
+    clip_weights = load_file(str(tmp_path / "clip" / "model.safetensors"))
+    clip_weights["vision_model.embeddings.position_ids"] = torch.arange(17)[None]  # as 4.x CLIP files have it
+    save_file(clip_weights, str(tmp_path / "clip" / "model.safetensors"))
+    _same(model, ckpt.load_pretrained(folder, vision_tower=tmp_path / "clip"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mm_vision_tower": str(tmp_path / "clip")}))
+    _same(model, ckpt.load_pretrained(folder))
+
+    (folder / "config.json").write_text(json.dumps(config))
+    train_tiny_tokenizer(["a red circle", "two blue squares"], 64).save_pretrained(folder)
+    cli_main(["chat", "--model", str(folder), "--vision-tower", str(tmp_path / "clip"), "--prompt", "hi",
+              "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.endswith("\n")

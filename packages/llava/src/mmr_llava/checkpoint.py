@@ -326,9 +326,15 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
               metadata={"format": "pt"})
 
 
+# Buffers that older transformers saved with the weights and newer ones recompute (LLaMA's rotary
+# inv_freq before 4.31, CLIP's position_ids): transformers skips them in a file, and so do we.
+_RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq", ".embeddings.position_ids")
+
+
 def load_state(model: LlavaModel, state: dict[str, torch.Tensor], strict: bool = True, where: str = "") -> None:
     """Load our-named weights; missing/unexpected keys are an error that names them."""
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith(_RECOMPUTED_BUFFERS)}
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state))
     tied = getattr(model.language_model.config, "tie_word_embeddings", False)
@@ -437,8 +443,17 @@ def read_config(folder: str | Path) -> tuple[LlavaConfig, str]:
     return (cfg if aspect is None else dataclasses.replace(cfg, image_aspect_ratio=aspect)), layout
 
 
-def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> LlavaModel:
-    """Build a model from a checkpoint folder of either layout (decided by its config.json)."""
+def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa",
+                    vision_tower: str | Path | None = None) -> LlavaModel:
+    """Build a model from a checkpoint folder of either layout (decided by its config.json).
+
+    Args:
+        folder: The checkpoint folder.
+        attn_implementation: See :class:`LlavaModel`.
+        vision_tower: Where the CLIP weights are when the folder has none (LLaVA's released checkpoints):
+            a folder, or a Hub name in the local Hugging Face cache; default the config's ``mm_vision_tower``,
+            as the original loads it. Unused when the folder holds the tower.
+    """
     folder = Path(folder)
     cfg, layout = read_config(folder)
     model = LlavaModel(cfg, attn_implementation=attn_implementation)
@@ -447,8 +462,44 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa") -> Ll
         state = from_hf_keys(raw, _lm_prefix(model)) if layout == "hf" else from_original_keys(raw)
     except KeyError as err:
         raise KeyError(f"{folder}: {err.args[0]}") from None
+    if layout == "original" and not any(k.startswith("vision_tower.") for k in state):
+        state.update(released_vision_tower(vision_tower or cfg.vision_tower_name, folder))
     load_state(model, state, where=str(folder))
     return model
+
+
+def released_vision_tower(source: str | Path, checkpoint: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The CLIP vision weights (our names) for an original-layout checkpoint saved without them.
+
+    LLaVA's released checkpoints (liuhaotian/llava-v1.5-7b, ...) leave the frozen tower out (the original's
+    ``consolidate`` step), and the original loads it with ``CLIPVisionModel.from_pretrained(mm_vision_tower)``.
+    Read here from a folder or from the local Hugging Face cache (never downloaded); a full CLIP checkpoint
+    (``vision_model.*`` beside the text tower) and a vision-only one (with or without ``vision_model.``) both work.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither a folder nor cached; the message says how to pass one.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception as err:  # noqa: BLE001 - re-raised with what to do
+            raise FileNotFoundError(
+                f"{checkpoint}: the checkpoint has no vision tower weights (LLaVA's released checkpoints leave them "
+                f"out; the original loads them from mm_vision_tower '{source}'), and '{source}' is neither a folder "
+                "nor in the local Hugging Face cache: pass vision_tower=<CLIP folder> (mmr-llava chat --vision-tower)"
+            ) from err
+    tower_parts = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+    out = {}
+    for k, v in _read_weights(folder).items():
+        rest = k.removeprefix("vision_model.")
+        if rest.startswith(tower_parts):  # text_model.*, projections and logit_scale stay out
+            out["vision_tower." + rest] = v
+    if not out:
+        raise KeyError(f"{folder}: no CLIP vision tower weights (vision_model.* or embeddings/encoder keys) for {checkpoint}")
+    return out
 
 
 def load_tokenizer(path: str | Path, config: LlavaConfig | None = None):

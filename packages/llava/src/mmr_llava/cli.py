@@ -21,7 +21,7 @@ from pathlib import Path
 def _chat(args: argparse.Namespace) -> None:
     from mmr_llava.inference import answer_batch, load_for_inference
 
-    model, tok = load_for_inference(args.model, args.tokenizer)
+    model, tok = load_for_inference(args.model, args.tokenizer, args.vision_tower)
     images = list(args.image or [])
     history: list[dict[str, str]] = []
 
@@ -56,7 +56,7 @@ def _eval_sqa(args: argparse.Namespace) -> None:
         problems = {pid: problems[pid] for pid in ids}
     if args.limit:
         problems = dict(list(problems.items())[: args.limit])
-    model, tok = load_for_inference(args.model, args.tokenizer)
+    model, tok = load_for_inference(args.model, args.tokenizer, args.vision_tower)
 
     def answer_fn(questions, images):
         convs = [[{"from": "human", "value": q}] for q in questions]
@@ -66,12 +66,17 @@ def _eval_sqa(args: argparse.Namespace) -> None:
     print(format_table(res["scores"]))
 
 
+_VISION_TOWER_HELP = ("CLIP folder (or cached Hub name) for a checkpoint saved without its vision tower, as LLaVA's "
+                      "released ones are (default: the config's mm_vision_tower)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mmr-llava", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat about images with a checkpoint (streams the reply)")
     chat.add_argument("--model", required=True, help="checkpoint folder (either layout)")
     chat.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    chat.add_argument("--vision-tower", default=None, help=_VISION_TOWER_HELP)
     chat.add_argument("--image", action="append", help="image file (repeat for several)")
     chat.add_argument("--template", default="v1")
     chat.add_argument("--prompt", default=None, help="one question, then exit")
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     sqa = sub.add_parser("eval-sqa", help="ScienceQA accuracy by NAT/SOC/LAN/TXT/IMG/NO/G1-6/G7-12")
     sqa.add_argument("--model", required=True)
     sqa.add_argument("--tokenizer", default=None)
+    sqa.add_argument("--vision-tower", default=None, help=_VISION_TOWER_HELP)
     sqa.add_argument("--problems", required=True, help="ScienceQA problems.json")
     sqa.add_argument("--split-file", default=None, help="pid_splits.json")
     sqa.add_argument("--split", default="test")

@@ -20,7 +20,8 @@ from mmr_llava.data import Collator, load_image, preprocess_image
 from mmr_llava.model import IMAGE_SENTINEL, LlavaModel
 
 
-def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) -> tuple[LlavaModel, Any]:
+def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None,
+                       vision_tower: str | Path | None = None) -> tuple[LlavaModel, Any]:
     """Model (either checkpoint layout) and tokenizer (saved next to it unless given), ready to chat.
 
     Nothing is added to an official tokenizer and the embedding is never resized: LLaVA-1.5's tokenizer has
@@ -32,6 +33,8 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) 
     Args:
         folder: Checkpoint folder (original or Hugging Face layout, read from its config.json).
         tokenizer: Tokenizer folder; default ``folder``.
+        vision_tower: CLIP weights for a checkpoint saved without them (see
+            :func:`mmr_llava.checkpoint.load_pretrained`).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer has a pad token (UNK, else EOS, as
@@ -40,7 +43,7 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None) 
     Raises:
         ValueError: The tokenizer does not fit the model (see :func:`check_tokenizer_fits`).
     """
-    model = load_pretrained(folder).eval()
+    model = load_pretrained(folder, vision_tower=vision_tower).eval()
     tok = load_tokenizer(tokenizer or folder, model.config)  # without transformers' "llava_llama" warning
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
