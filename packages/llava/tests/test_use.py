@@ -191,3 +191,41 @@ def test_tokenizer_fit_checks(tmp_path, llama_tokenizer):
     model.config = ordinary
     with pytest.raises(ValueError, match="my/tokenizer: the model's image_token_index 5 is the tokenizer's token"):
         check_tokenizer_fits(model, AutoTokenizer.from_pretrained(tmp_path), "my/tokenizer")
+
+
+def test_a_folder_shaped_like_llava_v15_chats(tmp_path, llama_tokenizer):
+    """Everything a released LLaVA-1.5 folder has at once: config.json with model_type "llava" and no fields of
+    ours (the tower's sizes come from mm_vision_tower), no vision tower weights, a 32,000-token tokenizer for
+    32,000 rows. It chats with the same reply as the full folder of the same weights."""
+    import transformers
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    saved = _official_vocab_model(len(llama_tokenizer))
+    full, released, clip = tmp_path / "full", tmp_path / "released", tmp_path / "clip"
+    for folder in (full, released):
+        ckpt.save_pretrained(saved, folder, layout="original")
+        llama_tokenizer.save_pretrained(folder)
+        type(llama_tokenizer).from_pretrained(folder, add_bos_token=True).save_pretrained(folder)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = transformers.CLIPModel(transformers.CLIPConfig(vision_config=saved.config.vision, text_config=text,
+                                                           projection_dim=32))
+    model.vision_model.load_state_dict(saved.vision_tower.state_dict())
+    model.save_pretrained(clip)
+    config = json.loads((released / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("mmr_")}
+    config.update(model_type="llava", mm_vision_tower=str(clip))
+    (released / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(released / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.vision_tower.")},
+              str(released / "model.safetensors"))
+
+    conv = [{"from": "human", "value": "<image>\nDescribe the picture."}]
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    replies = []
+    for folder in (full, released):
+        model, tok = load_for_inference(folder)
+        assert model.config.image_token_index == 32000 == model.vocab_size == len(tok)
+        replies.append(answer_batch(model, tok, "v1", [conv], [[image]], max_new_tokens=6)[0])
+    assert replies[0] == replies[1] and replies[0]
