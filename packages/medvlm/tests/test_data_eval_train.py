@@ -11,9 +11,9 @@ import torch
 
 from mmr_medvlm.data import CocoGroundingDataset, glip_resize_size, sample_k_shot
 from mmr_medvlm.evaluate import GLIPDetector, coco_ap, draw_detections, evaluate
+from mmr_medvlm.miniature.synthetic import blood_dataset
 from mmr_medvlm.model import GLIP, Detections, GLIPConfig
 from mmr_medvlm.prompts import ClassPrompt, PromptSet, PromptTooLongError
-from mmr_medvlm.synthetic import blood_dataset
 from mmr_medvlm.train import ModelEMA, OptimConfig, TrainConfig, batches, fit, lr_factor, param_groups
 
 PROMPT = PromptSet([ClassPrompt("platelet", shape="small", color="colorless"),
@@ -65,7 +65,8 @@ def test_clear_errors(blood, tokenizer):
         CocoGroundingDataset(coco, root / "images", PromptSet(PROMPT.classes[:2]))
     bad = copy.deepcopy(coco)
     bad["annotations"][0]["category_id"] = 9
-    with pytest.raises(ValueError, match="category_id 9"):
+    with pytest.raises(ValueError, match=r"<annotations>:annotation \d+: category_id: 9 is not among the dataset's "
+                                         r"categories, expected one of \[1, 2, 3\]"):
         CocoGroundingDataset(bad, root / "images", PROMPT)
     ds = CocoGroundingDataset(coco, root / "images", PROMPT)
     with pytest.raises(PromptTooLongError, match="text encoder takes 8"):
@@ -97,6 +98,12 @@ def test_coco_ap_perfect_and_wrong(blood):
     wrong = [dict(r, category_id=r["category_id"] % 3 + 1) for r in perfect]
     assert coco_ap(gt, wrong)["AP"] == pytest.approx(0.0)
     assert coco_ap(gt, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    # no ground truth at all: undefined (null in JSON), never a score of 0
+    empty = dict(gt, annotations=[])
+    for results in ([], perfect):
+        metrics = coco_ap(empty, results)
+        assert (metrics["AP"], metrics["AP50"], metrics["AP75"]) == (None, None, None)
+        assert "undefined" in metrics["note"] and json.loads(json.dumps(metrics)) == metrics
 
 
 class _Oracle:

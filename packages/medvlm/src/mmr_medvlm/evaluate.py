@@ -123,11 +123,22 @@ def detections_to_coco(dets: Detections, image_id: int, category_ids: Sequence[i
     return out
 
 
-def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
-    """AP (0.5:0.95) and AP50 in percent, with pycocotools; zero when nothing was detected."""
+#: The note :func:`coco_ap` adds when a metric has no ground truth to be measured against.
+UNDEFINED_NOTE = "no ground-truth boxes to evaluate against: AP is undefined (null), not 0"
+
+
+def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """AP (0.5:0.95), AP50 and AP75 in percent, with pycocotools.
+
+    Zero when there is ground truth and nothing was detected. Undefined when there is no (non-crowd)
+    ground-truth box at all: the metrics are then ``None`` (JSON ``null``) and a ``"note"`` says why, so
+    that an empty evaluation set never reads as a model scoring 0.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    if not any(not a.get("iscrowd", 0) for a in gt["annotations"]):
+        return {"AP": None, "AP50": None, "AP75": None, "note": UNDEFINED_NOTE}
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     gt = dict(gt)
@@ -146,13 +157,18 @@ def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, floa
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = [max(float(s), 0.0) * 100 for s in ev.stats]
-    return {"AP": stats[0], "AP50": stats[1], "AP75": stats[2]}
+    # pycocotools reports -1 where no category had ground truth to average over: undefined, not 0
+    stats = [float(s) * 100 if s >= 0 else None for s in ev.stats[:3]]
+    out: dict[str, Any] = {"AP": stats[0], "AP50": stats[1], "AP75": stats[2]}
+    if None in stats:
+        out["note"] = UNDEFINED_NOTE
+    return out
 
 
 def evaluate(detector: Detector, dataset: Any, prompt: PromptSet | None = None, batch_size: int = 4,
-             desc: str = "eval") -> dict[str, float]:
-    """COCO AP/AP50 of ``detector`` on a :class:`~mmr_medvlm.data.CocoGroundingDataset`.
+             desc: str = "eval") -> dict[str, Any]:
+    """COCO AP/AP50 of ``detector`` on a :class:`~mmr_medvlm.data.CocoGroundingDataset` (see :func:`coco_ap`:
+    ``None`` with a note when the set has no ground-truth boxes).
 
     Args:
         detector: Any :class:`Detector`.

@@ -11,7 +11,9 @@ or under DeepSpeed (gloo on CPU, NCCL on GPU) via ``mmr_core.distributed``::
     deepspeed --num_gpus 2 -m mmr_medvlm.train --config run.yaml deepspeed=true
 
 Training is resumable: the single-process run keeps ``<output_dir>/last.pt`` (model, EMA, optimizer,
-scheduler, step, RNG); the DeepSpeed run uses ``mmr_core.distributed.save_checkpoint``.
+scheduler, step, RNG; tensors and plain values only, read back with ``weights_only=True``); the DeepSpeed run
+uses ``mmr_core.distributed.save_checkpoint``. A non-finite loss or gradient norm stops training before the
+update, naming the step and the batch's image ids (``on_non_finite=skip`` drops such steps instead, counted).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any, Literal
 
 import torch
 
+from mmr_core.guards import NonFiniteGuard, total_grad_norm
+from mmr_core.io import safe_torch_load
 from mmr_core.utils import get_logger, progress, seed_everything
 from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
 from mmr_medvlm.evaluate import GLIPDetector, evaluate
@@ -73,6 +77,10 @@ class TrainConfig:
     min_size: int | None = None
     deepspeed: bool = False
     deepspeed_preset: str = "cpu_zero2"
+    # bad records in the annotation files: "error" stops at the first, "skip" drops them counted (LoadStats)
+    on_bad_record: Literal["error", "skip"] = "error"
+    # a non-finite loss or gradient norm: "error" stops before the update, "skip" drops the step, counted
+    on_non_finite: Literal["error", "skip"] = "error"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
@@ -163,7 +171,7 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
     step, history = 0, []
     ckpt = out / "last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = safe_torch_load(ckpt, map_location=device)  # our own file, but it may have been replaced
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -172,19 +180,25 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
         torch.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", ckpt, step)
     per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    guard = NonFiniteGuard(cfg.on_non_finite)
     bar = progress(range(step, cfg.max_steps), desc=f"train {cfg.mode}", total=cfg.max_steps - step)
     model.train()
     for step in bar:
         epoch, pos = divmod(step, per_epoch)
         idx = batches(len(train_set), cfg.batch_size, cfg.seed, epoch)[pos]
-        losses = train_step(model, [train_set[i] for i in idx], encoding, device)
+        samples = [train_set[i] for i in idx]
+        losses = train_step(model, samples, encoding, device)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in losses.items()} }")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        else:
+            grad_norm = total_grad_norm(model.parameters())
+        # checked before the update: on error the weights in memory and last.pt are the last good ones
+        if not guard.check(step + 1, loss, grad_norm, [s.image_id for s in samples]):
+            log.warning("step %d skipped (non-finite): %s", step + 1, guard.summary())
+            continue
         optimizer.step()
         scheduler.step()
         ema.update(model)
@@ -193,7 +207,8 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
             torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step": step + 1, "history": history, "rng": torch.get_rng_state()}, ckpt)
-    result: dict[str, Any] = {"steps": cfg.max_steps, "history": history}
+    result: dict[str, Any] = {"steps": cfg.max_steps, "history": history,
+                              "non_finite_skipped_steps": guard.skipped_steps}
     if val_set is not None:
         result["metrics"] = evaluate(GLIPDetector(ema.model, tokenizer), val_set, desc=f"eval {cfg.mode}")
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
@@ -210,7 +225,7 @@ def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset
         log.info("checkpoint %s: %s", cfg.init_checkpoint, report.summary())
     prompt = PromptSet.load(cfg.prompt_file)
     val = (CocoGroundingDataset(cfg.val_annotations, cfg.val_images, prompt, max_size=cfg.max_size,
-                                min_size=cfg.min_size)
+                                min_size=cfg.min_size, on_bad_record=cfg.on_bad_record)
            if cfg.val_annotations else None)
     if cfg.mode == "zero_shot":
         return model, val, val
@@ -218,7 +233,7 @@ def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset
     if cfg.mode == "k_shot":
         ann = sample_k_shot(ann, cfg.k, cfg.seed)
     train_set = CocoGroundingDataset(ann, cfg.train_images, prompt, keep_empty=False, max_size=cfg.max_size,
-                                     min_size=cfg.min_size)
+                                     min_size=cfg.min_size, on_bad_record=cfg.on_bad_record)
     log.info("train data: %s", train_set.stats.summary())
     return model, train_set, val
 
@@ -241,13 +256,23 @@ def fit_deepspeed(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, 
     start = resumed["step"] if resumed else 0
     per_epoch = math.ceil(len(train_set) / (cfg.batch_size * env.world_size))
     history = []
+    guard = NonFiniteGuard(cfg.on_non_finite)
     engine.train()
     for step in progress(range(start, cfg.max_steps), desc="train (deepspeed)", total=cfg.max_steps - start):
         epoch, pos = divmod(step, per_epoch)
         idx = batches(len(train_set), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size)
         idx = idx[pos % len(idx)]
-        losses = train_step(engine.module, [train_set[i] for i in idx], encoding, env.device)
+        samples = [train_set[i] for i in idx]
+        losses = train_step(engine.module, samples, encoding, env.device)
         loss = sum(losses.values())
+        # Checked before backward (DeepSpeed computes the gradient norm inside engine.step), on the loss summed
+        # over ranks, so that every rank stops or skips the same step (a rank alone would hang the others);
+        # each rank's error names its own batch's image ids.
+        total = loss.detach().clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        if not guard.check(step + 1, total, None, [s.image_id for s in samples]):
+            continue
         engine.backward(loss)
         engine.step()
         history.append({"step": step + 1, "loss": float(loss.detach())})
