@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name in STEPS:
-            ready = name == "core" or importlib.util.find_spec(f"mmr_{name}.reproduce") is not None
+            ready = name == "core" or _package_command(name, args.out) is not None
             print(f"{name:10s} {'ready' if ready else 'pending'}  {TITLES[name]}")
         return 0
     steps = args.only or list(STEPS)

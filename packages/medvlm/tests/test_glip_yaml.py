@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmr_medvlm.model import GLIP, GLIPConfig, Targets, convert_official_key
 from mmr_medvlm.config import load_official_glip_yaml
+from mmr_medvlm.model import GLIP, GLIPConfig, Targets, convert_official_key
 
 FIXTURE = Path(__file__).parent / "fixtures" / "glip_tiny_o365_goldg_keys.json.gz"
 # GLIP-T(A)'s 541 official state-dict names and shapes ({"key": [shape...]}, no "module." prefix), made

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from mmr_medvlm import reproduce
-from mmr_medvlm.synthetic import SHAPES, blood_scene
+from mmr_medvlm.miniature import reproduce
+from mmr_medvlm.miniature.synthetic import SHAPES, blood_scene
 
 
 def test_blood_scene_classes_differ_by_size_and_colour():
@@ -29,7 +29,7 @@ def test_smear_background_lies_in_the_natural_scenes_range():
     """The blood scenes differ from pretraining in their words, not in a background the detector never saw."""
     import numpy as np
 
-    from mmr_medvlm.synthetic import NATURAL_BACKGROUND, SMEAR_BACKGROUND
+    from mmr_medvlm.miniature.synthetic import NATURAL_BACKGROUND, SMEAR_BACKGROUND
 
     lo, hi = NATURAL_BACKGROUND
     assert all(lo <= c <= hi for c in SMEAR_BACKGROUND)
@@ -168,7 +168,7 @@ def test_photo_detections_picture(tmp_path, monkeypatch):
 def test_scenes_have_separated_objects_and_a_colour_dataset(tmp_path):
     import json
 
-    from mmr_medvlm.synthetic import natural_dataset, natural_scene
+    from mmr_medvlm.miniature.synthetic import natural_dataset, natural_scene
 
     rng = random.Random(3)
     for scene in [natural_scene(rng, 64) for _ in range(10)] + [blood_scene(rng, 64) for _ in range(10)]:

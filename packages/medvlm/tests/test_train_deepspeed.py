@@ -11,8 +11,8 @@ import sys
 import pytest
 import yaml
 
+from mmr_medvlm.miniature.synthetic import blood_dataset
 from mmr_medvlm.prompts import ClassPrompt, PromptSet
-from mmr_medvlm.synthetic import blood_dataset
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
