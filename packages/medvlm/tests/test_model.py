@@ -364,3 +364,29 @@ def test_glip_tiny_trains_with_fpn_dropblock_and_the_test_size_does_not():
     # P3 and P4 come from dropped top-down features; P5 (and P6/P7 from it) is the top level, never dropped.
     assert not torch.allclose(trained[0], ref[0]) and not torch.allclose(trained[1], ref[1])
     torch.testing.assert_close(trained[2], ref[2])
+
+
+@pytest.mark.parametrize("name, fixture", [("glip_tiny", FIXTURE),
+                                           ("glip_tiny_a", FIXTURE.with_name("glip_a_tiny_o365_keys.json.gz"))])
+def test_each_role_module_builds_exactly_its_official_subtree(name, fixture):
+    """The model is assembled from one module per role (mmr_medvlm.swin/backbone, language, dyhead with fusion,
+    box_coder): each, built alone, has exactly the official names and shapes under its prefix, and the
+    assembled model's state dict is their union in the official order of the top-level modules."""
+    from mmr_medvlm.backbone import Backbone
+    from mmr_medvlm.language import LanguageBackbone
+    from mmr_medvlm.model import VLDyHeadModule
+
+    official = {}
+    for key, shape in json.loads(gzip.open(fixture, "rt").read()).items():
+        new = convert_official_key("module." + key)
+        if new is not None:
+            official[new] = tuple(shape)
+    cfg = GLIPConfig.from_name(name)
+    with torch.device("meta"):
+        parts = {"backbone.": Backbone(cfg), "language_backbone.": LanguageBackbone(cfg), "rpn.": VLDyHeadModule(cfg)}
+        whole = list(GLIP(cfg).state_dict())
+    assert set(k.split(".")[0] + "." for k in official) == set(parts)
+    for prefix, module in parts.items():
+        ours = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+        assert ours == {k: v for k, v in official.items() if k.startswith(prefix)}, prefix
+    assert whole == [prefix + k for prefix, module in parts.items() for k in module.state_dict()]
