@@ -1,4 +1,4 @@
-"""Tiny resumable DeepSpeed training run, launched by the tests through the ``deepspeed`` launcher.
+"""Tiny resumable DeepSpeed training run (on ``ResumableRun``), launched by the tests through ``deepspeed``.
 
 A small MLP with dropout regresses synthetic data; inputs get python- and numpy-random augmentation,
 so an exactly reproduced resume needs the data position and all three RNG streams restored. Each rank
@@ -70,14 +70,7 @@ def main() -> None:
 
     import deepspeed
 
-    from mmr_core.distributed import (
-        PreemptionHandler,
-        finalize_distributed,
-        init_distributed,
-        load_checkpoint,
-        preset,
-        save_checkpoint,
-    )
+    from mmr_core.distributed import ResumableRun, init_distributed, preset
     from mmr_core.utils import seed_everything
 
     t0 = time.perf_counter()
@@ -100,11 +93,12 @@ def main() -> None:
         "pid": os.getpid(),
     }
     data_state = {"epoch": 0, "micro_step": 0, "samples_seen": 0}
-    resumed = load_checkpoint(engine, args.ckpt_dir)
+    # SIGTERM / SIGUSR1 / $MMR_PREEMPT_FILE; periodic crash-safe saves; the final save in finish().
+    run = ResumableRun(engine, args.ckpt_dir, save_every=args.save_every, keep_last=args.keep_last)
+    resumed = run.resume()
     if resumed is not None:
         data_state = dict(resumed["data_state"])
         report["resumed"] = {**resumed, "rng": rng_fingerprint()}
-    stop = PreemptionHandler().install()
     report["seconds_setup"] = time.perf_counter() - t0
 
     x_all, y_all = dataset()
@@ -141,21 +135,16 @@ def main() -> None:
                 Path(os.environ["MMR_PREEMPT_FILE"]).touch()
         if args.kill_at_step == step and env.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # a rank dying between checkpoints (no save in flight)
-        if stop.should_stop():
-            save_checkpoint(engine, args.ckpt_dir, step, data_state, keep_last=args.keep_last)
+        if run.after_step(step, data_state):  # preempted: every rank has saved this step
             report.update(preempted=True, stopped_at=step, data_state=data_state, rng=rng_fingerprint())
             break
-        if step % args.save_every == 0 or step == args.total_steps:
-            save_checkpoint(engine, args.ckpt_dir, step, data_state, keep_last=args.keep_last)
     report["seconds_total"] = time.perf_counter() - t0
     report["final_step"] = step
     report["final_data_state"] = data_state
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{env.rank}.json").write_text(json.dumps(report, indent=1))
-    finalize_distributed()
-    if report["preempted"]:
-        stop.exit()
+    run.finish(step, data_state)  # saves the final step if not saved yet; exits 75 if preempted
 
 
 if __name__ == "__main__":
