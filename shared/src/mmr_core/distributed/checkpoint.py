@@ -361,7 +361,7 @@ def save_checkpoint(
         }
     }
     fault = _checkpoint_fault()
-    hooked = getattr(engine, "checkpoint_engine", None) is not None
+    hooked = hasattr(getattr(engine, "checkpoint_engine", None), "save")  # else rank 0 fsyncs at commit
     with _durable_writes(engine, tear=fault == (rank, step)):
         # Ends with DeepSpeed's barrier: past it, every rank's files are written (and fsynced).
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
