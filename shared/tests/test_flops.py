@@ -147,3 +147,28 @@ def test_mfu_and_throughput_arithmetic() -> None:
     with pytest.raises(ValueError, match="positive"):
         mfu(1.0, 0.0, peak_flops=1.0)
     assert math.isfinite(mfu(1e9, 1.0, device="cpu"))
+
+
+class _TorchvisionDCN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 4, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import deform_conv2d
+
+        return deform_conv2d(x, offset, self.weight, self.bias, padding=1, mask=mask)
+
+
+def test_torchvision_deform_conv2d_count() -> None:
+    pytest.importorskip("torchvision")
+    n, c, h, w = 2, 4, 5, 7
+    x, offset, mask = torch.randn(n, c, h, w), torch.randn(n, 18, h, w), torch.rand(n, 9, h, w)
+    count = count_flops(_TorchvisionDCN(), (x, offset, mask))
+    sampled = n * c * 9 * h * w  # every input channel sampled at 9 taps per output position
+    assert count.by_operator == {
+        "deform_conv2d": n * 6 * h * w * c * 9,  # one MAC per weight per output position
+        "deform_conv2d_sampling": 4 * sampled + sampled + n * 6 * h * w,  # bilinear, mask, bias
+    }
+    assert count.gemm_macs == n * 6 * h * w * c * 9

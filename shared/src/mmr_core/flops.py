@@ -71,6 +71,26 @@ def matmul_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(batch) * a[-2] * a[-1] * b[-1]
 
 
+def torchvision_deform_conv2d_ops(inputs: list[Any], outputs: list[Any]) -> Counter:
+    """``torchvision::deform_conv2d`` (DCNv1/v2): the convolution's multiply-adds under ``deform_conv2d`` (a
+    GEMM), and under ``deform_conv2d_sampling`` the bilinear sampling (4 per sampled value, fvcore's
+    ``grid_sampler`` convention), the modulation mask (1 per sampled value) and the bias (1 per output).
+
+    Traced inputs: ``(input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    n_weight_groups, n_offset_groups, use_mask)``.
+    """
+    n, c_in = _shape(inputs[0])[:2]
+    _, c_in_per_group, kh, kw = _shape(inputs[1])
+    out = _shape(outputs[0])
+    positions = out[2] * out[3]
+    sampled = n * c_in * kh * kw * positions
+    use_mask = bool(inputs[13].toIValue()) if len(inputs) > 13 else True
+    return Counter({
+        "deform_conv2d": math.prod(out) * c_in_per_group * kh * kw,
+        "deform_conv2d_sampling": 4 * sampled + (sampled if use_mask else 0) + math.prod(out),
+    })
+
+
 def elementwise_ops(inputs: list[Any], outputs: list[Any]) -> int:
     """One operation per output element (adds, products, activations, scaling).
 
@@ -99,6 +119,7 @@ _REDUCTIONS = ("mean", "sum", "softmax", "log_softmax", "norm", "linalg_vector_n
 ARITHMETIC_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::scaled_dot_product_attention": sdpa_macs,
     "aten::matmul": matmul_macs,
+    "torchvision::deform_conv2d": torchvision_deform_conv2d_ops,
     **{f"aten::{name}": elementwise_ops for name in _ELEMENTWISE},
     **{f"aten::{name}": reduction_ops for name in _REDUCTIONS},
 }
@@ -126,7 +147,8 @@ NO_ARITHMETIC_OPS: frozenset[str] = frozenset(
 # (relu and clamp are arithmetic of a kind; fvcore ignores them by default and so do we, to keep its totals.)
 
 #: Operator groups of :class:`FlopCount` (names as fvcore reports them: the op without ``aten::``).
-GEMM_OPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv", "_convolution"})
+GEMM_OPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv", "_convolution",
+                      "deform_conv2d"})
 ATTENTION_OPS = frozenset({"scaled_dot_product_attention"})
 
 
