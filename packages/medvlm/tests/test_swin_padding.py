@@ -7,7 +7,7 @@ size; per block norm1, zero-pad to the window, roll by -shift, attend window by 
 bias, -100 between tokens from different shift regions of the padded map), roll back, crop, residual,
 MLP; per stage an output LayerNorm; patch merging pads odd sizes and concatenates the 2x2 neighbours in
 GLIP's order. It cuts windows with ``unfold`` and masks by comparing each token's shift region, and
-shares no code with ``mmr_medvlm.model``, only the weights (through the official key names).
+shares no code with ``mmr_medvlm.swin``, only the weights (through the official key names).
 """
 
 from __future__ import annotations
