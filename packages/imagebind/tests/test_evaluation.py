@@ -21,8 +21,8 @@ from mmr_imagebind.evaluation import (
     load_inputs,
     zero_shot_classification,
 )
-from mmr_imagebind.miniature import WordTokenizer
 from mmr_imagebind.model import ImageBind, ImageBindConfig, build_imagebind
+from mmr_imagebind.tokenizer import WordTokenizer
 from mmr_imagebind.zeroshot import mean_average_precision, text_classifier, zero_shot_logits
 
 WORDS = ["a", "photo", "of", "the", "sound", "picture", "dog", "rain", "car"]

@@ -11,8 +11,9 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from mmr_imagebind import miniature as M
-from mmr_imagebind import reproduce
+from mmr_imagebind.miniature import data as M
+from mmr_imagebind.miniature import reproduce
+from mmr_imagebind.tokenizer import WordTokenizer
 
 SR = 16000
 COLOURS = {"drum": (200, 40, 40), "flute": (40, 200, 40), "siren": (40, 40, 200), "horn": (200, 200, 40)}
@@ -86,7 +87,7 @@ def test_augmentation_and_tokenizer() -> None:
     torch.testing.assert_close(clips, M.audio_bank([rec], 3, 48, 100, seed=1))  # seeded: reproducible
     masked = M.frequency_mask_batch(torch.ones(4, 1, 48, 10), 4, torch.Generator().manual_seed(0))
     assert ((masked == 0).all(dim=-1).sum(dim=(1, 2)) <= 4).all()
-    tok = M.WordTokenizer(["a", "dog"], context_length=6, vocab_size=16)
+    tok = WordTokenizer(["a", "dog"], context_length=6, vocab_size=16)
     ids = tok(["a dog", "a cat dog dog dog dog"])
     assert ids[0].tolist() == [14, 1, 2, 15, 0, 0] and ids[1, -1] == 15 and ids[1, 2] == 13  # unknown word
 

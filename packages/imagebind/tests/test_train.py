@@ -200,7 +200,8 @@ def test_lora_and_selective_finetuning(shards: str, tmp_path: Path) -> None:
     names = configure_trainable(model, cfg)
     assert any("lora_A" in n for n in names) and any("modality_heads.text" in n for n in names)
     assert not any(n.startswith("modality_trunks.vision.blocks.0.") for n in names)
-    assert not any(n.endswith("original") for n in names)  # the adapted weights themselves stay frozen
+    # the adapted weights themselves stay frozen
+    assert not any(n.endswith(("base_layer.weight", "base_layer.in_proj_weight")) for n in names)
     x = torch.randn(2, 3, 32, 32)
     ref = model.encode("vision", x)
     with torch.no_grad():
@@ -210,7 +211,7 @@ def test_lora_and_selective_finetuning(shards: str, tmp_path: Path) -> None:
     adapted = model.encode("vision", x)
     assert not torch.allclose(ref, adapted)
     merge_lora(model)
-    assert not any("lora" in k or "parametrizations" in k for k in model.state_dict())
+    assert not any("lora" in k or "base_layer" in k for k in model.state_dict())
     torch.testing.assert_close(model.encode("vision", x), adapted)
     with pytest.raises(ValueError, match="match no parameter"):
         configure_trainable(build_model(cfg), tiny_config(shards, tmp_path, finetune=["nothing_here"]))

@@ -2,6 +2,7 @@
 
 from .checkpoint import (
     CheckpointMismatchError,
+    CheckpointReadError,
     load_imagebind,
     load_official_checkpoint,
     load_safetensors,
@@ -16,6 +17,7 @@ __all__ = [
     "MODALITIES",
     "CLIPTokenizer",
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "ImageBind",
     "ImageBindConfig",
     "build_imagebind",

@@ -39,6 +39,45 @@ class CheckpointMismatchError(RuntimeError):
         )
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read as a state dict: not a checkpoint, truncated, or holding pickled
+    objects other than tensors (refused, never run, unless ``trust_pickle=True``)."""
+
+
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt`` loaded with ``weights_only=True``.
+
+    A pickled checkpoint never runs code (:func:`mmr_core.io.safe_torch_load`): objects other than tensors
+    and plain containers are refused; the official ``imagebind_huge.pth`` holds nothing else. Tensors are
+    memory-mapped, so loading some modalities of the 4.5 GB file reads only theirs.
+
+    Args:
+        path: The checkpoint.
+        trust_pickle: Unpickle any object (only for files from a source you trust).
+
+    Raises:
+        CheckpointReadError: The file cannot be read as a state dict; the message names it.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mmr_core.io import UntrustedCheckpointError, safe_torch_load
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = safe_torch_load(path, trust_pickle=trust_pickle, mmap=True)
+        return unwrap_state_dict(state)
+    except UntrustedCheckpointError as e:
+        raise CheckpointReadError(str(e)) from None
+    except (OSError, ValueError, TypeError, SafetensorError) as e:
+        # safe_torch_load reports a damaged file as ValueError, safetensors a bad header as SafetensorError,
+        # unwrap_state_dict a file that is not a mapping as TypeError.
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {e}") from e
+
+
 def unwrap_state_dict(state: Mapping) -> dict[str, torch.Tensor]:
     # Re-saved checkpoints are often wrapped ({"model": ...}) or carry a DataParallel "module." prefix.
     while isinstance(state, Mapping) and len(state) == 1 and next(iter(state)) in _WRAPPER_KEYS:
@@ -86,10 +125,14 @@ def load_state_dict_strict(
     model.load_state_dict(kept, strict=True, assign=assign)
 
 
-def load_official_checkpoint(model: ImageBind, path: str | Path, assign: bool = False) -> ImageBind:
-    """Load the official ``imagebind_huge.pth`` (or a state dict in its layout) into ``model``."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    load_state_dict_strict(model, state, str(path), assign=assign)
+def load_official_checkpoint(
+    model: ImageBind, path: str | Path, assign: bool = False, trust_pickle: bool = False
+) -> ImageBind:
+    """Load the official ``imagebind_huge.pth`` (or a state dict in its layout) into ``model``.
+
+    Read with ``weights_only=True`` (see :func:`read_state_dict`; ``trust_pickle`` lifts that).
+    """
+    load_state_dict_strict(model, read_state_dict(path, trust_pickle), str(path), assign=assign)
     return model
 
 
@@ -103,18 +146,19 @@ def save_safetensors(model: ImageBind, path: str | Path) -> None:
 
 def load_safetensors(model: ImageBind, path: str | Path, assign: bool = False) -> ImageBind:
     """Load weights saved by :func:`save_safetensors` (or any safetensors file in the official layout)."""
-    from safetensors.torch import load_file
-
-    load_state_dict_strict(model, load_file(str(path)), str(path), assign=assign)
+    load_state_dict_strict(model, read_state_dict(path), str(path), assign=assign)
     return model
 
 
 def config_from_safetensors(path: str | Path) -> ImageBindConfig | None:
     """The config stored by :func:`save_safetensors`, or None for files without one."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("imagebind_config")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("imagebind_config")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {e}") from e
     return ImageBindConfig(**json.loads(meta)) if meta else None
 
 
@@ -122,6 +166,7 @@ def load_imagebind(
     path: str | Path,
     config: str | ImageBindConfig | None = None,
     modalities: tuple[str, ...] | list[str] | None = None,
+    trust_pickle: bool = False,
 ) -> ImageBind:
     """Build only ``modalities`` on the meta device and fill them from a checkpoint (low peak memory).
 
@@ -130,6 +175,7 @@ def load_imagebind(
         config: Named config or config object; default: the one stored in a safetensors file, else
             ``imagebind_huge``.
         modalities: Encoders to build (default: all of the config's).
+        trust_pickle: Unpickle any object in a ``.pth`` (default: tensors only, see :func:`read_state_dict`).
     """
     path = Path(path)
     is_st = path.suffix == ".safetensors"
@@ -142,5 +188,5 @@ def load_imagebind(
     if is_st:
         load_safetensors(model, path, assign=True)
     else:
-        load_official_checkpoint(model, path, assign=True)
+        load_official_checkpoint(model, path, assign=True, trust_pickle=trust_pickle)
     return model.eval()

@@ -11,9 +11,11 @@ stored inside); only the modalities a command needs are built. A ``.pth`` built 
 official ``ImageBindModel`` constructor takes ``--config model.yaml`` (or ``.json``): a mapping of those keyword
 arguments, e.g. ``{vision_embed_dim: 1280, vision_num_blocks: 32, out_embed_dim: 1024}``, unnamed ones at the
 constructor's defaults (see ``ImageBindConfig.from_official_kwargs``); ``--config`` also takes a named size
-(``imagebind_huge``, ``tiny``). Mistakes on the command line print ``error: ...`` and exit with status 2. Text uses CLIP's BPE (``--bpe`` or
+(``imagebind_huge``, ``tiny``). A ``.pth`` is read with ``weights_only=True``: pickled objects other than tensors are
+refused (``--trust-pickle`` lifts that for files you trust). Mistakes on the command line, unreadable inputs and
+checkpoints that do not match print ``error: ...`` and exit with status 2. Text uses CLIP's BPE (``--bpe`` or
 ``$MMR_IMAGEBIND_BPE``), or for small models trained with a word vocabulary, ``--vocab words.txt`` (one word a
-line; see :class:`mmr_imagebind.miniature.WordTokenizer`). ``--labels`` gives zero-shot ground truth
+line; see :class:`mmr_imagebind.tokenizer.WordTokenizer`). ``--labels`` gives zero-shot ground truth
 (class names, one per file, comma-separated) to print top-1/top-5.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointMismatchError, load_imagebind
+from .checkpoint import CheckpointMismatchError, CheckpointReadError, load_imagebind
 from .evaluation import embed, load_inputs
 from .model import MODALITIES, NAMED_CONFIGS, OFFICIAL_CONSTRUCTOR_DEFAULTS, ImageBind, ImageBindConfig
 from .zeroshot import DEFAULT_TEMPLATES, text_classifier, top_k_accuracy, zero_shot_logits
@@ -35,13 +37,14 @@ from .zeroshot import DEFAULT_TEMPLATES, text_classifier, top_k_accuracy, zero_s
 def _tokenizer(args: argparse.Namespace, model: ImageBind):
     cfg = model.config
     if args.vocab:
-        from .miniature import WordTokenizer
+        from .tokenizer import WordTokenizer
 
         words = [w.strip() for w in Path(args.vocab).read_text().splitlines() if w.strip()]
-        return WordTokenizer(words, cfg.text_context_length, cfg.text_vocab_size)
+        return WordTokenizer(words, cfg.text_context_length, cfg.text_vocab_size, too_long=args.too_long_text)
     from .tokenizer import CLIPTokenizer
 
-    return CLIPTokenizer(args.bpe, context_length=cfg.text_context_length, vocab_size=cfg.text_vocab_size)
+    return CLIPTokenizer(args.bpe, context_length=cfg.text_context_length, vocab_size=cfg.text_vocab_size,
+                         too_long=args.too_long_text)  # fmt: skip
 
 
 def model_config(spec: str | None) -> str | ImageBindConfig | None:
@@ -88,7 +91,7 @@ def _load(args: argparse.Namespace, modalities: list[str]) -> ImageBind:
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     config = model_config(args.config)
-    model = load_imagebind(path, config=config, modalities=list(dict.fromkeys(modalities)))
+    model = load_imagebind(path, config=config, modalities=list(dict.fromkeys(modalities)), trust_pickle=args.trust_pickle)
     return model.to(args.device, getattr(torch, args.dtype)).eval()
 
 
@@ -173,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16 is several times faster on GPUs and AMX CPUs but NOT exact (cosine "
                              "similarity to float32 embeddings about 0.9999)")  # fmt: skip
+        sp.add_argument("--trust-pickle", action="store_true",
+                        help="unpickle any object in a .pth (default: tensors only, so a file cannot run code); "
+                             "only for files from a source you trust")  # fmt: skip
+        sp.add_argument("--too-long-text", default="warn", choices=["warn", "error"],
+                        help="text over the context (77 tokens): cut it with a warning (the official behaviour) "
+                             "or stop with an error")  # fmt: skip
         sp.add_argument("--compile", action="store_true",
                         help="torch.compile the encoders (inference, frozen weights): faster per batch after a "
                              "compile of seconds to a minute; pays off on large input sets")  # fmt: skip
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"embed": cmd_embed, "zeroshot": cmd_zeroshot, "retrieve": cmd_retrieve}[args.command]
     try:
         result = handler(args)
-    except (ValueError, FileNotFoundError, KeyError, CheckpointMismatchError) as e:
+    except (ValueError, FileNotFoundError, KeyError, CheckpointMismatchError, CheckpointReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))

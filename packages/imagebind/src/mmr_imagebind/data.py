@@ -7,8 +7,9 @@ the tensor it rejects.
 
 Odd inputs:
 
-* images in CMYK, grayscale, palette or with alpha are converted to RGB (alpha is dropped, as the official
-  ``.convert("RGB")`` does); 16-bit grayscale images are scaled to 8 bits first instead of being clipped.
+* images are read by the repository's one reader, ``mmr_core.io.read_image``: CMYK, grayscale, palette or
+  alpha images become RGB (alpha is dropped, as the official ``.convert("RGB")`` does); 16-bit grayscale
+  images are scaled to 8 bits instead of being clipped; EXIF orientation is not applied (as officially).
 * audio: any sample rate (resampled to 16 kHz), any channel count (as in the official code the mean over all
   channels is removed, then the first channel is used); audio shorter than one 25 ms frame is zero-padded to
   one frame, shorter than a clip gives zero-padded filterbanks (a warning if more than 20 % is padding);
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmr_core.data.decoders import truncated_audio_bytes
+from mmr_core.io import read_image, to_rgb
 from mmr_core.utils import get_logger
 
 log = get_logger(__name__)
@@ -79,25 +82,18 @@ PathLike = str | os.PathLike
 
 
 def load_image(src: PathLike | Image.Image) -> Image.Image:
-    """Open an image as 8-bit RGB (CMYK, grayscale, 16-bit, palette and alpha images included)."""
+    """Open an image as 8-bit RGB by the repository's one reader (:func:`mmr_core.io.read_image`).
+
+    Every PIL mode is handled (16-bit grayscale scaled, not clipped; palette looked up; alpha dropped as the
+    official ``convert("RGB")`` does). EXIF orientation is not applied: the official loader does not rotate,
+    and the released model saw the stored pixel grid.
+
+    Raises:
+        ValueError: (``mmr_core.io.ImageReadError``) naming the file, for a missing, truncated or unreadable image.
+    """
     if isinstance(src, Image.Image):
-        img = src
-    else:
-        try:
-            img = Image.open(src)
-            img.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image {src}: {e}") from e
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits (PIL's own RGB conversion would clip at 255).
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        span = max(float(arr.max() - arr.min()), 1e-12)
-        img = Image.fromarray(((arr - arr.min()) / span * 255.0 + 0.5).astype(np.uint8), "L")
-    return img.convert("RGB")
+        return to_rgb(src, getattr(src, "filename", "") or "<image>")
+    return read_image(src, exif_orientation=False)
 
 
 def image_extensions() -> frozenset[str]:
@@ -200,9 +196,17 @@ def load_audio(path: PathLike) -> tuple[torch.Tensor, int]:
     import soundfile as sf
 
     try:
+        info = sf.info(str(path))
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises its own LibsndfileError, a RuntimeError subclass
         raise ValueError(f"cannot read audio {path}: {e}") from e
+    missing = truncated_audio_bytes(info.extra_info)
+    if missing:
+        raise ValueError(
+            f"audio {path} is truncated: its header declares {missing[0]} bytes of samples but the file holds "
+            f"{missing[1]} ({data.shape[0]} of {missing[0] * data.shape[0] // max(missing[1], 1)} frames); "
+            "re-export or re-download it"
+        )
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sr)
 
 
@@ -313,7 +317,17 @@ def read_depth_png(path: PathLike, depth_scale: float | None = None, sunrgbd: bo
             images, whose unit is not standard.
         sunrgbd: The file stores SUN RGB-D's bit-rotated millimetres (``(v >> 3) | (v << 13)``).
     """
-    img = Image.open(path)
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read depth image {path}: {e}") from e
+    if img.mode in ("P", "PA"):
+        # Palette PNGs store indices into a colour table: the numbers are not distances in any unit.
+        raise ValueError(
+            f"depth image {path} is a palette (indexed-colour) image, whose values are colour-table indices, not "
+            "depths; save depth as a single-channel 8- or 16-bit grayscale PNG"
+        )
     arr = np.asarray(img)
     if arr.ndim == 3:
         raise ValueError(f"depth image {path} has {arr.shape[2]} channels; expected one")

@@ -508,7 +508,8 @@ class ImageBind(nn.Module):
         """
         if self.training or len(trunk.blocks) == 0:
             return False
-        return not hasattr(trunk.blocks[-1].attn.in_proj_weight, "ds_id")
+        # Any parameter of the block: LoRA adapters (peft) wrap `attn`, which then has no `in_proj_weight` attribute.
+        return not any(hasattr(p, "ds_id") for p in trunk.blocks[-1].parameters())
 
     def encode(self, modality: str, x: torch.Tensor, postprocess: bool = True, compile: bool = False) -> torch.Tensor:
         """Embed one modality.

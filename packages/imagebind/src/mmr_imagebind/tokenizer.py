@@ -8,7 +8,9 @@ byte symbols, the same with an end-of-word mark ``</w>``, one id per merge, then
 ``<|startoftext|>`` and ``<|endoftext|>`` (49406 and 49407 with the full file).
 
 Sequences are ``[SOT] + tokens + [EOT]`` padded with 0 to the context length (77); a text that is too long
-is cut so that the end-of-text token is always kept (the text head pools at that token).
+is cut so that the end-of-text token is always kept (the text head pools at that token), as the official
+tokenizer does, but not silently: each call that cuts texts warns once with their count
+(``too_long="error"`` raises instead).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import gzip
 import html
 import importlib.util
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -97,11 +100,19 @@ class CLIPTokenizer:
         context_length: Output length (77 for ImageBind).
         vocab_size: Size of the text embedding table; the merges used are the first
             ``vocab_size - 512 - 2`` lines (48894 for CLIP's 49408).
+        too_long: What a text longer than the context does: ``"warn"`` (cut, one warning per call with the
+            count) or ``"error"`` (:class:`TextTooLongError`).
     """
 
     def __init__(
-        self, bpe_path: str | os.PathLike | None = None, context_length: int = 77, vocab_size: int = 49408
+        self,
+        bpe_path: str | os.PathLike | None = None,
+        context_length: int = 77,
+        vocab_size: int = 49408,
+        too_long: str = "warn",
     ) -> None:
+        check_too_long_policy(too_long)
+        self.too_long = too_long
         path = find_bpe_vocab(bpe_path)
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -165,8 +176,90 @@ class CLIPTokenizer:
         single = isinstance(texts, str)
         batch = [texts] if single else list(texts)
         out = torch.zeros(len(batch), n, dtype=torch.long)
+        lengths = []
         for row, text in enumerate(batch):
+            body = [self.sot_id] + self.encode(text)
+            lengths.append(len(body) + 1)
             # Truncate the body, never the end-of-text token: the text head pools there.
-            ids = ([self.sot_id] + self.encode(text))[: n - 1] + [self.eot_id]
+            ids = body[: n - 1] + [self.eot_id]
             out[row, : len(ids)] = torch.tensor(ids)
+        report_truncation(batch, lengths, n, self.too_long)
         return out[0] if single else out
+
+
+class TextTooLongError(ValueError):
+    """A text has more tokens than the context holds and the tokenizer was asked not to cut it."""
+
+
+def check_too_long_policy(too_long: str) -> None:
+    """Raise ``ValueError`` unless ``too_long`` is ``"warn"`` or ``"error"``."""
+    if too_long not in ("warn", "error"):
+        raise ValueError(f"too_long must be 'warn' or 'error', got {too_long!r}")
+
+
+def report_truncation(texts: list[str], lengths: list[int], context_length: int, too_long: str) -> None:
+    """Warn once (or raise) for the texts whose token count, start and end tokens included, exceeds the context.
+
+    Args:
+        texts: The texts of one call.
+        lengths: Their token counts with the start and end tokens.
+        context_length: Tokens the model reads.
+        too_long: ``"warn"`` or ``"error"``.
+
+    Raises:
+        TextTooLongError: With ``too_long="error"``, naming the first such text by index, its count and its start.
+    """
+    cut = [i for i, n in enumerate(lengths) if n > context_length]
+    if not cut:
+        return
+    first = cut[0]
+    detail = f"text {first} ({texts[first][:40]!r}...) has {lengths[first]} tokens"
+    if too_long == "error":
+        raise TextTooLongError(f"{detail}, more than the context of {context_length}; shorten it")
+    warnings.warn(
+        f"{len(cut)} of {len(texts)} texts are longer than the context of {context_length} tokens and were cut "
+        f"(the end-of-text token kept); longest {max(lengths[i] for i in cut)} tokens; first: {detail}",
+        stacklevel=3,
+    )
+
+
+class WordTokenizer:
+    """A word-level tokenizer for small text encoders trained with a word list (the miniature's, CLI ``--vocab``).
+
+    The ImageBind text head pools at the largest token id (CLIP's end-of-text token), so the end token is
+    ``vocab_size - 1`` and the start token ``vocab_size - 2``; 0 pads and ``vocab_size - 3`` is unknown.
+
+    Args:
+        words: The vocabulary (ids follow the sorted unique words, from 1).
+        context_length: Output length.
+        vocab_size: Size of the text embedding table.
+        too_long: As for :class:`CLIPTokenizer`: ``"warn"`` or ``"error"``.
+    """
+
+    def __init__(self, words: list[str], context_length: int, vocab_size: int, too_long: str = "warn") -> None:
+        check_too_long_policy(too_long)
+        words = sorted(set(words))
+        if len(words) + 4 > vocab_size:
+            raise ValueError(f"{len(words)} words do not fit a vocabulary of {vocab_size} (4 ids are reserved)")
+        self.ids = {w: i + 1 for i, w in enumerate(words)}
+        self.unk, self.sot, self.eot = vocab_size - 3, vocab_size - 2, vocab_size - 1
+        self.context_length = context_length
+        self.too_long = too_long
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        """Lower-cased words of ``text``, full stops dropped."""
+        return text.lower().replace(".", " ").split()
+
+    def __call__(self, texts: list[str] | str) -> torch.Tensor:
+        """``(N, context_length)`` int64 ids."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        lengths = []
+        for row, t in enumerate(texts):
+            ids = [self.sot] + [self.ids.get(w, self.unk) for w in self.words(t)]
+            lengths.append(len(ids) + 1)
+            ids = ids[: self.context_length - 1] + [self.eot]
+            out[row, : len(ids)] = torch.tensor(ids)
+        report_truncation(texts, lengths, self.context_length, self.too_long)
+        return out

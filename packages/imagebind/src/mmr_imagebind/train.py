@@ -5,7 +5,7 @@ The official repository ships no training code. This module is the recipe of the
 frozen, the X encoder trained with a symmetric InfoNCE at the modality's fixed temperature, AdamW with
 betas (0.9, 0.95), linear warm-up then cosine decay, gradient clipping, sample replication (an epoch is
 ``replication x dataset size`` samples), stochastic depth in the trained trunk, and the recipe's
-augmentations. Optionally LoRA adapters (:class:`LoRA`) or selective fine-tuning (``finetune`` name
+augmentations. Optionally LoRA adapters (peft, :mod:`mmr_imagebind.lora`) or selective fine-tuning (``finetune`` name
 patterns) of any trunk, the frozen ones included.
 
 One code path runs
@@ -34,44 +34,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from mmr_core.config import load_config, save_config
 from mmr_core.data import build_pipeline, derive_seed, expand_shards, make_loader
 from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
+from mmr_core.guards import NonFiniteGuard, total_grad_norm
+from mmr_core.io import safe_torch_load
 from mmr_core.losses import ContrastiveLoss
 from mmr_core.utils import get_logger, progress, seed_everything
 
 from . import data as T
+from .lora import (
+    LORA_TARGETS,
+    LoRAConfig,
+    apply_lora,
+    convert_legacy_lora_state,
+    frozen_by_lora,
+    is_legacy_lora_state,
+    merge_lora,
+)
 from .model import ImageBind, ImageBindConfig
 from .recipes import AugmentConfig, Recipe, get_recipe
 
 log = get_logger(__name__)
 
 FROZEN = ("vision", "text")
-#: Weights of a trunk block that LoRA adapts.
-LORA_TARGETS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA adapters on trunk linears (off when ``rank`` is 0).
-
-    Attributes:
-        rank: Adapter rank.
-        alpha: Scale numerator (the update is ``alpha / rank * B @ A``).
-        modalities: Trunks that get adapters (e.g. ``["vision"]`` to adapt the frozen image trunk).
-        targets: Block weights adapted, a subset of :data:`LORA_TARGETS`.
-        last_blocks: Adapt only the last N blocks of each trunk (0: all).
-    """
-
-    rank: int = 0
-    alpha: float = 16.0
-    modalities: list[str] = field(default_factory=lambda: ["vision"])
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    last_blocks: int = 0
 
 
 @dataclass
@@ -101,6 +91,11 @@ class TrainConfig:
         deepspeed: Run through DeepSpeed (needed for more than one process).
         ds_preset: :func:`mmr_core.distributed.preset` name (``cpu_zero2``, ``a100_zero2``, ...).
         resume: Continue from the latest checkpoint in ``out_dir/checkpoints`` if there is one.
+        on_non_finite: A non-finite loss or gradient norm ``"error"`` (stop before the update, naming the step
+            and the batch's sample keys; the last checkpoint stays the last good one) or ``"skip"`` (drop that
+            update, counted; at most ``max_non_finite_skips``; single process only).
+        max_non_finite_skips: With ``"skip"``: stop once more updates than this were dropped.
+        trust_pickle: Unpickle any object in a ``.pth`` ``init_checkpoint`` (default: tensors only).
     """
 
     recipe: Recipe = field(default_factory=lambda: get_recipe("audioset"))
@@ -122,10 +117,13 @@ class TrainConfig:
     deepspeed: bool = False
     ds_preset: str = "cpu_zero2"
     resume: bool = True
+    on_non_finite: str = "error"
+    max_non_finite_skips: int = 10
+    trust_pickle: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model: build, freeze, LoRA
+# Model: build, freeze, adapt
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -138,7 +136,7 @@ def model_config(cfg: TrainConfig) -> ImageBindConfig:
 
 def build_model(cfg: TrainConfig) -> ImageBind:
     """Vision + text + the bound modality, from ``init_checkpoint`` where shapes allow."""
-    from .checkpoint import unwrap_state_dict
+    from .checkpoint import read_state_dict
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ImageBind(model_config(cfg))
@@ -146,13 +144,7 @@ def build_model(cfg: TrainConfig) -> ImageBind:
         path = Path(cfg.init_checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"init_checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state = unwrap_state_dict(state)
+        state = read_state_dict(path, cfg.trust_pickle)
         own = model.state_dict()
         frozen_keys = [k for k in own if k.split(".")[1] in FROZEN]
         missing = [k for k in frozen_keys if k not in state]
@@ -165,58 +157,6 @@ def build_model(cfg: TrainConfig) -> ImageBind:
     return model
 
 
-class LoRA(nn.Module):
-    """A low-rank update as a parametrization: ``W -> W + alpha / rank * B @ A`` (B starts at zero).
-
-    Registered with :func:`torch.nn.utils.parametrize.register_parametrization`, so it works on any weight
-    (also ``in_proj_weight``, a bare parameter rather than a ``Linear``); the original weight stays frozen.
-    """
-
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scale = alpha / rank
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.scale * (self.lora_B @ self.lora_A).to(weight.dtype)
-
-
-def apply_lora(model: ImageBind, lora: LoRAConfig) -> list[str]:
-    """Add LoRA adapters to the configured trunks; returns the adapted weight names."""
-    if lora.rank <= 0:
-        return []
-    bad = set(lora.targets) - set(LORA_TARGETS)
-    if bad:
-        raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
-    done = []
-    for m in lora.modalities:
-        if m not in model.modality_trunks:
-            raise KeyError(f"LoRA modality {m!r} is not built; the model has {list(model.modality_trunks)}")
-        blocks = list(model.modality_trunks[m].blocks)
-        if lora.last_blocks:
-            blocks = blocks[-lora.last_blocks :]
-        for block in blocks:
-            for target in lora.targets:
-                owner_path, name = target.rsplit(".", 1)
-                owner = block.get_submodule(owner_path)
-                weight = getattr(owner, name)
-                weight.requires_grad_(False)
-                parametrize.register_parametrization(owner, name, LoRA(*weight.shape, lora.rank, lora.alpha))
-                done.append(f"{m}:{target}")
-    return done
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its weight and remove the adapters (state-dict names become plain again)."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return model
-
-
 def configure_trainable(model: ImageBind, cfg: TrainConfig) -> list[str]:
     """Freeze vision and text, train the bound encoder, add LoRA / selective fine-tuning.
 
@@ -226,15 +166,12 @@ def configure_trainable(model: ImageBind, cfg: TrainConfig) -> list[str]:
     bound = cfg.recipe.modality
     if bound in FROZEN:
         raise ValueError(f"recipe modality {bound!r} is one of the frozen encoders {FROZEN}")
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".")[1] == bound)
-    apply_lora(model, cfg.lora)
+    apply_lora(model, cfg.lora)  # peft leaves only the adapters trainable; the rest is chosen below
+    adapted = frozen_by_lora(model)  # the weights under an adapter stay frozen, even where a pattern names them
     patterns = [re.compile(p) for p in cfg.finetune]
     for name, p in model.named_parameters():
-        if patterns and any(r.search(name) for r in patterns) and "parametrizations" not in name:
-            p.requires_grad_(True)
-    for p in [p for n, p in model.named_parameters() if "lora_" in n]:
-        p.requires_grad_(True)
+        chosen = name.split(".")[1] == bound or any(r.search(name) for r in patterns)
+        p.requires_grad_(".lora_" in name or (chosen and id(p) not in adapted))
     unmatched = [p.pattern for p in patterns if not any(p.search(n) for n, _ in model.named_parameters())]
     if unmatched:
         raise ValueError(f"finetune patterns match no parameter: {unmatched}")
@@ -434,7 +371,7 @@ def _save_plain(cfg, model, opt, sched, step, data_state) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step{step:09d}.pt"
     state = {"model": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "step": step, "data_state": data_state, "rng": capture_rng_state()}  # fmt: skip
+             "step": step, "data_state": data_state, "rng": _rng_to_tensors(capture_rng_state())}  # fmt: skip
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a killed run never leaves a half-written "latest" checkpoint
@@ -443,18 +380,42 @@ def _save_plain(cfg, model, opt, sched, step, data_state) -> Path:
     return path
 
 
+def _rng_to_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """RNG states in types ``torch.load(weights_only=True)`` accepts (numpy's key array as a tensor)."""
+    out = dict(state)
+    if "numpy" in out and isinstance(out["numpy"][1], np.ndarray):
+        kind, key, pos, has_gauss, gauss = out["numpy"]
+        out["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    return out
+
+
+def _rng_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_rng_to_tensors`."""
+    out = dict(state)
+    if "numpy" in out and isinstance(out["numpy"][1], torch.Tensor):
+        kind, key, pos, has_gauss, gauss = out["numpy"]
+        out["numpy"] = (kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    return out
+
+
 def _load_plain(cfg, model, opt, sched) -> dict | None:
     found = sorted(_checkpoint_dir(cfg).glob("step*.pt"))
     if not found:
         return None
-    state = torch.load(found[-1], map_location="cpu", weights_only=False)
-    missing = set(state["model"]) - set(model.state_dict())
+    # Our own file, but read as any file is: tensors and plain containers only, nothing that can run code.
+    state = safe_torch_load(found[-1])
+    weights = state["model"]
+    if is_legacy_lora_state(weights):  # written before LoRA went through peft: same tensors, other names
+        weights = convert_legacy_lora_state(weights, model)
+        log.info("converted the parametrize-era LoRA keys of %s to peft's", found[-1])
+    own = model.state_dict()
+    missing = set(weights) - set(own)
     if missing:
         raise KeyError(f"checkpoint {found[-1]} has keys this model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(state["model"], strict=False)
+    model.load_state_dict(weights, strict=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"])
+    restore_rng_state(_rng_from_tensors(state["rng"]))
     log.info("resumed from %s (step %d)", found[-1], state["step"])
     return {"step": state["step"], "data_state": state["data_state"]}
 
@@ -498,6 +459,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     opt = torch.optim.AdamW(parameter_groups(model, r.weight_decay), lr=r.peak_lr, betas=tuple(r.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(plan.warmup_steps, plan.total_steps, r.min_lr_ratio))
     loss_fn = ContrastiveLoss(temperature=r.temperature)
+    if cfg.on_non_finite == "skip" and cfg.deepspeed:
+        raise ValueError("on_non_finite='skip' is for single-process runs; under DeepSpeed use 'error'")
+    guard = NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_skips)
 
     engine = None
     if cfg.deepspeed:
@@ -522,7 +486,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
              len(trainable))  # fmt: skip
 
     transform = PairTransform(r, net.config, cfg.seed, train=True)
-    pipe = build_pipeline(shards, batch_size=plan.batch_per_rank, fields=("image", r.modality), as_tuple=True, image="pil",
+    pipe = build_pipeline(shards, batch_size=plan.batch_per_rank, fields=("image", r.modality, "__key__"), as_tuple=True, image="pil",
                           transform=_KeyedTransform(transform), seed=cfg.seed, resampled=world > 1,
                           epoch_samples=plan.steps_per_epoch, partial=False, shuffle_buffer=min(1000, size))  # fmt: skip
     loader = make_loader(pipe, num_workers=cfg.num_workers)
@@ -544,7 +508,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 continue  # already trained on before the interruption
             if step >= plan.total_steps:
                 break
-            images, xs = batch
+            images, xs, keys = batch
             if not isinstance(images, torch.Tensor):
                 raise RuntimeError("batch images have different shapes; check the transform")
             vision_frozen = not any(n.split(".")[1] == "vision" for n in trainable)
@@ -553,15 +517,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             x_emb = net.encode(r.modality, xs, postprocess=False)
             loss = loss_fn(x_emb, img_emb)
             if engine is not None:
+                guard.check(step + 1, loss, sample_ids=keys)  # raises before the update (DeepSpeed: "error" only)
                 engine.backward(loss)
                 engine.step()
             else:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if r.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], r.grad_clip)
-                opt.step()
-                sched.step()
+                params = [p for p in net.parameters() if p.requires_grad]
+                norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip) if r.grad_clip else total_grad_norm(params)
+                if guard.check(step + 1, loss, norm, sample_ids=keys):
+                    opt.step()
+                sched.step()  # a dropped update still counts as a step: the schedule and data position stay planned
             step += 1
             losses.append(float(loss.detach()))
             next(bar, None)
@@ -581,7 +547,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
                     finalize_distributed()
                 return {"losses": losses, "steps": plan.total_steps, "resumed_from": start_step if resumed else None,
-                        "model_path": None, "stopped_at": step, "skips": pipe.skips.summary()}  # fmt: skip
+                        "model_path": None, "stopped_at": step, "skips": pipe.skips.summary(),
+                        "non_finite_skipped": guard.skipped_steps}  # fmt: skip
         skip = 0
         epoch += 1
     model_path = out / "model.safetensors"
@@ -596,7 +563,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         finalize_distributed()
     return {"losses": losses, "steps": plan.total_steps, "resumed_from": start_step if resumed else None,
-            "model_path": str(model_path), "skips": pipe.skips.summary()}  # fmt: skip
+            "model_path": str(model_path), "skips": pipe.skips.summary(), "non_finite_skipped": guard.skipped_steps}  # fmt: skip
 
 
 class _KeyedTransform:
@@ -607,7 +574,7 @@ class _KeyedTransform:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image, x = self.transform(sample)
-        return {"image": image, self.transform.recipe.modality: x}
+        return {"image": image, self.transform.recipe.modality: x, "__key__": sample["__key__"]}
 
 
 def _save(cfg, engine, net, opt, sched, step, data_state) -> None:
@@ -646,7 +613,6 @@ if __name__ == "__main__":
 
 __all__ = [
     "LORA_TARGETS",
-    "LoRA",
     "LoRAConfig",
     "PairTransform",
     "TrainConfig",

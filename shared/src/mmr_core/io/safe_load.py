@@ -42,7 +42,7 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
 
 
 def safe_torch_load(source: str | Path | BinaryIO, map_location: Any = "cpu",
-                    allowed_globals: Sequence[Any] = (), trust_pickle: bool = False) -> Any:
+                    allowed_globals: Sequence[Any] = (), trust_pickle: bool = False, mmap: bool = False) -> Any:
     """``torch.load`` that never executes code from the file unless the caller trusts it.
 
     Args:
@@ -51,6 +51,8 @@ def safe_torch_load(source: str | Path | BinaryIO, map_location: Any = "cpu",
         allowed_globals: Classes / functions the file may reference beyond what ``weights_only`` allows
             (scoped to this call with ``torch.serialization.safe_globals``; nothing global is changed).
         trust_pickle: Unpickle everything (``weights_only=False``): only for files from a trusted source.
+        mmap: Map the file's tensors instead of reading them (``torch.load(mmap=True)``): loading only some
+            of a large checkpoint's tensors then reads only those.
 
     Returns:
         The loaded object.
@@ -66,10 +68,10 @@ def safe_torch_load(source: str | Path | BinaryIO, map_location: Any = "cpu",
     if trust_pickle:
         warnings.warn(f"{name}: unpickling with weights_only=False (trust_pickle=True); the file can run code",
                       stacklevel=2)
-        return torch.load(source, map_location=map_location, weights_only=False)
+        return torch.load(source, map_location=map_location, weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
-            return torch.load(source, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = _GLOBAL.search(str(e))
         detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__

@@ -11,11 +11,11 @@
 
 Everything uses the package's model (a small :class:`~mmr_imagebind.model.ImageBindConfig`), its kaldi
 filterbank and CLIP-normalised image transforms, and :mod:`mmr_imagebind.zeroshot`. Data: real photos
-and recordings (:mod:`mmr_imagebind.miniature`), or your own folder / shards::
+and recordings (:mod:`mmr_imagebind.miniature.data`), or your own folder / shards::
 
-    python -m mmr_imagebind.reproduce --out outputs/imagebind
-    python -m mmr_imagebind.reproduce --out OUT --data my_classes/            # ROOT/<class>/{photos,audio}
-    python -m mmr_imagebind.reproduce --out OUT --shards 'train-{0..3}.tar' --test-shards test.tar \
+    python -m mmr_imagebind.miniature.reproduce --out outputs/imagebind
+    python -m mmr_imagebind.miniature.reproduce --out OUT --data my_classes/            # ROOT/<class>/{photos,audio}
+    python -m mmr_imagebind.miniature.reproduce --out OUT --shards 'train-{0..3}.tar' --test-shards test.tar \
         --classes dog,cat,car  steps_audio=800                                # key=value config overrides
 """
 
@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from mmr_core.config import load_config, to_dict
 from mmr_core.losses import ContrastiveLoss
 from mmr_core.utils import get_logger, progress, seed_everything
+from mmr_imagebind.evaluation import embedding_arithmetic
+from mmr_imagebind.model import ImageBind, ImageBindConfig
+from mmr_imagebind.recipes import Recipe, get_recipe
+from mmr_imagebind.tokenizer import WordTokenizer
+from mmr_imagebind.train import parameter_groups, warmup_cosine
+from mmr_imagebind.zeroshot import text_classifier, top_k_accuracy, zero_shot_logits
 
-from . import miniature as M
-from .evaluation import embedding_arithmetic
-from .model import ImageBind, ImageBindConfig
-from .recipes import Recipe, get_recipe
-from .train import parameter_groups, warmup_cosine
-from .zeroshot import text_classifier, top_k_accuracy, zero_shot_logits
+from . import data as M
 
 log = get_logger(__name__)
 
@@ -186,10 +187,10 @@ def run_experiment(data: M.MiniatureData, cfg: MiniatureConfig) -> dict:
 
 def _run_experiment(data: M.MiniatureData, cfg: MiniatureConfig, t0: float) -> dict:
     seed_everything(cfg.seed)
-    words = [w for t in TRAIN_TEMPLATES + EVAL_TEMPLATES for w in M.WordTokenizer.words(t.format(""))]
-    words += [w for c in data.classes for w in M.WordTokenizer.words(c)]
+    words = [w for t in TRAIN_TEMPLATES + EVAL_TEMPLATES for w in WordTokenizer.words(t.format(""))]
+    words += [w for c in data.classes for w in WordTokenizer.words(c)]
     vocab = max(64, len(set(words)) + 4)
-    tok = M.WordTokenizer(words, context_length=8, vocab_size=vocab)
+    tok = WordTokenizer(words, context_length=8, vocab_size=vocab)
     banks = build_banks(data, cfg)
     t_data = time.perf_counter() - t0
     model = ImageBind(model_config(cfg, vocab))

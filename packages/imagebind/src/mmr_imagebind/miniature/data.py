@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as T
+from mmr_imagebind import data as T
 
 SOUND_DIR_ENV = "MMR_FREEDESKTOP_SOUNDS"
 DEFAULT_SOUND_DIR = Path("/usr/share/sounds/freedesktop/stereo")
@@ -340,35 +340,6 @@ def frequency_mask_batch(x: torch.Tensor, max_width: int, gen: torch.Generator) 
     return x.masked_fill(mask[:, None, :, None], 0.0)
 
 
-class WordTokenizer:
-    """A word-level tokenizer for the miniature's tiny text encoder.
-
-    The ImageBind text head pools at the largest token id (CLIP's end-of-text token), so the end token is
-    ``vocab_size - 1`` and the start token ``vocab_size - 2``; 0 pads and ``vocab_size - 3`` is unknown.
-    """
-
-    def __init__(self, words: list[str], context_length: int, vocab_size: int) -> None:
-        words = sorted(set(words))
-        if len(words) + 4 > vocab_size:
-            raise ValueError(f"{len(words)} words do not fit a vocabulary of {vocab_size} (4 ids are reserved)")
-        self.ids = {w: i + 1 for i, w in enumerate(words)}
-        self.unk, self.sot, self.eot = vocab_size - 3, vocab_size - 2, vocab_size - 1
-        self.context_length = context_length
-
-    @staticmethod
-    def words(text: str) -> list[str]:
-        return text.lower().replace(".", " ").split()
-
-    def __call__(self, texts: list[str] | str) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else texts
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, t in enumerate(texts):
-            ids = [self.sot] + [self.ids.get(w, self.unk) for w in self.words(t)]
-            ids = ids[: self.context_length - 1] + [self.eot]
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
-
-
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
@@ -388,7 +359,6 @@ __all__ = [
     "MiniatureData",
     "MissingDataError",
     "Recording",
-    "WordTokenizer",
     "audio_bank",
     "augment_photo",
     "augment_wave",
