@@ -111,6 +111,10 @@ def test_paper_parameter_totals_from_meta_builds() -> None:
     # LLaVA-1.5-7B: 7.06 B with CLIP ViT-L/14-336 (the Hugging Face model card's figure).
     llava = _meta_params(lambda: LlavaModel(LlavaConfig.from_name("llava-v1.5-7b")))
     assert round(llava / 1e9, 2) == 7.06
+    # docs/models.md shows the same totals (it is regenerated when a model changes)
+    text = (ROOT / "docs" / "models.md").read_text()
+    assert f"whole model (six encoders) {imagebind / 1e9:.3f} B" in text
+    assert f"| llava-v1.5-7b | {llava / 1e9:.3f} B |" in text
 
 
 def test_docs_cover_every_named_configuration() -> None:

@@ -239,7 +239,8 @@ def count_flops(
         inputs: Positional inputs.
         forward: ``forward(model, *inputs)`` to count instead of ``model(*inputs)`` (a method, or part of
             the model); its output may be any nest of tensors, lists, tuples and dicts.
-        module_depth: Keep ``by_module`` entries up to this many dots deep (0: the whole model only).
+        module_depth: Keep ``by_module`` entries of at most this many name components (``backbone.body`` has
+            two; 0 keeps the whole model only, under ``""``).
 
     Returns:
         The counts per operator and per module.
