@@ -26,6 +26,14 @@ from mmr_imagebind.lora import (
 from mmr_imagebind.model import ImageBind, ImageBindConfig
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: more threads only spin-wait on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
 class LegacyLoRA(nn.Module):
     """The former adapter: a parametrization adding ``alpha / rank * B @ A`` to the weight."""
 
@@ -154,3 +162,37 @@ def test_bad_lora_settings_are_clear_errors() -> None:
     with pytest.raises(KeyError, match="no adapter on modality_trunks.vision.blocks.0.mlp.fc1.weight"):
         convert_legacy_lora_state(stale, model)
     assert set(LORA_TARGETS) == {"attn.in_proj_weight", "attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
+
+
+def test_resume_from_a_legacy_lora_checkpoint(tmp_path) -> None:
+    """A resume checkpoint with parametrize-era LoRA keys continues exactly like an uninterrupted run."""
+    from test_train import tiny_config, write_pairs
+
+    from mmr_imagebind.lora import lora_parameter_names
+    from mmr_imagebind.train import build_model, configure_trainable, train
+
+    shards = write_pairs(tmp_path / "shards", n=16)
+    lora = LoRAConfig(rank=2, modalities=["vision"], last_blocks=1)
+    full = train(tiny_config(shards, tmp_path / "full", epochs=2, save_every=100, lora=lora))
+    part = tiny_config(shards, tmp_path / "part", epochs=2, save_every=100, stop_at_step=2, lora=lora)
+    first = train(part)
+    # Rewrite the checkpoint as the former implementation named its adapters.
+    model = build_model(part)
+    configure_trainable(model, part)
+    legacy_name = {
+        new: f"{weight.rpartition('.')[0]}.parametrizations.{weight.rpartition('.')[2]}.0.lora_{ab}"
+        for (weight, ab), new in lora_parameter_names(model).items()
+    }
+    (ckpt,) = (tmp_path / "part" / "checkpoints").glob("step*.pt")
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {legacy_name.get(k, k): v for k, v in state["model"].items()}
+    assert sum(".parametrizations." in k for k in state["model"]) == 8  # 4 targets x (A, B)
+    torch.save(state, ckpt)
+    part.stop_at_step = None
+    second = train(part)
+    assert second["resumed_from"] == 2
+    # As test_train.test_resume_equals_uninterrupted: the same float32 operations from equal states, up to
+    # kernel choice in a fresh process (InfoNCE losses ~1-3 from K <= 64-term dot products): rtol 1e-5.
+    torch.testing.assert_close(
+        torch.tensor(first["losses"] + second["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=1e-6
+    )

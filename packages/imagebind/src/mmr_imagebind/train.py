@@ -413,11 +413,28 @@ def _load_plain(cfg, model, opt, sched) -> dict | None:
     if missing:
         raise KeyError(f"checkpoint {found[-1]} has keys this model lacks: {sorted(missing)[:5]}")
     model.load_state_dict(weights, strict=False)
+    _check_optimizer_state(state["optimizer"], opt, found[-1])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     restore_rng_state(_rng_from_tensors(state["rng"]))
     log.info("resumed from %s (step %d)", found[-1], state["step"])
     return {"step": state["step"], "data_state": state["data_state"]}
+
+
+def _check_optimizer_state(saved: dict, opt: torch.optim.Optimizer, source: Path) -> None:
+    """The saved optimiser state is by position: each saved moment must have its parameter's shape here.
+
+    torch checks only the group sizes, so a checkpoint of a run with other trainable tensors (other LoRA or
+    fine-tuning settings) would otherwise load moments into the wrong parameters.
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, moments in saved["state"].items():
+        shape = tuple(moments["exp_avg"].shape) if "exp_avg" in moments else None
+        if shape is not None and (index >= len(params) or tuple(params[index].shape) != shape):
+            raise ValueError(
+                f"resume checkpoint {source}: optimizer state {index} has shape {shape}, which the trainable "
+                "parameters of this run do not have at that position; resume with the run's own LoRA / finetune settings"
+            )
 
 
 def _set_train_mode(model: ImageBind, trainable: list[str]) -> None:
