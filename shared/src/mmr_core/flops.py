@@ -205,6 +205,17 @@ class FlopCount:
         return FlopCount(dict(ops), {})
 
 
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors of a nest of tensors, lists, tuples and dicts (Hugging Face outputs are dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []
+
+
 class _Forward(nn.Module):
     """Wraps ``forward(model, *inputs)`` as a module whose output is a flat tuple of tensors (for tracing)."""
 
@@ -214,8 +225,7 @@ class _Forward(nn.Module):
         self._forward = forward
 
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
-        leaves, _ = torch.utils._pytree.tree_flatten(self._forward(self.model, *inputs))
-        tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
+        tensors = tuple(_tensors_in(self._forward(self.model, *inputs)))
         if not tensors:
             raise ValueError("the counted forward returned no tensor")
         return tensors
@@ -230,9 +240,10 @@ def count_flops(
     """Count one forward pass with ``fvcore.nn.FlopCountAnalysis`` and this module's handles.
 
     The model runs once (under ``torch.no_grad``) on the given inputs, so use real tensors of a small batch;
-    the weights' values do not matter (``module.to_empty(device="cpu")`` gives uninitialised ones cheaply).
-    Models without convolutions can also be traced on the meta device (fvcore's tracer hands the meta
-    convolution kernel traced sizes, which it rejects).
+    the weights' values do not matter (random initialisation is fine; ``to_empty`` is not, as index buffers
+    such as Swin's relative position index must stay valid). Models without convolutions can also be
+    traced on the meta device, at no cost (fvcore's tracer hands the meta convolution kernel traced sizes,
+    which it rejects).
 
     Args:
         model: The module (its submodule names appear in ``by_module``).
