@@ -30,6 +30,8 @@ TEST_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONHASHSEED": "0",
     "MPLBACKEND": "Agg",
+    # LLaMA's SentencePiece vocabulary that scripts/setup_env.sh puts into the environment running nox.
+    "MMR_LLAMA_SPM_DIR": str(Path(sysconfig.get_paths()["data"], "share", "mmr", "llama-spm")),
 }
 
 

@@ -1,13 +1,13 @@
 """Golden ids and labels: our data path against the original LLaVA's, token by token.
 
 The original's side is ``original_llava_tokenization`` (its preprocess functions and transformers 4.37's
-slow SentencePiece tokenizer, restated from their facts) on the 32,000-piece SentencePiece model that the
-``llama_tokenizer`` fixture uses; ours is ``data.encode_record`` with the fast tokenizer built from the same
-file, in legacy and non-legacy mode. Conversations put the image first, after the question and in a later
-turn, span several rounds, start answers with digits and hold newlines.
+slow SentencePiece tokenizer, restated from their facts) on a real 32,000-piece SentencePiece model: LLaMA's
+own (rebuilt from llama.cpp's GGUF vocabulary, see ``llama_spm_vocabulary``) and Mistral's v1 file
+(mistral-common, the same design). Ours is ``data.encode_record`` with transformers' tokenizer built from the
+same file, in legacy and non-legacy mode (the ``golden_tokenizer`` fixture). Conversations put the image
+first, after the question and in a later turn, span several rounds, start answers with digits and hold
+newlines.
 """
-
-from pathlib import Path
 
 import original_llava_tokenization as original
 import pytest
@@ -35,16 +35,10 @@ CONVERSATIONS = {
 TEMPLATES = ("v1", "llama_2", "plain")
 
 
-def _model_file() -> str:
-    import mistral_common
-
-    return str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
-
-
-@pytest.fixture(scope="module")
-def reference(llama_tokenizer):
-    """The original's slow tokenizer in the fast fixture's mode (legacy or not)."""
-    return original.SlowLlamaTokenizer(_model_file(), legacy=llama_tokenizer.legacy)
+@pytest.fixture(scope="session")
+def reference(golden_tokenizer, sentencepiece_model_file):
+    """The original's slow tokenizer on the same model file, in the fast one's mode (legacy or not)."""
+    return original.SlowLlamaTokenizer(str(sentencepiece_model_file), legacy=golden_tokenizer.legacy)
 
 
 def _record(name, turns):
@@ -71,18 +65,18 @@ def _cases():
 
 
 @pytest.mark.parametrize(("template", "turns"), list(_cases()))
-def test_ids_and_labels_are_the_originals(llama_tokenizer, reference, template, turns):
-    ids, labels, image_id = _ours(llama_tokenizer, template, turns)
-    assert image_id == IMAGE_SENTINEL and len(llama_tokenizer) == 32000  # no <image> added to the vocabulary
+def test_ids_and_labels_are_the_originals(golden_tokenizer, reference, template, turns):
+    ids, labels, image_id = _ours(golden_tokenizer, template, turns)
+    assert image_id == IMAGE_SENTINEL and len(golden_tokenizer) == 32000  # no <image> added to the vocabulary
     want_ids, want_labels = original.preprocess(template, turns, reference)
     assert ids == want_ids
     assert labels == want_labels
     assert any(lab != -100 for lab in labels)  # the original trains on it too (no mismatch masking)
 
 
-def test_image_positions_expand_in_place(llama_tokenizer, reference):
+def test_image_positions_expand_in_place(golden_tokenizer, reference):
     turns = CONVERSATIONS["image_after_question"]
-    ids, labels, image_id = _ours(llama_tokenizer, "v1", turns, num_patches=5)
+    ids, labels, image_id = _ours(golden_tokenizer, "v1", turns, num_patches=5)
     want_ids, want_labels = original.preprocess("v1", turns, reference)
     k = want_ids.index(original.IMAGE_TOKEN_INDEX)
     assert ids == want_ids[:k] + [image_id] * 5 + want_ids[k + 1:]
@@ -90,13 +84,13 @@ def test_image_positions_expand_in_place(llama_tokenizer, reference):
 
 
 @pytest.mark.parametrize("template", ["v1", "llama_2"])
-def test_empty_final_answer_renders_as_the_original_and_keeps_the_other_answers(llama_tokenizer, reference,
+def test_empty_final_answer_renders_as_the_original_and_keeps_the_other_answers(golden_tokenizer, reference,
                                                                                  template):
     # The original renders "ASSISTANT:" with no end-of-turn (v1) or drops the turn (llama_2); its label
     # arithmetic then misses a round and masks the whole sample. We render the same ids, supervise nothing
     # for the empty turn, and keep the earlier answer's labels exactly as the original makes them.
     turns = _turns("<image>\nWhat is it?", "A cube.", "More?", "")
-    ids, labels, _ = _ours(llama_tokenizer, template, turns)
+    ids, labels, _ = _ours(golden_tokenizer, template, turns)
     want_ids, want_labels = original.preprocess(template, turns, reference)
     assert ids == want_ids
     assert all(lab == -100 for lab in want_labels)
@@ -120,14 +114,14 @@ WHITESPACE_LIMITS = {
 
 
 @pytest.mark.parametrize("name", sorted(WHITESPACE_LIMITS))
-def test_whitespace_is_where_the_fast_tokenizer_differs(llama_tokenizer, reference, name):
+def test_whitespace_is_where_the_fast_tokenizer_differs(golden_tokenizer, reference, name):
     # Pins the limits above down: the pieces differ only in how whitespace is cut. This test fails once
     # transformers' fast tokenizer agrees with SentencePiece there (then move the case to CONVERSATIONS).
     turns = WHITESPACE_LIMITS[name]
-    ids, _, _ = _ours(llama_tokenizer, "v1", turns)
+    ids, _, _ = _ours(golden_tokenizer, "v1", turns)
     want_ids, _ = original.preprocess("v1", turns, reference)
-    pieces = llama_tokenizer.convert_ids_to_tokens([i for i in ids if i >= 0])
-    want = llama_tokenizer.convert_ids_to_tokens([i for i in want_ids if i >= 0])
+    pieces = golden_tokenizer.convert_ids_to_tokens([i for i in ids if i >= 0])
+    want = golden_tokenizer.convert_ids_to_tokens([i for i in want_ids if i >= 0])
     assert pieces != want
     assert "".join(pieces).replace("▁", "") == "".join(want).replace("▁", "")
     assert [i for i in ids if i < 0] == [i for i in want_ids if i < 0]
