@@ -379,6 +379,11 @@ How the numbers are made:
   through the CLIP tower (up to layer -2) and the projector; the language model on a 2048-token sequence
   (LLaVA-1.5's training length), logits at every position.
 
+Configurations: every named size of the four packages except the test/miniature ones, plus GLIP-L,
+which `mmr_medvlm` does not name: it is built here as GLIP-T with the Swin-L backbone (192 wide,
+depths 2-2-18-2, window 12) and 8 DyHead blocks of the official `configs/pretrain/glip_Swin_L.yaml`
+(`GLIP_L_OVERRIDES` in the script). MM-CoT's `flan-t5-*` and `flan-alpaca-*` share their shapes.
+
 Paper figures: ImageBind huge is "1.2B" parameters in total over the six encoders (incl. the frozen
 OpenCLIP ViT-H image and text towers) and LLaVA-1.5-7B 7.06 B with CLIP ViT-L/336; see the sums below
 (`tests/test_model_cards.py` checks both from meta builds).
