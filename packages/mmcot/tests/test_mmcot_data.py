@@ -7,6 +7,7 @@ import pytest
 import torch
 from mmcot_testlib import PROBLEMS, release, tokenizer  # noqa: F401 (fixtures)
 
+from mmr_core.io import RecordError
 from mmr_mmcot.data import (
     Collator,
     DataError,
@@ -71,12 +72,12 @@ def test_collapse_whitespace():
 def test_render_errors_name_the_problem():
     bad = copy.deepcopy(P)
     bad["answer"] = 5
-    with pytest.raises(DataError, match="problem 10: answer index 5 out of range"):
+    with pytest.raises(RecordError, match="^<problem>:problem 10: answer: index 5 is out of range for 2 choices, "):
         render_pair(bad, "QCM-A", "10")
     with pytest.raises(DataError, match="unsupported prompt format"):
         render_pair(P, "QCM-XYZ", "10")
     many = dict(P, choices=list("abcdef"))
-    with pytest.raises(DataError, match="problem 10: 6 choices"):
+    with pytest.raises(RecordError, match="^<problem>:problem 10: choices: has 6 entries, expected 1 to 5"):
         render_pair(many, "QCM-A", "10")
 
 
@@ -98,10 +99,10 @@ def test_features_lookup_and_errors(release):
     assert has and image[0, 0].item() == 8 * 16  # row "1"
     zeros, has = feats.lookup("11", data.problems["11"])
     assert not has and zeros.shape == (8, 16) and zeros.abs().sum() == 0
-    with pytest.raises(DataError, match="problem 12 has an image"):
+    with pytest.raises(RecordError, match="name_map.json:problem 12: row: missing for its image 'image.png'"):
         feats.lookup("12", dict(data.problems["12"], image="image.png"))
     broken = VisionFeatures(feats.array, {"10": 7})
-    with pytest.raises(DataError, match="problem 10: features row 7 out of range"):
+    with pytest.raises(RecordError, match="^<features>:problem 10: row 7: out of range for 2 rows"):
         broken.lookup("10", data.problems["10"])
     pooled = VisionFeatures(torch.ones(3, 16), {"10": 0}, patch_num=5)
     assert pooled.shape == (5, 16)

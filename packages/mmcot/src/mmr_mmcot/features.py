@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmr_core.io import ImageReadError, RecordError, RecordView, read_image, read_json
 from mmr_core.utils import progress
 
 from .data import DataError
@@ -196,13 +197,29 @@ def extract(
     array = np.zeros((len(pids), *extractor.shape), dtype=np.float32)
     starts = range(0, len(pids), batch_size)
     for start in progress(starts, desc=f"extract {extractor.name}", total=len(starts)):
-        chunk = [Image.open(p) for p in paths[start : start + batch_size]]
+        # The repository's one image reader (16-bit, palette, CMYK, ... to RGB by documented rules); no EXIF
+        # rotation, as the official Image.open(...).convert("RGB")
+        chunk = [read_image(p, exif_orientation=False) for p in paths[start : start + batch_size]]
         array[start : start + len(chunk)] = extractor(chunk).float().numpy()
     out_dir.mkdir(parents=True, exist_ok=True)
     features_file, map_file = out_dir / f"{extractor.name}.npy", out_dir / "name_map.json"
     np.save(features_file, array)
     map_file.write_text(json.dumps({pid: str(row) for row, pid in enumerate(pids)}))
     return features_file, map_file
+
+
+def _read_image_fields(problems_file: str) -> dict[str, dict]:
+    """``problems.json`` checked for what extraction reads: each problem an object, ``image``/``split`` text."""
+    raw = read_json(problems_file)
+    name = str(problems_file)
+    if not isinstance(raw, dict):
+        raise RecordError(name, "<document>", "<document>", f"is a JSON {type(raw).__name__}",
+                          "expected an object {pid: problem}", "wrong_type")
+    for pid, problem in raw.items():
+        view = RecordView(problem, name, f"problem {pid}")
+        for field in ("image", "split"):
+            view.text(field, default="", allow_empty=True)
+    return {str(pid): problem for pid, problem in raw.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,9 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", action="store_true")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    problems = json.loads(Path(args.problems).read_text())
-    extractor = build_extractor(args.extractor, pretrained=args.pretrained)
-    features, name_map = extract(problems, args.images, extractor, args.out, args.batch_size)
+    try:
+        problems = _read_image_fields(args.problems)
+        extractor = build_extractor(args.extractor, pretrained=args.pretrained)
+        features, name_map = extract(problems, args.images, extractor, args.out, args.batch_size)
+    except (DataError, RecordError, ImageReadError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")  # a user's mistake: one line, no traceback
     print(f"wrote {features} and {name_map}")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .data import collapse_whitespace, render_pair, tokenize
+from .data import DataError, collapse_whitespace, render_pair, tokenize
 from .model import MMCoTModel
 
 
@@ -37,9 +37,15 @@ def answer_question(
 
     Returns:
         ``(rationale, answer text)``; ``metrics.extract_answer`` gives the letter.
+
+    Raises:
+        RecordError: The problem is malformed (see ``data.parse_problem``).
+        DataError: ``image_features`` hold NaN or infinity.
     """
     problem = {"answer": 0, "lecture": "", "solution": "", **problem}
     has_image = image_features is not None
+    if has_image and not bool(torch.isfinite(image_features).all()):
+        raise DataError("image_features hold NaN or infinite values, expected finite features")
     if image_features is None:
         image_features = torch.zeros(stage1.config.patch_num, stage1.config.patch_dim)
     images = image_features[None].float()

@@ -432,7 +432,10 @@ class MMCoTModel(nn.Module):
 
             state = load_file(str(directory / "model.safetensors"))
         elif (directory / "pytorch_model.bin").is_file():
-            state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            from mmr_core.io import safe_torch_load
+
+            # weights_only=True: a T5 folder from anywhere cannot run code (refused types are named)
+            state = safe_torch_load(directory / "pytorch_model.bin", map_location="cpu")
         else:
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory}")
         self.load_t5_state_dict(state)

@@ -27,11 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from mmr_core.config import ConfigError
+from mmr_core.data.skips import TooManySkipsError
+from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
+from mmr_core.guards import NonFiniteGuard, NonFiniteLossError, total_grad_norm
+from mmr_core.io import BadRecordPolicy, RecordError, UntrustedCheckpointError, safe_torch_load
 from mmr_core.utils import get_logger, progress, seed_everything
 
-from .data import Collator, ScienceQA, ScienceQADataset, VisionFeatures, collapse_whitespace, render_pair
+from .data import Collator, DataError, ScienceQA, ScienceQADataset, VisionFeatures, collapse_whitespace, render_pair
 from .metrics import SIMILARITY_MODEL, category_accuracy, extract_predictions, rationale_scores
 from .model import POOLED_VISION, VISION_SHAPES, MMCoTConfig, MMCoTModel
 
@@ -89,6 +95,18 @@ class TrainConfig:
     ds_preset: str = "cpu_zero2"
     random_fallback: bool = False
     num_threads: int = 0
+    # bad input: "error" stops at the first bad problem, caption or features row (naming file and pid);
+    # "skip" drops them, counted by cause in metrics.json, and stops once more than max_bad_records (0: no
+    # count limit) or more than max_bad_fraction of the problems were bad
+    on_bad_record: str = "error"
+    max_bad_records: int = 0
+    max_bad_fraction: float = 0.01
+    # a non-finite loss or gradient norm: "error" stops before the update (the last checkpoint stays the last
+    # good one); "skip" drops that update, counted, and stops after more than max_non_finite_steps of them
+    on_non_finite: str = "error"
+    max_non_finite_steps: int = 10
+    # unpickle an init_checkpoint with weights_only=False: only for a file from a source you trust
+    trust_pickle: bool = False
     # evaluation: the rationale-similarity model (a local folder or a Hugging Face id found in the local
     # cache; never downloaded); empty to skip. Without it the similarity is reported as not computed.
     similarity_model: str = SIMILARITY_MODEL
@@ -100,7 +118,7 @@ class TrainConfig:
 def load_tokenizer(spec: str) -> Any:
     """A SentencePiece ``.model`` file (our T5-layout wrapper) or a Hugging Face tokenizer directory."""
     if not spec:
-        raise ValueError("tokenizer is required: a SentencePiece .model file or a Hugging Face tokenizer dir")
+        raise ConfigError("tokenizer is required: a SentencePiece .model file or a Hugging Face tokenizer dir")
     if spec.endswith(".model"):
         from .tokenizer import SentencePieceTokenizer
 
@@ -132,7 +150,7 @@ def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel
 
                 state = load_file(str(path))
             else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = safe_torch_load(path, map_location="cpu", trust_pickle=cfg.trust_pickle)
             model.load_official_state_dict(state)
     return model
 
@@ -153,6 +171,19 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` reads (numpy keys as a tensor)."""
+    state = capture_rng_state()
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    state["numpy"] = [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    restore_rng_state({**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)})
+
+
 def fit(
     model: MMCoTModel,
     dataset: ScienceQADataset,
@@ -160,16 +191,20 @@ def fit(
     ckpt_dir: Path,
     collator: Collator,
     desc: str = "train",
+    guard: NonFiniteGuard | None = None,
 ) -> list[float]:
     """Train (single process, or DeepSpeed when ``cfg.deepspeed``); resumes from ``ckpt_dir``.
 
-    Returns:
-        Loss of each optimizer step run in this call.
-    """
-    if cfg.deepspeed:
-        return _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc)
-    from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
+    Every step's loss and gradient norm are checked before the update (``guard``, by default from
+    ``cfg.on_non_finite``): a non-finite one raises ``NonFiniteLossError`` naming the step and the batch's
+    problem ids, with the weights and the newest checkpoint still the last good ones.
 
+    Returns:
+        Loss of each optimizer step run in this call (skipped non-finite steps left out).
+    """
+    guard = guard or NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_steps)
+    if cfg.deepspeed:
+        return _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc, guard)
     per_epoch = max(len(dataset) // cfg.batch_size, 1)
     total = cfg.max_steps or per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -177,11 +212,12 @@ def fit(
     start = 0
     ckpts = sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if ckpts:
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+        # Our own file, but still read with weights_only=True: a resume folder may have been copied from anywhere.
+        state = safe_torch_load(ckpts[-1], map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        _restore_rng(state["rng"])
         start = state["step"]
         log.info("resumed %s from %s (step %d/%d)", desc, ckpts[-1].name, start, total)
     model.train()
@@ -192,20 +228,24 @@ def fit(
         batch = collator([dataset[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]])
         loss = _loss(model, batch)
         loss.backward()
-        if cfg.grad_clip:
+        norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+            if cfg.grad_clip
+            else total_grad_norm(model.parameters())
+        )
+        done = step + 1
+        if guard.check(done, loss, norm, sample_ids=batch["pids"]):
+            optimizer.step()
+            losses.append(loss.item())
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        done = step + 1
         if done % cfg.save_every == 0 and done < total:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": capture_rng_state(),
+                "rng": _rng_state(),
                 "step": done,
             }
             torch.save(state, ckpt_dir / f"step_{done}.pt")
@@ -225,8 +265,9 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     ).loss
 
 
-def _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc) -> list[float]:
+def _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc, guard: NonFiniteGuard) -> list[float]:
     import deepspeed
+    import torch.distributed as dist
 
     from mmr_core.distributed import init_distributed, load_checkpoint, preset, save_checkpoint
 
@@ -246,10 +287,24 @@ def _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc) -> list[float]
         order = epoch_order(len(dataset), epoch, cfg.seed, env.rank, env.world_size)
         batch = collator([dataset[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]])
         loss = _loss(engine, batch)
+        done = step + 1
+        # Every rank must take the same branch (a rank that stops alone leaves the others in all-reduce), so
+        # the ranks agree on the worst loss before the backward pass.
+        worst = loss.detach().float().clone()
+        if dist.is_initialized():
+            finite = torch.isfinite(worst).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            worst = worst if bool(finite) else torch.tensor(float("nan"))
+        if not guard.check(done, worst, sample_ids=batch["pids"]):
+            continue  # skipped (counted): no backward, no update on any rank
         engine.backward(loss)
         engine.step()
+        # DeepSpeed computes the gradient norm inside step(); a non-finite one (from a finite loss) is caught
+        # here, after the update: the run stops and the newest checkpoint is still the last good one.
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            guard.check(done, loss, norm, sample_ids=batch["pids"])
         losses.append(loss.item())
-        done = step + 1
         if done % cfg.save_every == 0 and done < total:
             save_checkpoint(engine, ckpt_dir, done, {"epoch": epoch, "index": index + 1}, keep_last=cfg.keep_last)
     engine.eval()
@@ -300,7 +355,7 @@ def _features(cfg: TrainConfig, model_cfg: MMCoTConfig) -> VisionFeatures | None
     if not cfg.use_vision:
         return None
     if not cfg.features or not cfg.name_map:
-        raise ValueError("use_vision=true needs features and name_map (or set use_vision=false)")
+        raise ConfigError("use_vision=true needs features and name_map (or set use_vision=false)")
     feats = VisionFeatures.load(cfg.features, cfg.name_map, patch_num=model_cfg.patch_num)
     if feats.shape != (model_cfg.patch_num, model_cfg.patch_dim):
         # Pooled (2-D) features were repeated to the model's patch_num: their dim and kind tell the extractor.
@@ -309,7 +364,7 @@ def _features(cfg: TrainConfig, model_cfg: MMCoTConfig) -> VisionFeatures | None
 
         kinds = [f"vision={name} {shape}" for name, shape in VISION_SHAPES.items() if fits(name, shape)]
         fix = f"set {' or '.join(kinds)}, or" if kinds else "set"
-        raise ValueError(
+        raise ConfigError(
             f"features {cfg.features} have shape {feats.shape}, model {cfg.model!r} expects "
             f"{(model_cfg.patch_num, model_cfg.patch_dim)} ({model_cfg.feature_source()}); "
             f"{fix} patch_num and patch_dim to the features' shape"
@@ -322,7 +377,7 @@ def _write_json(path: Path, payload: Any) -> None:
 
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1))
+        path.write_text(json.dumps(payload, indent=1, allow_nan=False))  # standard JSON: a NaN here is a bug
 
 
 def run_stage(
@@ -335,8 +390,12 @@ def run_stage(
     train_rationales: Mapping[str, str] | None = None,
     eval_rationales: Mapping[str, str] | None = None,
     extra_generate_splits: tuple[str, ...] = (),
+    guard: NonFiniteGuard | None = None,
 ) -> tuple[MMCoTModel, dict[str, dict[str, str]]]:
     """Train one stage (or reuse ``stage_dir/final``) and generate on the eval split (and extra splits).
+
+    Problems whose features row is unusable (missing, out of range, NaN or infinite) raise, or are
+    dropped from every split under ``cfg.on_bad_record="skip"`` (``data.skipped``).
 
     Returns:
         The model and ``{split: {pid: generated text}}``.
@@ -345,6 +404,10 @@ def run_stage(
     final = stage_dir / "final"
     model = MMCoTModel.load(final) if (final / "model.safetensors").is_file() else build_for_run(cfg, vocab)
     feats = _features(cfg, model.config)
+    if feats is not None:
+        used = dict.fromkeys(p for split in (cfg.train_split, cfg.eval_split, *extra_generate_splits)
+                             for p in data.split(split))
+        data.drop_unusable_features(feats, list(used))
     zero_shape = (model.config.patch_num, model.config.patch_dim)
     common = dict(
         features=feats,
@@ -358,7 +421,7 @@ def run_stage(
         train_ds = ScienceQADataset(
             data, data.split(cfg.train_split), tokenizer, prompt_format, rationales=train_rationales, **common
         )
-        losses = fit(model, train_ds, cfg, stage_dir / "ckpt", collator, desc=f"train {stage_dir.name}")
+        losses = fit(model, train_ds, cfg, stage_dir / "ckpt", collator, f"train {stage_dir.name}", guard)
         from mmr_core.utils import is_main_process
 
         if is_main_process():
@@ -382,21 +445,37 @@ def run_stage(
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Run the configured stages; returns (and writes to ``output_dir/metrics.json``) the metrics."""
     if cfg.stages not in ("both", "rationale", "answer"):
-        raise ValueError(f"stages must be 'both', 'rationale' or 'answer', got {cfg.stages!r}")
+        raise ConfigError(f"stages must be 'both', 'rationale' or 'answer', got {cfg.stages!r}")
     if cfg.stage2_train_rationales not in ("gold", "generated"):
-        raise ValueError(f"stage2_train_rationales must be 'gold' or 'generated', got {cfg.stage2_train_rationales!r}")
+        raise ConfigError(f"stage2_train_rationales must be 'gold' or 'generated', got {cfg.stage2_train_rationales!r}")
+    if cfg.on_bad_record not in ("error", "skip") or cfg.on_non_finite not in ("error", "skip"):
+        raise ConfigError(
+            f"on_bad_record and on_non_finite must be 'error' or 'skip', got {cfg.on_bad_record!r} and "
+            f"{cfg.on_non_finite!r}"
+        )
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    data = ScienceQA.load(cfg.problems, cfg.pid_splits, cfg.captions)
+    policy = BadRecordPolicy(
+        cfg.on_bad_record, max_skips=cfg.max_bad_records or None, max_fraction=cfg.max_bad_fraction
+    )
+    data = ScienceQA.load(cfg.problems, cfg.pid_splits, cfg.captions, policy)
     tokenizer = load_tokenizer(cfg.tokenizer)
     metrics: dict[str, Any] = {}
+    guards = {name: NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_steps) for name in ("stage1", "stage2")}
     rationales: dict[str, dict[str, str]] = {}
     if cfg.stages in ("both", "rationale"):
         extra = (cfg.train_split,) if cfg.stage2_train_rationales == "generated" else ()
         _, rationales = run_stage(
-            cfg, data, tokenizer, out / "stage1", cfg.stage1_format, cfg.rationale_len, extra_generate_splits=extra
+            cfg,
+            data,
+            tokenizer,
+            out / "stage1",
+            cfg.stage1_format,
+            cfg.rationale_len,
+            extra_generate_splits=extra,
+            guard=guards["stage1"],
         )
         references = {}
         for pid in data.split(cfg.eval_split):
@@ -420,14 +499,23 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             cfg.answer_len,
             train_rationales=train_r,
             eval_rationales=rationales[cfg.eval_split],
+            guard=guards["stage2"],
         )
         extraction = extract_predictions(
             answers[cfg.eval_split], data.problems, random_fallback=cfg.random_fallback, seed=cfg.seed
         )
         metrics["answer"] = category_accuracy(extraction.predictions, data.problems, pids=data.split(cfg.eval_split))
         metrics["extraction_failures"] = len(extraction.failures)
+    metrics["skipped_records"] = data.skip_report()
+    metrics["skipped_non_finite_steps"] = {name: guard.skipped_steps for name, guard in guards.items()}
+    if data.skipped:
+        log.warning("bad records: %s", data.policy.summary())
     _write_json(out / "metrics.json", metrics)
     return metrics
+
+
+# What ``main`` reports as ``error: ...`` with exit status 2 (anything else is a bug and keeps its traceback).
+USER_ERRORS = (ConfigError, DataError, RecordError, UntrustedCheckpointError, TooManySkipsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -438,8 +526,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    metrics = run(cfg)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        metrics = run(cfg)
+    except USER_ERRORS as e:
+        # A user's mistake (bad data, a bad setting, an untrusted file): one line and exit 2, no traceback.
+        parser.exit(2, f"error: {e}\n")
+    except NonFiniteLossError as e:
+        parser.exit(1, f"error: {e}\n")
     log.info("metrics: %s", json.dumps(metrics))
     if cfg.deepspeed:
         from mmr_core.distributed import finalize_distributed
