@@ -31,6 +31,10 @@ CONVERSATIONS = {
     "text_only": _turns("Hi there!", "Hello.", "What is 2+2?", "4"),
     "empty_middle_answer": _turns("<image>\nWhat is it?", "", "Say it.", "A cube."),
     "answer_with_newlines": _turns("Count them:\n<image>", "1. cube\n2. ball", "Thanks", "You are welcome!"),
+    # Byte fallback (no piece for the emoji or for \u9f98 in either vocabulary, none for \u732b in LLaMA's:
+    # 4 and 3 byte pieces), accents, a no-break space, a tab.
+    "bytes_and_accents": _turns("<image>\nQu'est-ce que c'est\u00a0? \u00dcn\u00efc\u00f6d\u00e9\ttab",
+                                "A llama \U0001f999 and a \u9f98.", "\u00bfY el gato?", "\u732b \u00bd."),
 }
 TEMPLATES = ("v1", "llama_2", "plain")
 
