@@ -121,13 +121,12 @@ def test_docs_cover_every_named_configuration() -> None:
     from mmr_imagebind.model import MODALITIES
     from mmr_llava.model import NAMED_CONFIGS as LLAVA
     from mmr_medvlm.model import _NAMED as GLIP
-    from mmr_mmcot.model import _NAMED as MMCOT
-    from mmr_mmcot.model import SMALL_SIZES, VISION_SHAPES
+    from mmr_mmcot.model import SMALL_SIZES, VISION_SHAPES, MMCoTConfig
 
     text = (ROOT / "docs" / "models.md").read_text()
     names = [f"imagebind_huge / {m}" for m in MODALITIES]
     names += [f"({k})" for k in GLIP if k != "test"] + ["(glip_large)"]
-    names += [f"{b} + {v}" for b in MMCOT if b not in SMALL_SIZES for v in VISION_SHAPES]
+    names += [f"{b} + {v}" for b in MMCoTConfig.names() if b not in SMALL_SIZES for v in VISION_SHAPES]
     names += [f"### {k}" for k in LLAVA if not k.startswith(("tiny", "mini"))]
     missing = [name for name in names if name not in text]
     assert not missing, f"docs/models.md lacks {missing}: run python scripts/model_cards.py"

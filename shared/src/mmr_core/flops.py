@@ -400,7 +400,7 @@ def device_peak_flops(device: str | torch.device | None = None, precision: torch
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
     if device.type == "cpu":
-        prec = precision_name(precision) if not isinstance(precision, str) else precision
+        prec = precision_name(precision)
         dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}.get(prec)
         if dtype is None:
             raise ValueError(f"no CPU GEMM measurement for {prec}; use fp32 or bf16")
