@@ -128,3 +128,84 @@ def test_bad_offset_shape_is_named():
     with pytest.raises(ValueError, match="offset has shape"):
         modulated_deform_conv2d(torch.randn(1, 2, 4, 4), torch.zeros(1, 17, 4, 4), None, torch.randn(2, 2, 3, 3),
                                 padding=1)
+
+
+# -- torchvision's deform_conv2d as an independent reference (issue #15) ------------------------------------------
+#
+# Measured on the 2-core CPU (interleaved, 1 thread, median ratio of our time to torchvision's): miniature
+# shapes (N=8, C=32, 8x8 / 4x4) train fwd+bwd 0.19-0.32, eval fwd 0.46; GLIP-T at 800x1333 (C=256) P3 fwd
+# 0.88, P4 fwd 0.64, P4 fwd+bwd 0.36. grid_sample is the faster on CPU at both sizes, so it stays the
+# implementation and torchvision.ops.deform_conv2d (same DCNv2 semantics, its own C++ kernels) is the check.
+DCN_SETTINGS = [  # (stride, padding, dilation, groups, deform_groups)
+    (1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 0, 1, 1, 1), (1, 2, 2, 1, 1), (2, 2, 2, 2, 2), (1, 1, 1, 2, 1),
+    (1, 1, 1, 1, 2), (3, 1, 2, 1, 2),
+]
+
+
+def _random_dcn_inputs(n, c_in, c_out, h, w, stride, pad, dil, groups, dgroups, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ho = (h + 2 * pad - (dil * 2 + 1)) // stride + 1
+    wo = (w + 2 * pad - (dil * 2 + 1)) // stride + 1
+    inp = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    # offsets up to +-4 px (many taps partly or wholly outside the map); random, so never exactly on the
+    # integer positions where bilinear sampling has no derivative
+    offset = (torch.rand(n, 2 * dgroups * 9, ho, wo, generator=g, dtype=torch.float64) - 0.5) * 8
+    mask = torch.rand(n, dgroups * 9, ho, wo, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in // groups, 3, 3, generator=g, dtype=torch.float64) * 0.05
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    return [inp, offset, mask, weight, bias]
+
+
+def _compare_with_torchvision(tensors, stride, pad, dil, groups, dgroups):
+    from torchvision.ops import deform_conv2d
+
+    ours_in = [t.clone().requires_grad_(True) for t in tensors]
+    tv_in = [t.clone().requires_grad_(True) for t in tensors]
+    inp, offset, mask, weight, bias = ours_in
+    ours = modulated_deform_conv2d(inp, offset, mask, weight, bias, stride, pad, dil, groups, dgroups)
+    inp, offset, mask, weight, bias = tv_in
+    theirs = deform_conv2d(inp, offset, weight, bias, stride=stride, padding=pad, dilation=dil, mask=mask)
+    # Float64 forward: each output sums m = C_in/groups * 9 products of a bilinear sample (4 terms) and a
+    # weight, plus the bias. Whatever the summation order (einsum/BLAS blocking, FMA or not, on Intel or
+    # AMD), |computed - exact| <= gamma_{m+8} * sum|terms| with gamma_k = k*u/(1-k*u), u = 2^-53; the
+    # sample positions carry a rounding error of a few u times (W + |offset|) pixels, ~1e-13 px, which
+    # moves a sample by at most that times its slope (<= 2 max|x|). sum|terms| <= sum|w| * max|x| per
+    # output channel, so both implementations lie within tol of the exact value, and within 2 * tol of
+    # each other.
+    c_in = tensors[0].shape[1]
+    m = c_in // groups * 9 + 8
+    gamma = m * 2.0**-53 / (1 - m * 2.0**-53)
+    max_x = tensors[0].abs().max()
+    sum_w = tensors[3].abs().sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+    position_error = 8 * 2.0**-53 * (max(tensors[0].shape[-2:]) + tensors[1].abs().max() + 2)
+    tol = 2 * (gamma * sum_w * max_x + sum_w * 2 * max_x * position_error) + 2 * gamma * tensors[4].abs().max()
+    assert ((ours - theirs).abs() <= tol).all(), float(((ours - theirs).abs() - tol).max())
+    # (measured at every setting here: <= 1.2e-15 of the largest output; float32: 4e-6 of 7.7 at GLIP's size)
+
+    grad_out = torch.randn(ours.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    (ours * grad_out).sum().backward()
+    (theirs * grad_out).sum().backward()
+    for name, a, b in zip(("input", "offset", "mask", "weight", "bias"), ours_in, tv_in):
+        # Each gradient entry is a float64 sum, in a different order in each implementation, of at most
+        # m = 6.3e5 products (the input gradient at GLIP's size: C_out 256 x 9 taps x 273 outputs whose
+        # samples may land near one pixel; offset / mask entries sum C_out x C_in = 65536, weight entries
+        # N x Ho x Wo <= 512). For any order, FMA or not (Intel and AMD alike) the error is at most
+        # gamma_m * sum|terms| <= 7e-11 * sum|terms|; with these seeded random-signed terms sum|terms| is
+        # about sqrt(m) <= 800 times the largest entry, so both stay within ~6e-8 of the largest entry of
+        # the exact gradient. Measured: <= 2e-15. A wrong tap, offset order or boundary rule differs by O(1).
+        scale = a.grad.abs().max()
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7 * float(scale), msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("stride,pad,dil,groups,dgroups", DCN_SETTINGS)
+def test_equals_torchvision_forward_and_gradients(stride, pad, dil, groups, dgroups):
+    tensors = _random_dcn_inputs(2, 4, 6, 7, 9, stride, pad, dil, groups, dgroups)
+    _compare_with_torchvision(tensors, stride, pad, dil, groups, dgroups)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_equals_torchvision_at_glip_and_miniature_sizes(stride):
+    """DyHead's setting (3x3, padding 1, one offset group) at GLIP-T's 256 channels on its P6 map at
+    800x1333 (13x21), and at the miniature's 32 channels and batch of 8 on its P3 map (8x8)."""
+    _compare_with_torchvision(_random_dcn_inputs(1, 256, 256, 13, 21, stride, 1, 1, 1, 1), stride, 1, 1, 1, 1)
+    _compare_with_torchvision(_random_dcn_inputs(8, 32, 32, 8, 8, stride, 1, 1, 1, 1), stride, 1, 1, 1, 1)
