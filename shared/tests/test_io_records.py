@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmr_core.data import SkipCounter, TooManySkipsError
 from mmr_core.io import (
@@ -124,3 +127,38 @@ def test_shares_a_shard_skip_counter():
     policy = BadRecordPolicy("skip", counter=counter, max_fraction=None)
     parse_records([("line 1", {})], _parse_problem, policy)
     assert counter.counts() == {"decode_image": 1, "missing_field": 1}
+
+
+# -- property tests: arbitrary JSON-like input never raises anything but RecordError ----------------------------
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text(alphabet=st.characters(codec=None, exclude_categories=())))
+JSON_LIKE = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=5)
+                         | st.dictionaries(st.text(max_size=8), inner, max_size=5), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=JSON_LIKE, fields=st.dictionaries(st.sampled_from(["question", "answer", "box"]), JSON_LIKE))
+def test_property_parser_raises_only_record_errors(raw, fields):
+    record = {**raw, **fields} if isinstance(raw, dict) else raw
+    try:
+        out = parse_records([("line 1", record)], _parse_problem, file="x.jsonl")
+    except RecordError as err:
+        assert str(err).startswith("x.jsonl:line 1: ")
+        return
+    (problem,) = out
+    assert problem["question"].strip() and problem["question"].encode("utf-8")  # non-blank, encodable text
+    assert type(problem["answer"]) is int
+    assert len(problem["box"]) == 4 and all(map(math.isfinite, problem["box"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_property_jsonl_bytes_raise_only_record_errors(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("jsonl") / "any.jsonl"
+    path.write_bytes(data)
+    try:
+        records = read_jsonl(path)
+    except RecordError as err:
+        assert err.cause in ("encoding", "bad_json") and str(err).startswith(f"{path}:line ")
+        return
+    assert all(rid.startswith("line ") for rid, _ in records)

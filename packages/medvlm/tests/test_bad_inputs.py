@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mmr_core.data import TooManySkipsError
@@ -276,6 +278,41 @@ def test_case_resume_checkpoint_payload(root, tokenizer, tmp_path):
     with pytest.raises(UntrustedCheckpointError, match=r"last\.pt: refusing to unpickle type io\.open"):
         fit(model, tokenizer, CocoGroundingDataset(_coco(), root, PROMPT), cfg)
     assert not marker.exists()
+
+
+# -- property: any value in any field of an image / annotation record, or a category id --------------------------
+_SCALARS = (st.none() | st.booleans() | st.integers(-3, 40) | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text(max_size=6))
+_JSON_LIKE = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=5)
+                          | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+_FIELDS = {"images": ["id", "file_name", "width", "height"],
+           "annotations": ["id", "image_id", "category_id", "bbox", "iscrowd"], "categories": ["id"]}
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_property_records_raise_only_record_errors(root, data):
+    """The COCO parser either builds a dataset whose boxes are finite and inside their images, or raises a
+    RecordError naming the record; nothing else (no KeyError, TypeError, NaN box)."""
+    coco = _coco()
+    for _ in range(data.draw(st.integers(1, 3))):
+        section = data.draw(st.sampled_from(sorted(_FIELDS)))
+        record = data.draw(st.sampled_from(coco[section]))
+        field = data.draw(st.sampled_from(_FIELDS[section]))
+        if data.draw(st.booleans()):
+            record[field] = data.draw(_JSON_LIKE)
+        else:
+            record.pop(field, None)
+    try:
+        ds = CocoGroundingDataset(coco, root, PROMPT)
+    except RecordError as err:
+        assert str(err).startswith("<annotations>:")
+        return
+    for im, anns in ds.items:
+        for box, label in anns:
+            x0, y0, x1, y1 = box
+            assert all(np.isfinite(box)) and 0 <= x0 < x1 <= im["width"] and 0 <= y0 < y1 <= im["height"]
+            assert 0 <= label < 3
 
 
 # -- the docs table ----------------------------------------------------------------------------------------------
