@@ -24,11 +24,13 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mmr_llava.data import CLIP_MEAN, CLIP_STD
 from mmr_llava.model import (
@@ -36,6 +38,7 @@ from mmr_llava.model import (
     LlavaConfig,
     LlavaModel,
     check_image_aspect_ratio,
+    empty_model,
     projector_activation,
     projector_mlp_activation,
 )
@@ -233,8 +236,8 @@ def to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The original layout's names -> ours."""
+def from_original_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """The original layout's names -> ours (values, tensors or anything else, are kept)."""
     out = {}
     for k, v in state.items():
         if k.startswith("model.vision_tower.vision_tower."):
@@ -285,13 +288,13 @@ _HF_KEY_PATTERNS = (
 )
 
 
-def from_hf_keys(state: dict[str, torch.Tensor], lm_prefix: str = "model") -> dict[str, torch.Tensor]:
+def from_hf_keys(state: dict[str, Any], lm_prefix: str = "model") -> dict[str, Any]:
     """Hugging Face llava names, as any transformers 4.x or 5.x writes them (see ``_HF_KEY_PATTERNS``) -> ours.
 
     Raises:
         KeyError: A key of no llava part, or two keys that name the same parameter (a file mixing layouts).
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for k, v in state.items():
         for pattern, ours in _HF_KEY_PATTERNS:
@@ -307,23 +310,137 @@ def from_hf_keys(state: dict[str, torch.Tensor], lm_prefix: str = "model") -> di
     return out
 
 
-# -- files -----------------------------------------------------------------------------------------
+# -- files: sharded safetensors as transformers writes them, read tensor by tensor --------------------
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# transformers' and huggingface_hub's shard names: model-00001-of-00003.safetensors.
+_SHARD_PATTERN = "model{suffix}.safetensors"
+_OUR_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # the Hub's convention (huggingface_hub's default); "5GB" = 5 * 10**9 bytes
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: those an index names, else every safetensors file, else
+    every ``pytorch_model*.bin`` (the original's releases are sharded ``.bin`` files with an index)."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{index}: not a weight index (needs a 'weight_map' of key -> file): {err}") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index}: names shard(s) {missing[:3]} that are not in {folder}")
+            return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)) if f.suffix == ".safetensors"
-                     else torch.load(f, map_location="cpu", weights_only=True))
-    return state
+    return files
 
 
-def _write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
-    # safetensors refuses shared storage (tied embeddings): store independent copies.
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+class WeightFiles:
+    """The tensors of a folder's weight files, known by name and shape before any is read.
+
+    Safetensors headers are read at once (names, shapes, dtypes); a tensor's bytes only when
+    :meth:`read` asks for it, so loading holds at most one tensor beyond the model. ``.bin`` files are
+    memory-mapped (``torch.load(mmap=True)``; old non-zip files are read whole).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.file_of: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        for path in _weight_files(self.folder):
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    names = list(handle.keys())
+                    shapes = [tuple(handle.get_slice(k).get_shape()) for k in names]
+            else:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # saved before torch's zip format: cannot be mapped
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                self._bins[path] = state
+                names, shapes = list(state), [tuple(v.shape) for v in state.values()]
+            for name, shape in zip(names, shapes, strict=True):
+                if name in self.file_of:
+                    raise KeyError(f"{self.folder}: tensor '{name}' is in both {self.file_of[name].name} and {path.name}")
+                self.file_of[name], self.shapes[name] = path, shape
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for each name, file by file, one tensor at a time (CPU)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.file_of[name], []).append(name)
+        for path, file_names in by_file.items():
+            if path in self._bins:
+                for name in file_names:
+                    yield name, self._bins[path][name]
+                continue
+            with safe_open(str(path), framework="pt") as handle:
+                for name in file_names:
+                    yield name, handle.get_tensor(name)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder (small files only: tests, stage-1 projectors, CLIP towers are read lazily)."""
+    files = WeightFiles(folder)
+    return dict(files.read(list(files.file_of)))
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes of a ``max_shard_size`` as transformers takes it: an int, or ``"5GB"`` / ``"500MB"`` (powers of 10)
+    / ``"2GiB"`` (powers of 2)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"max_shard_size '{size}' is not a byte count or a size like '5GB', '500MB', '2GiB'")
+        unit = match.group(2).upper()
+        base = 1024 if "I" in unit else 1000
+        value = int(float(match.group(1)) * base ** ("KMGT".index(unit[0]) + 1))
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str,
+                   total_parameters: int) -> list[Path]:
+    """``model.safetensors``, or shards of at most ``max_shard_size`` and their index, as transformers writes
+    them (huggingface_hub's split: tensors in order, a new shard when the next would overflow, an oversized
+    tensor alone). Tensors move to the CPU one shard at a time; only tensors sharing memory with an earlier
+    one (tied weights, which safetensors refuses) are copied."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    for old in folder.iterdir():  # an earlier save's files would be read beside the new ones
+        if _OUR_WEIGHT_FILE.match(old.name) or old.name == SAFE_INDEX:
+            old.unlink()
+    split = split_torch_state_dict_into_shards(state, filename_pattern=_SHARD_PATTERN,
+                                               max_shard_size=parse_shard_size(max_shard_size))
+    seen: set[tuple[Any, int]] = set()
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            tensor = state[name].detach()
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            shard[name] = tensor.cpu().contiguous().clone() if key in seen else tensor.cpu().contiguous()
+            seen.add(key)
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        written.append(folder / filename)
+        del shard
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return written
 
 
 # Buffers that older transformers saved with the weights and newer ones recompute (LLaMA's rotary
@@ -331,33 +448,149 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
 _RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq", ".embeddings.position_ids")
 
 
-def load_state(model: LlavaModel, state: dict[str, torch.Tensor], strict: bool = True, where: str = "") -> None:
-    """Load our-named weights; missing/unexpected keys are an error that names them."""
+def _tied(model: LlavaModel) -> bool:
+    return bool(getattr(model.language_model.config, "tie_word_embeddings", False))
+
+
+def _check_names(model: LlavaModel, shapes: dict[str, tuple[int, ...]], strict: bool, where: str) -> list[str]:
+    """The names of ``shapes`` to load into ``model`` (recomputed buffers left out); missing/unexpected names
+    and wrong shapes are an error that names them."""
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.endswith(_RECOMPUTED_BUFFERS)}
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state))
-    tied = getattr(model.language_model.config, "tie_word_embeddings", False)
-    if tied:
+    names = [k for k in shapes if k in own or not k.endswith(_RECOMPUTED_BUFFERS)]
+    unexpected = sorted(set(names) - set(own))
+    missing = sorted(set(own) - set(names))
+    if _tied(model):
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if unexpected or (strict and missing):
         raise KeyError(f"{where}: checkpoint does not match the model; missing {missing[:8]} "
                        f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{where}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
+    for k in names:
+        if tuple(own[k].shape) != tuple(shapes[k]):
+            raise ValueError(f"{where}: '{k}' has shape {tuple(shapes[k])}, the model expects {tuple(own[k].shape)}")
+    return names
 
 
-def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "original") -> Path:
-    """Write config.json and model.safetensors in the ``original`` or ``hf`` layout."""
+def load_state(model: LlavaModel, state: dict[str, torch.Tensor], strict: bool = True, where: str = "") -> None:
+    """Load our-named weights; missing/unexpected keys are an error that names them."""
+    names = _check_names(model, {k: tuple(v.shape) for k, v in state.items()}, strict, where)
+    model.load_state_dict({k: state[k] for k in names}, strict=False)
+
+
+def _materialize(model: LlavaModel, sources: dict[str, tuple[WeightFiles, str]], dtype: torch.dtype,
+                 device: torch.device, where: str) -> None:
+    """Fill a model built by :func:`mmr_llava.model.empty_model` from its files, tensor by tensor.
+
+    Each tensor is read, cast (floating-point ones) and moved, then becomes the parameter itself
+    (``assign``-style: no second copy); a tied ``lm_head`` is re-tied to the loaded input embedding.
+    """
+    names = _check_names(model, {k: f.shapes[key] for k, (f, key) in sources.items()}, True, where)
+    if _tied(model):  # the output embedding is the input one: one tensor, loaded once
+        names = [k for k in names if not k.endswith("lm_head.weight")]
+    by_files: dict[int, tuple[WeightFiles, dict[str, str]]] = {}
+    for k in names:
+        files, key = sources[k]
+        by_files.setdefault(id(files), (files, {}))[1][key] = k
+    for files, ours_of in by_files.values():
+        for key, tensor in files.read(list(ours_of)):
+            name = ours_of[key]
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensor = tensor.to(device)
+            old = module._parameters.get(leaf)
+            if old is not None:
+                module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+            else:
+                module._buffers[leaf] = tensor
+    lm = model.language_model
+    if _tied(model):
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise KeyError(f"{where}: no weights for {empty[:8]} ({len(empty)})")
+    model.to(device)  # the buffers built with the model (rotary frequencies, CLIP position ids)
+
+
+def checkpoint_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype a checkpoint folder's config.json names (``torch_dtype``, transformers 5's ``dtype``, or the
+    text config's); float32 when it names none."""
+    d = json.loads((Path(folder) / "config.json").read_text())
+    for source in (d, d.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            name = source.get(key)
+            if isinstance(name, str):
+                name = name.removeprefix("torch.")
+                if name not in _DTYPES:
+                    raise ValueError(f"{folder}/config.json: {key} '{name}' is not one of {sorted(_DTYPES)}")
+                return _DTYPES[name]
+    return torch.float32
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, folder: str | Path) -> torch.dtype:
+    """``auto``/None: the checkpoint's own dtype; else float32, bfloat16, float16 (names or torch dtypes)."""
+    if dtype is None or dtype == "auto":
+        return checkpoint_dtype(folder)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not one of {sorted(_DTYPES)}")
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {sorted(_DTYPES)} or 'auto' (the checkpoint's)")
+    return _DTYPES[str(dtype)]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``/None (the first CUDA device when there is one, else the CPU)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device '{device}' is not cpu, cuda, cuda:N or auto") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{device}': no CUDA device is available here (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}': only {torch.cuda.device_count()} CUDA device(s) here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device '{device}' is not cpu, cuda, cuda:N or auto")
+    return resolved
+
+
+def weight_bytes(model: LlavaModel, dtype: torch.dtype) -> tuple[int, int]:
+    """``(parameters, bytes)`` of a model's weights in ``dtype`` (tied weights counted once); works on a model
+    built on the meta device, so nothing is allocated."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    count = sum(p.numel() for p in unique)
+    return count, count * torch.empty((), dtype=dtype).element_size()
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "original",
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write config.json and the weights in the ``original`` or ``hf`` layout.
+
+    Weights are ``model.safetensors``, or, above ``max_shard_size``, ``model-0000i-of-0000N.safetensors``
+    with ``model.safetensors.index.json`` (``weight_map``, ``metadata.total_size``) as transformers writes
+    them; the config names the weights' dtype. In the ``hf`` layout a tied ``lm_head`` is not written (as
+    transformers does).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
+    dtype_name = str(next(model.language_model.parameters()).dtype).removeprefix("torch.")
     if layout == "original":
         cfg, weights = config_to_original(model.config), to_original_keys(state)
+        cfg["torch_dtype"] = dtype_name  # as the original's released config.json files
     elif layout == "hf":
         cfg, weights = config_to_hf(model.config), to_hf_keys(state, _lm_prefix(model))
+        cfg["dtype"] = dtype_name  # transformers 5's name (4.x wrote torch_dtype; both are read)
+        if _tied(model):
+            weights.pop("lm_head.weight", None)
         if not 0 <= model.config.image_token_index < model.vocab_size:
             # LLaVA-1.5's own vocabulary has no image row (it marks images with -200); llava-hf added one.
             warnings.warn(f"{folder}: image_token_index {model.config.image_token_index} has no row in the "
@@ -370,7 +603,7 @@ def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "origin
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     if layout == "hf":  # the HF layout keeps image preprocessing beside the weights, as transformers does
         (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(hf_preprocessor_config(model.config), indent=2))
-    _write_weights(weights, folder)
+    _write_weights(weights, folder, max_shard_size, weight_bytes(model, torch.float32)[0])
     return folder
 
 
@@ -444,8 +677,13 @@ def read_config(folder: str | Path) -> tuple[LlavaConfig, str]:
 
 
 def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa",
-                    vision_tower: str | Path | None = None) -> LlavaModel:
+                    vision_tower: str | Path | None = None, dtype: torch.dtype | str | None = torch.float32,
+                    device: torch.device | str | None = "cpu",
+                    report: Callable[[str], None] | None = None) -> LlavaModel:
     """Build a model from a checkpoint folder of either layout (decided by its config.json).
+
+    The model is built on the meta device (no memory, no random initialisation) and each tensor is read
+    from its shard, cast and moved to ``device`` on its own, so loading needs about one copy of the weights.
 
     Args:
         folder: The checkpoint folder.
@@ -453,18 +691,30 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa",
         vision_tower: Where the CLIP weights are when the folder has none (LLaVA's released checkpoints):
             a folder, or a Hub name in the local Hugging Face cache; default the config's ``mm_vision_tower``,
             as the original loads it. Unused when the folder holds the tower.
+        dtype: ``float32`` (default, what training wants), ``bfloat16``, ``float16``, or ``auto``/None for the
+            checkpoint's own (its config's ``torch_dtype``).
+        device: ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``.
+        report: Called with a one-line memory estimate (parameters x bytes, from the config) before any
+            weight is allocated.
     """
     folder = Path(folder)
     cfg, layout = read_config(folder)
-    model = LlavaModel(cfg, attn_implementation=attn_implementation)
-    raw = _read_weights(folder)
+    dtype, device = resolve_dtype(dtype, folder), resolve_device(device)
+    model = empty_model(cfg, attn_implementation=attn_implementation)
+    if report is not None:
+        count, size = weight_bytes(model, dtype)
+        report(f"{folder}: {count / 1e9:.2f}B parameters x {torch.empty((), dtype=dtype).element_size()} bytes "
+               f"({str(dtype).removeprefix('torch.')}) = {_format_bytes(size)} of weights on {device}")
+    files = WeightFiles(folder)
+    names = {k: k for k in files.file_of}
     try:
-        state = from_hf_keys(raw, _lm_prefix(model)) if layout == "hf" else from_original_keys(raw)
+        renamed = from_hf_keys(names, _lm_prefix(model)) if layout == "hf" else from_original_keys(names)
     except KeyError as err:
         raise KeyError(f"{folder}: {err.args[0]}") from None
-    if layout == "original" and not any(k.startswith("vision_tower.") for k in state):
-        state.update(released_vision_tower(vision_tower or cfg.vision_tower_name, folder))
-    load_state(model, state, where=str(folder))
+    sources = {ours: (files, theirs) for ours, theirs in renamed.items()}
+    if layout == "original" and not any(k.startswith("vision_tower.") for k in sources):
+        sources.update(_released_tower_sources(vision_tower or cfg.vision_tower_name, folder))
+    _materialize(model, sources, dtype, device, where=str(folder))
     return model
 
 
@@ -479,6 +729,14 @@ def released_vision_tower(source: str | Path, checkpoint: str | Path = "checkpoi
     Raises:
         FileNotFoundError: ``source`` is neither a folder nor cached; the message says how to pass one.
     """
+    sources = _released_tower_sources(source, checkpoint)
+    by_key = {theirs: ours for ours, (_, theirs) in sources.items()}
+    files = next(iter(sources.values()))[0]
+    return {by_key[k]: v for k, v in files.read(list(by_key))}
+
+
+def _released_tower_sources(source: str | Path, checkpoint: str | Path) -> dict[str, tuple[WeightFiles, str]]:
+    """Our vision tower names -> (the CLIP folder's files, its key); see :func:`released_vision_tower`."""
     folder = Path(source)
     if not folder.is_dir():
         try:
@@ -492,11 +750,12 @@ def released_vision_tower(source: str | Path, checkpoint: str | Path = "checkpoi
                 "nor in the local Hugging Face cache: pass vision_tower=<CLIP folder> (mmr-llava chat --vision-tower)"
             ) from err
     tower_parts = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+    files = WeightFiles(folder)
     out = {}
-    for k, v in _read_weights(folder).items():
+    for k in files.file_of:
         rest = k.removeprefix("vision_model.")
         if rest.startswith(tower_parts):  # text_model.*, projections and logit_scale stay out
-            out["vision_tower." + rest] = v
+            out["vision_tower." + rest] = (files, k)
     if not out:
         raise KeyError(f"{folder}: no CLIP vision tower weights (vision_model.* or embeddings/encoder keys) for {checkpoint}")
     return out
@@ -682,9 +941,10 @@ def _copy_into(own: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor
             p.copy_(state[k].to(p.dtype))
 
 
-def convert(src: str | Path, dst: str | Path, layout: str) -> Path:
-    """Rewrite a checkpoint folder in the other layout (``original`` or ``hf``)."""
-    return save_pretrained(load_pretrained(src), dst, layout=layout)
+def convert(src: str | Path, dst: str | Path, layout: str,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Rewrite a checkpoint folder in the other layout (``original`` or ``hf``), in its own dtype."""
+    return save_pretrained(load_pretrained(src, dtype="auto"), dst, layout=layout, max_shard_size=max_shard_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -694,8 +954,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="checkpoint folder (layout read from its config.json)")
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--to", choices=["original", "hf"], required=True)
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="largest weight file, e.g. 5GB, 500MB, 2GiB (default %(default)s); larger models are "
+                             "written as model-0000i-of-0000N.safetensors with model.safetensors.index.json")
     args = parser.parse_args(argv)
-    out = convert(args.src, args.dst, args.to)
+    out = convert(args.src, args.dst, args.to, args.max_shard_size)
     print(f"wrote {args.to} checkpoint to {out}")
 
 

@@ -11,10 +11,11 @@ vision tower.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -524,6 +525,32 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # No supervised token: a zero that still depends on the graph, not a NaN.
         return shift_logits.sum() * 0.0
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device at once (no memory; the initialisers that
+    follow in each module's ``__init__`` then cost nothing). Buffers stay real: the small ones computed at
+    construction (rotary frequencies, CLIP position ids) are not in checkpoints."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_model(config: LlavaConfig, attn_implementation: str = "sdpa") -> LlavaModel:
+    """A model whose parameters are on the meta device, to be filled from a checkpoint
+    (:func:`mmr_llava.checkpoint.load_pretrained`); a 7B model costs no memory until then."""
+    with _parameters_on_meta():
+        return LlavaModel(config, attn_implementation=attn_implementation)
 
 
 def build_model(config: LlavaConfig | str, attn_implementation: str = "sdpa", seed: int | None = None) -> LlavaModel:
