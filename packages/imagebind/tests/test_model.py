@@ -19,16 +19,9 @@ from mmr_imagebind.checkpoint import (
     load_state_dict_strict,
     save_safetensors,
 )
+from mmr_imagebind.encoders import ImageToVideoConv, pooled_last_block
 from mmr_imagebind.evaluation import embed
-from mmr_imagebind.model import (
-    MODALITIES,
-    ImageBind,
-    ImageBindConfig,
-    ImageToVideoConv,
-    build_imagebind,
-    parameter_counts,
-    pooled_last_block,
-)
+from mmr_imagebind.model import MODALITIES, ImageBind, ImageBindConfig, build_imagebind, parameter_counts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

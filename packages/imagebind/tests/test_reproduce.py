@@ -88,7 +88,8 @@ def test_augmentation_and_tokenizer() -> None:
     masked = M.frequency_mask_batch(torch.ones(4, 1, 48, 10), 4, torch.Generator().manual_seed(0))
     assert ((masked == 0).all(dim=-1).sum(dim=(1, 2)) <= 4).all()
     tok = WordTokenizer(["a", "dog"], context_length=6, vocab_size=16)
-    ids = tok(["a dog", "a cat dog dog dog dog"])
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than the context of 6 tokens"):
+        ids = tok(["a dog", "a cat dog dog dog dog"])
     assert ids[0].tolist() == [14, 1, 2, 15, 0, 0] and ids[1, -1] == 15 and ids[1, 2] == 13  # unknown word
 
 

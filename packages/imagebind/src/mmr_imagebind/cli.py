@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointMismatchError, CheckpointReadError, load_imagebind
+from .config import MODALITIES, NAMED_CONFIGS, OFFICIAL_CONSTRUCTOR_DEFAULTS, ImageBindConfig
 from .evaluation import embed, load_inputs
-from .model import MODALITIES, NAMED_CONFIGS, OFFICIAL_CONSTRUCTOR_DEFAULTS, ImageBind, ImageBindConfig
+from .model import ImageBind
 from .zeroshot import DEFAULT_TEMPLATES, text_classifier, top_k_accuracy, zero_shot_logits
 
 
