@@ -124,6 +124,8 @@ def test_case_class_name_punctuation(root):
                         r"expected a class name a prompt can name$", "bad_value")
     coco["categories"][1]["name"] = "platelet"
     _raises(coco, root, r"category 2: name: 'platelet' is used twice, expected unique category names$", "bad_value")
+    with pytest.raises(ValueError, match=r"class name ',' of category 'rbc' has no letter or digit"):
+        PromptSet.from_names({"platelet": "platelet", "rbc": ","})
 
 
 def test_case_image_record(root):

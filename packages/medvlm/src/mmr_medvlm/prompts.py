@@ -109,6 +109,8 @@ class ClassPrompt:
             raise ValueError(f"class prompt for category {self.category!r} has an empty name")
         if SEPARATOR.strip() in self.name:
             raise ValueError(f"class name {self.name!r} may not contain the separator {SEPARATOR.strip()!r}")
+        if not any(ch.isalnum() for ch in self.name):  # e.g. ",": nothing a text encoder can ground
+            raise ValueError(f"class name {self.name!r} of category {self.category!r} has no letter or digit")
         if self.verbatim and any((self.shape, self.color, self.location)):
             raise ValueError(
                 f"verbatim class prompt for category {self.category!r} has attribute slots "
