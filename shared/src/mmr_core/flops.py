@@ -110,7 +110,7 @@ def reduction_ops(inputs: list[Any], outputs: list[Any]) -> int:
 _ELEMENTWISE = (
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs", "pow", "sqrt", "rsqrt",
     "exp", "log", "tanh", "sigmoid", "gelu", "silu", "hardsigmoid", "hardswish", "erf", "reciprocal",
-    "clamp_min", "clamp_max", "hardtanh", "bernoulli_", "maximum", "minimum", "cos", "sin",
+    "clamp_min", "clamp_max", "hardtanh", "bernoulli_", "maximum", "minimum", "cos", "sin", "logit",
 )  # fmt: skip
 _REDUCTIONS = ("mean", "sum", "softmax", "log_softmax", "norm", "linalg_vector_norm", "cumsum", "var",
                "cross_entropy_loss", "binary_cross_entropy_with_logits")
@@ -142,6 +142,7 @@ NO_ARITHMETIC_OPS: frozenset[str] = frozenset(
         "floor", "ceil", "round", "clamp", "clamp_", "relu", "relu_", "scalar_tensor", "resolve_conj",
         "resolve_neg", "_unsafe_view", "as_strided", "split_with_sizes", "item", "masked_scatter",
         "index_put_", "nonzero", "bitwise_xor", "any", "all", "nll_loss", "nll_loss_nd", "nll_loss2d",
+        "isin", "cummax", "cummin", "eye", "meshgrid",
     )
 )  # fmt: skip
 # (relu and clamp are arithmetic of a kind; fvcore ignores them by default and so do we, to keep its totals.)
