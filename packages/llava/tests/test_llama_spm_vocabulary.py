@@ -86,3 +86,33 @@ def test_transformers_tokenizer_differs_from_llamas_only_in_how_it_cuts_whitespa
             want = transformers_tokenizer.convert_ids_to_tokens(ids)
             assert "".join(pieces).replace("▁", "") == "".join(want).replace("▁", ""), text
     assert differing  # the limit is real on LLaMA's vocabulary (15 of llama.cpp's 46 texts, transformers 5.24)
+
+
+def _write_gguf(path, *, bos_token_id=1, pieces=3):
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(bos_token_id)
+    writer.add_eos_token_id(2)
+    writer.add_token_list(["<unk>", "<s>", "</s>"][:pieces])
+    writer.add_token_scores([0.0] * pieces)
+    writer.add_token_types([2, 3, 3][:pieces])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+def test_a_vocabulary_that_is_not_llamas_is_named(tmp_path):
+    pytest.importorskip("gguf")  # the tests on LLaMA's files above fail under CI without it
+    with pytest.raises(ValueError, match=r"wrong\.gguf: GGUF key 'tokenizer\.ggml\.bos_token_id' is 5"):
+        llama_spm.read_gguf_vocabulary(_write_gguf(tmp_path / "wrong.gguf", bos_token_id=5))
+    with pytest.raises(ValueError, match=r"short\.gguf: GGUF key 'tokenizer\.ggml\.tokens' holds 3 entries"):
+        llama_spm.read_gguf_vocabulary(_write_gguf(tmp_path / "short.gguf"))
+    texts = tmp_path / "short.gguf.inp"
+    texts.write_text("a\n__ggml_vocab_test__\nb\n__ggml_vocab_test__\n", encoding="utf-8")
+    (tmp_path / "short.gguf.out").write_text(" 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"short\.gguf\.out: 1 id lines for the 2 texts"):
+        llama_spm.read_test_cases(tmp_path / "short.gguf")
