@@ -22,7 +22,7 @@ from PIL import Image
 from mmr_core.data import TooManySkipsError
 from mmr_core.guards import NonFiniteLossError
 from mmr_core.io import RecordError, UntrustedCheckpointError, safe_torch_load
-from mmr_medvlm.data import CocoGroundingDataset
+from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
 from mmr_medvlm.evaluate import evaluate
 from mmr_medvlm.model import GLIP, Detections, GLIPConfig
 from mmr_medvlm.prompts import PromptSet
@@ -115,6 +115,13 @@ def test_case_unknown_ids(root):
     coco = _coco()
     coco["annotations"][0]["image_id"] = 99
     _raises(coco, root, r"annotation 10: image_id: 99 is not the id of an image in this file, ", "bad_value")
+
+
+def test_case_k_shot_record():
+    coco = _coco()
+    del coco["annotations"][3]["category_id"]
+    with pytest.raises(RecordError, match=r"^<annotations>:annotation 21: category_id: missing, expected an integer$"):
+        sample_k_shot(coco, 1, seed=0)  # once a bare KeyError: 'category_id'
 
 
 def test_case_class_name_punctuation(root):

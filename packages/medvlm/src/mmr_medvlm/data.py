@@ -346,7 +346,7 @@ def sample_k_shot(annotations: str | Path | Mapping[str, Any], k: int, seed: int
             if image_id not in chosen:
                 chosen.add(image_id)
                 have += 1
-    coco["images"] = [im for im in coco["images"] if im["id"] in chosen]
+    coco["images"] = [im for im in coco.get("images", []) if isinstance(im, dict) and im.get("id") in chosen]
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in chosen]
     coco.setdefault("info", {})["k_shot"] = {"k": k, "seed": seed}
     return coco
