@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import tarfile
 import warnings
 from pathlib import Path
@@ -75,6 +76,12 @@ def test_case_audio_truncated_wav(tmp_path: Path) -> None:
         D.load_and_transform_audio([path])
     (tmp_path / "whole.wav").write_bytes(full)
     assert D.load_audio(tmp_path / "whole.wav")[0].shape == (1, 32000)
+    # A streamed WAV whose writer could not go back to fill in the sizes (0xFFFFFFFF) is complete: accepted.
+    streamed = bytearray(full)
+    data_at = streamed.index(b"data")
+    streamed[4:8] = streamed[data_at + 4 : data_at + 8] = struct.pack("<I", 0xFFFFFFFF)
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    assert D.load_audio(tmp_path / "streamed.wav")[0].shape == (1, 32000)
 
 
 def test_case_audio_truncated_in_shard(tmp_path: Path) -> None:
