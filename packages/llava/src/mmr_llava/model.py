@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -312,6 +320,9 @@ class LlavaModel(nn.Module):
                                          text_config.hidden_size)
         if config.freeze_vision:
             self.vision_tower.requires_grad_(False)
+        # generate() passes every setting; defaults taken from the LM config (its bos/eos ids) would fill the
+        # ones it leaves None (eos_token_id=None means "no end token" there).
+        self.language_model.generation_config = GenerationConfig()
 
     # -- pieces -------------------------------------------------------------------------------
     @property
@@ -457,6 +468,11 @@ class LlavaModel(nn.Module):
         return {"logits": out.logits, "loss": loss, "cache": out.get("cache") if use_cache else None}
 
     # -- generation ---------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        """The language model's context (``max_position_embeddings``), if its config names one."""
+        return getattr(self.language_model.config, "max_position_embeddings", None)
+
     @torch.no_grad()
     def generate(
         self,
@@ -468,53 +484,112 @@ class LlavaModel(nn.Module):
         pad_token_id: int = 0,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 50,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        stop_strings: list[str] | None = None,
+        tokenizer: Any = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
-        generator: torch.Generator | None = None,
+        streamer: Any = None,
     ) -> torch.Tensor:
-        """Greedy (``temperature=0``) or nucleus sampling with a key/value cache.
+        """Generate with transformers' generation utilities (KV cache, logits processors, beam search).
 
-        Batches must be left-padded (positions are computed from ``attention_mask``).
+        As the original LLaVA does, the prompt goes to the language model's ``generate`` as embeddings (image
+        features in place), so the output holds only new tokens and a repetition penalty counts only them.
+        Greedy, beam search and sampling are those of ``transformers.LlavaForConditionalGeneration.generate``
+        on the same weights (tested). Batches must be left-padded.
+
+        Args:
+            input_ids: ``(B, T)`` prompt ids with the image positions (see :meth:`embed`).
+            pixel_values: ``(num_images, 3, H, W)`` in order of appearance, or None.
+            attention_mask: ``(B, T)``, 0 at left padding.
+            max_new_tokens: Most new tokens per row; capped (with a warning) to what the context leaves.
+            eos_token_id: Id(s) that end a row; None: rows end only at ``max_new_tokens`` or a stop string.
+            pad_token_id: Fills rows that ended before the others.
+            temperature: 0 for greedy or beam search, else sampling at this temperature.
+            top_p: Nucleus sampling mass (sampling only).
+            top_k: Sample among the k likeliest tokens (sampling only; 50 is transformers' default and so the
+                original's; 0 turns it off).
+            num_beams: Beam search width (1: none).
+            repetition_penalty: CTRL's penalty (> 1 discourages tokens already generated).
+            stop_strings: Strings that end a row once generated (needs ``tokenizer``).
+            tokenizer: The tokenizer, for ``stop_strings``.
+            on_token: Called with each step's ``(B,)`` new ids (greedy and sampling only).
+            streamer: A transformers streamer (``TextIteratorStreamer`` ...), given the new ids only.
 
         Returns:
             ``(B, new_tokens)`` generated ids; finished rows are filled with ``pad_token_id``.
+
+        Raises:
+            ValueError: Right padding, or a prompt that does not fit the context (the message gives the lengths).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("batched generation needs left padding (last column of attention_mask is 0)")
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.forward(input_ids, pixel_values, attention_mask, position_ids=position_ids, use_cache=True,
-                           logits_to_keep=1)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            logits = out["logits"][:, -1].float()
-            nxt = _pick(logits, temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            new.append(nxt)
-            if on_token is not None:
-                on_token(nxt)
-            done |= torch.tensor([int(t) in eos for t in nxt], device=nxt.device)
-            if bool(done.all()):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((nxt.shape[0], 1))], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = self.forward(nxt[:, None], None, attention_mask, position_ids=position_ids,
-                               cache=out["cache"], use_cache=True, logits_to_keep=1)
-        return torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
+        max_new_tokens = self._fit_context(attention_mask, max_new_tokens)
+        embeds = self.embed(input_ids, pixel_values)
+        sampling = temperature > 0
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=num_beams,
+            repetition_penalty=repetition_penalty, eos_token_id=eos or None, pad_token_id=pad_token_id,
+            stop_strings=list(stop_strings) if stop_strings else None,
+            **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if sampling else {}))
+        streamers = [s for s in (streamer, _TokenCallback(on_token) if on_token else None) if s is not None]
+        with warnings.catch_warnings():
+            # The original's behaviour, documented above; transformers warns about it on every call.
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+            out = self.language_model.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config,
+                tokenizer=tokenizer, streamer=_Streamers(streamers) if streamers else None)
+        return out[:, :max_new_tokens]
+
+    def _fit_context(self, attention_mask: torch.Tensor, max_new_tokens: int) -> int:
+        """``max_new_tokens``, capped to what the context leaves after the longest prompt."""
+        context = self.context_length
+        if context is None:
+            return max_new_tokens
+        longest = int(attention_mask.sum(-1).max())
+        if longest >= context:
+            raise ValueError(f"the prompt has {longest} tokens (image positions included) but the model's context "
+                             f"is {context} (max_position_embeddings): shorten the conversation or use fewer images")
+        if longest + max_new_tokens > context:
+            warnings.warn(f"max_new_tokens {max_new_tokens} capped to {context - longest}: the prompt's {longest} "
+                          f"tokens leave no more of the model's context of {context}", stacklevel=3)
+            return context - longest
+        return max_new_tokens
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = F.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+class _TokenCallback:
+    """A transformers streamer that hands each step's new ids to a function (the prompt is not passed on)."""
+
+    def __init__(self, on_token: Callable[[torch.Tensor], None]):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # transformers' first put is the prompt (empty here: embeddings only)
+            self.prompt_seen = True
+            return
+        self.on_token(value.reshape(-1))
+
+    def end(self) -> None:
+        pass
+
+
+class _Streamers:
+    """Several streamers as one (transformers takes one)."""
+
+    def __init__(self, streamers: list[Any]):
+        self.streamers = streamers
+
+    def put(self, value: torch.Tensor) -> None:
+        for s in self.streamers:
+            s.put(value)
+
+    def end(self) -> None:
+        for s in self.streamers:
+            s.end()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
