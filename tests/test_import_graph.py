@@ -26,9 +26,7 @@ SOURCES = {"mmr_core": ROOT / "shared" / "src" / "mmr_core"} | {
 #: Names of the miniature's modules: where they are found outside ``miniature/``, they belong in it.
 MINIATURE_MODULE_NAMES = frozenset({"miniature", "reproduce", "synthetic", "scenes"})
 #: Packages whose library/miniature split has not landed: strict xfail, so the fix turns it into an error.
-UNSPLIT: Mapping[str, str] = {
-    "mmr_llava": "LLaVA's reproduce.py and scenes.py still sit beside the library (issue #15; no mmr_llava/miniature yet)",
-}
+UNSPLIT: Mapping[str, str] = {}
 
 
 def module_files(package_dir: Path) -> dict[str, Path]:

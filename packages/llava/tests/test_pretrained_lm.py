@@ -62,7 +62,7 @@ def test_lm_from_a_transformers_folder(tmp_path):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mmr_llava.scenes import write_dataset
+    from mmr_llava.miniature.scenes import write_dataset
     from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
     from mmr_llava.train import TrainConfig, train
 

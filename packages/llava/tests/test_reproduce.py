@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from mmr_llava.reproduce import balanced_eval_items, score_reply
-from mmr_llava.scenes import make_quadrant_scene, write_dataset
+from mmr_llava.miniature.reproduce import balanced_eval_items, score_reply
+from mmr_llava.miniature.scenes import make_quadrant_scene, write_dataset
 
 
 def _items(n=300, seed=0):
@@ -65,7 +65,7 @@ def test_write_dataset_layouts(tmp_path):
 
 @pytest.mark.slow  # about 20 s on 2 shared cores
 def test_reproduce_smoke(tmp_path):
-    from mmr_llava.reproduce import run
+    from mmr_llava.miniature.reproduce import run
 
     section = run(tmp_path, n_train=16, n_eval=6, stage0_steps=20, lm_steps=2, stage1_steps=2, stage2_steps=2)
     assert "| No instruction tuning |" in section and "| Full data |" in section and "Question only" in section

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from mmr_core.config import ConfigError
 from mmr_llava import checkpoint as ckpt
-from mmr_llava.scenes import write_dataset
+from mmr_llava.miniature.scenes import write_dataset
 from mmr_llava.train import TrainConfig, config_from_args, train
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
@@ -36,6 +37,17 @@ def test_presets_and_overrides():
     assert (cfg.tune, cfg.template, cfg.lr) == ("full", "v1", 2e-5)
     with pytest.raises(ValueError, match="lrr"):
         config_from_args(["lrr=1"])
+
+
+def test_one_config_parser_checks_types_and_files(tmp_path):
+    """The core's load_config is the only parser (no fallback): values are type-checked, files named."""
+    with pytest.raises(ConfigError, match="'max_steps' expects int"):
+        config_from_args(["max_steps=abc"])
+    with pytest.raises(ConfigError, match="not found: .*missing.yaml"):
+        config_from_args(["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "run.yaml").write_text("lr: 3.0e-4\nmax_steps: 7\n")
+    cfg = config_from_args(["--preset", "finetune", "--config", str(tmp_path / "run.yaml"), "max_steps=9"])
+    assert (cfg.template, cfg.lr, cfg.max_steps) == ("v1", 3e-4, 9)  # preset < file < overrides
 
 
 def test_stage1_then_stage2(scenes, tmp_path):

@@ -15,8 +15,8 @@ from mmr_llava import checkpoint as ckpt
 from mmr_llava import scienceqa as sqa
 from mmr_llava.cli import main as cli_main
 from mmr_llava.inference import answer_batch, load_for_inference
+from mmr_llava.miniature.scenes import write_dataset
 from mmr_llava.model import IMAGE_SENTINEL, LlavaConfig, build_model
-from mmr_llava.scenes import write_dataset
 from mmr_llava.train import TrainConfig, train
 
 PROBLEMS = {

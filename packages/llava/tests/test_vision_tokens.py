@@ -14,7 +14,7 @@ from mmr_llava.conversation import (
     prepare_tokenizer,
     tokenize_with_labels,
 )
-from mmr_llava.scenes import write_dataset
+from mmr_llava.miniature.scenes import write_dataset
 from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
 from mmr_llava.train import TrainConfig, train
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from mmr_core.config import load_config
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import add_vision_tokens, prepare_tokenizer
 from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
@@ -131,6 +132,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from ``[--preset NAME] [--config FILE.yaml] [key=value ...]`` (later wins).
+
+    Raises:
+        mmr_core.config.ConfigError: An unknown key, a value of the wrong type, or an unreadable file.
+    """
     parser = argparse.ArgumentParser(description="Train LLaVA (stage 1 or 2).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     parser.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
@@ -138,23 +144,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     base = TrainConfig(**PRESETS[args.preset]) if args.preset else TrainConfig()
-    try:
-        from mmr_core.config import load_config
-    except ImportError:  # pragma: no cover - the core is a dependency; kept for partial checkouts
-        load_config = None
-    if load_config is not None:
-        return load_config(TrainConfig, args.config, args.overrides, base=base)
-    import yaml
-
-    values = dataclasses.asdict(base)
-    if args.config:
-        values.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    for item in args.overrides:
-        key, _, raw = item.partition("=")
-        if key not in values:
-            raise ValueError(f"unknown TrainConfig key '{key}'")
-        values[key] = yaml.safe_load(raw)
-    return TrainConfig(**values)
+    return load_config(TrainConfig, args.config, args.overrides, base=base)
 
 
 # -- setup -----------------------------------------------------------------------------------------

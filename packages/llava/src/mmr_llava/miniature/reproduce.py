@@ -35,8 +35,7 @@ from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import prepare_tokenizer, render
 from mmr_llava.data import preprocess_image
 from mmr_llava.inference import answer_batch, load_for_inference
-from mmr_llava.model import LlavaConfig, LlavaModel
-from mmr_llava.scenes import (
+from mmr_llava.miniature.scenes import (
     COLORS,
     DETAILED_INSTRUCTIONS,
     NUMBER_WORDS,
@@ -49,6 +48,7 @@ from mmr_llava.scenes import (
     make_quadrant_scene,
     write_dataset,
 )
+from mmr_llava.model import LlavaConfig, LlavaModel
 from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
 from mmr_llava.train import TrainConfig, train
 

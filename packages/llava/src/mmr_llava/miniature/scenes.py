@@ -1,9 +1,10 @@
-"""Synthetic scenes with captions and normalized boxes, and a rule-based instruction generator.
+"""The miniature's synthetic scenes with captions and normalized boxes, and its rule-based instruction generator.
 
 Each scene is a small image with 1-3 coloured shapes. Like the COCO context the paper gives GPT-4, a
 scene comes with captions and ``name: [x1, y1, x2, y2]`` boxes in [0, 1]. :func:`rule_based_instructions`
 turns that context into the paper's three response types (conversation, detailed description, complex
-reasoning) without a language model; :mod:`mmr_llava.instruct` does the same through a chat endpoint.
+reasoning) without a language model; the library's :mod:`mmr_llava.instruct` does the same through a chat
+endpoint, and takes :func:`offline_record` as its offline stand-in.
 """
 
 from __future__ import annotations
@@ -17,21 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from mmr_llava import instruct
+
 COLORS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
                                             "yellow": (235, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
-# Table 8 / Table 9 of the paper (instructions for brief and detailed descriptions), a subset.
-BRIEF_INSTRUCTIONS = [
-    "Describe the image concisely.", "Provide a brief description of the given image.",
-    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.",
-]
-DETAILED_INSTRUCTIONS = [
-    "Describe the following image in detail", "Provide a detailed description of the given image",
-    "Give an elaborate explanation of the image you see", "Share a comprehensive rundown of the presented image",
-]
+# The first 5 and 4 of the paper's brief / detailed description instructions: the miniature's data and
+# questions were drawn from these, and the same lists keep every run's random draws as they were.
+BRIEF_INSTRUCTIONS = instruct.BRIEF_INSTRUCTIONS[:5]
+DETAILED_INSTRUCTIONS = instruct.DETAILED_INSTRUCTIONS[:4]
 
 
 @dataclass
@@ -203,6 +200,20 @@ def rule_based_instructions(scene: Scene, image: str, scene_id: str, rng: random
         out.append({"id": f"{scene_id}-complex", "image": image, "type": "complex", "conversations": [
             {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
     return out
+
+
+def offline_record(response_type: str, scene: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """One rule-based record for a ``scenes.json`` entry: the offline ``make_record`` of :func:`instruct.generate`.
+
+    Raises:
+        ValueError: The entry has no ``objects`` (only :func:`write_dataset` writes them; names the scene).
+    """
+    if not isinstance(scene.get("objects"), list):
+        raise ValueError(f"scene {scene.get('id')!r}: the rule-based generator needs 'objects' "
+                         "(shape, color, box), as write_dataset writes them")
+    objs = [SceneObject(o["shape"], o["color"], tuple(o["box"])) for o in scene["objects"]]
+    return rule_based_instructions(Scene(objs, image=None), scene["image"], scene["id"], rng,
+                                   types=(response_type,))[0]
 
 
 def caption_record(scene: Scene, image: str, scene_id: str, rng: random.Random) -> dict[str, Any]:
