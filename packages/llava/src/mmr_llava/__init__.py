@@ -1,3 +1,9 @@
-"""Visual Instruction Tuning (Liu et al. 2023): LLaVA."""
+"""Visual Instruction Tuning (Liu et al. 2023): LLaVA.
+
+The library: ``model`` (config and model), ``conversation`` (templates, tokenization with labels), ``data``
+(records, CLIP preprocessing, collators), ``checkpoint`` (both checkpoint layouts), ``train``, ``inference``,
+``scienceqa``, ``instruct`` (instruction data through a chat model), ``cli``. The miniature reproduction
+lives apart in :mod:`mmr_llava.miniature`, which no library module imports.
+"""
 
 __version__ = "0.1.0"
