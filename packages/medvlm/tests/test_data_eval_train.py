@@ -199,6 +199,8 @@ def test_fit_resumes(blood, tokenizer, tmp_path):
     model = GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer)))
     first = fit(model, tokenizer, ds, cfg)
     assert len(first["history"]) == 2
+    assert first["skipped_records"] == {} and first["non_finite_skipped_steps"] == []
+    assert first["train_data"] == ds.stats.summary()
     # Extending the run picks up at step 2 from last.pt instead of starting over.
     again = fit(GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer))), tokenizer, ds,
                 dataclasses.replace(cfg, max_steps=3), val_set=ds)

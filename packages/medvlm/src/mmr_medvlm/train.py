@@ -207,8 +207,11 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
             torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step": step + 1, "history": history, "rng": torch.get_rng_state()}, ckpt)
-    result: dict[str, Any] = {"steps": cfg.max_steps, "history": history,
+    # the bad-record and non-finite skip counts travel with the run's result, not only its log
+    result: dict[str, Any] = {"steps": cfg.max_steps, "history": history, "train_data": train_set.stats.summary(),
+                              "skipped_records": dict(train_set.stats.skipped),
                               "non_finite_skipped_steps": guard.skipped_steps}
+    log.info("train data: %s; %s", train_set.stats.summary(), guard.summary())
     if val_set is not None:
         result["metrics"] = evaluate(GLIPDetector(ema.model, tokenizer), val_set, desc=f"eval {cfg.mode}")
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
