@@ -159,10 +159,12 @@ def test_openai_host_without_a_key_is_named(monkeypatch):
         instruct.ChatClient("https://api.openai.com/v1", "gpt-4o-mini")
 
 
-def test_missing_sdk_names_the_extra(monkeypatch):
+def test_missing_sdk_names_the_extra(monkeypatch, scenes, tmp_path):
     monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError
     with pytest.raises(ImportError, match=r"mmr-llava\[instruct\]"):
         instruct.ChatClient("http://127.0.0.1:1/v1", "m")
+    # The rest of the module needs no SDK: offline generation still works.
+    assert instruct.generate(scenes[:1], tmp_path / "off.jsonl", offline_record)["written"] == 3
 
 
 def test_offline_generator(scenes, tmp_path):
@@ -198,5 +200,25 @@ def test_bad_image_records_are_named(scenes, tmp_path):
     with pytest.raises(SystemExit) as exc:
         instruct.main(["--scenes", str(path), "--out", str(tmp_path / "o.jsonl"), "--base-url", "http://127.0.0.1:1/v1"])
     assert exc.value.code == 2
+    path.write_text(json.dumps(scenes))
+    with pytest.raises(SystemExit) as exc:
+        instruct.main(["--scenes", str(path), "--out", str(tmp_path / "o.jsonl"), "--types", "detail,poem"])
+    assert exc.value.code == 2
     with pytest.raises(ValueError, match="unknown response types"):
         instruct.generate(scenes, tmp_path / "o.jsonl", offline_record, types=("poem",))
+
+
+def test_cli_writes_and_reports_usage(server, scenes, tmp_path, capsys):
+    path = tmp_path / "images.json"
+    path.write_text(json.dumps(scenes[:1]))
+    out = tmp_path / "cli.jsonl"
+    argv = ["--scenes", str(path), "--out", str(out), "--base-url", server, "--model", "m", "--max-retries", "0",
+            "--usd-per-1k-prompt", "1", "--usd-per-1k-completion", "2"]
+    instruct.main(argv)
+    report = json.loads(capsys.readouterr().out)
+    assert (report["written"], report["requests"], report["prompt_tokens"]) == (3, 3, 300)
+    assert report["cost_usd"] == pytest.approx(0.3 + 0.12)
+    _Stub.fail_first = 1  # the server fails and no retry is allowed: exit 1, the file kept for resuming
+    with pytest.raises(SystemExit) as exc:
+        instruct.main([*argv, "--out", str(tmp_path / "fail.jsonl")])
+    assert exc.value.code == 1 and "rerunning resumes" in capsys.readouterr().err

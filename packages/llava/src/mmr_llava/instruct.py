@@ -377,9 +377,17 @@ def main(argv: list[str] | None = None) -> None:
         scenes = check_scenes(json.loads(path.read_text(encoding="utf-8")), source=str(path))
     except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         p.exit(2, f"error: {err if str(path) in str(err) else f'{path}: {err}'}\n")
-    client = ChatClient(args.base_url, args.model, requests_per_minute=args.rpm, max_retries=args.max_retries,
-                        timeout=args.timeout)
-    res = generate(scenes, args.out, client, types=tuple(args.types.split(",")), seed=args.seed)
+    types = tuple(args.types.split(","))
+    if not set(types) <= set(RESPONSE_TYPES):
+        p.error(f"--types {args.types}: use some of {','.join(RESPONSE_TYPES)}")
+    try:
+        client = ChatClient(args.base_url, args.model, requests_per_minute=args.rpm, max_retries=args.max_retries,
+                            timeout=args.timeout)
+        res = generate(scenes, args.out, client, types=types, seed=args.seed)
+    except (ImportError, ValueError) as err:
+        p.exit(2, f"error: {err}\n")
+    except RequestError as err:
+        p.exit(1, f"error: {err}\n(the records written so far stay in {args.out}; rerunning resumes)\n")
     u = res["usage"]
     print(json.dumps({"written": res["written"], "skipped": res["skipped"], "requests": u.requests,
                       "retries": u.retries, "prompt_tokens": u.prompt_tokens,
