@@ -195,3 +195,23 @@ def test_reproduction_size_starts_at_unit_scale_logits():
     assert losses["mini"] > 3 * uniform
     cfg = MMCoTConfig.from_name("mini-unifiedqa")
     assert cfg.tie_word_embeddings and cfg.feed_forward_proj == "relu" and cfg.dropout_rate == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [
+        # Parameter counts of the released Hugging Face checkpoints (T5ForConditionalGeneration, vocab 32128).
+        # UnifiedQA is T5 v1.0 (tied head, ReLU, d_ff 3072 / 4096); FLAN-T5 and FLAN-Alpaca are T5 v1.1
+        # (untied head, gated GELU, d_ff 2048 / 2816): a wrong d_ff is a checkpoint that cannot load.
+        ("unifiedqa-t5-base", 222_903_552),
+        ("unifiedqa-t5-large", 737_668_096),
+        ("flan-t5-base", 247_577_856),
+        ("flan-t5-large", 783_150_080),
+        ("flan-alpaca-base", 247_577_856),
+        ("flan-alpaca-large", 783_150_080),
+    ],
+)
+def test_named_t5_backbones_have_the_released_parameter_counts(name: str, published: int) -> None:
+    with torch.device("meta"):
+        t5 = MMCoTModel(MMCoTConfig.from_name(name)).t5
+    assert sum(p.numel() for p in t5.parameters()) == published

@@ -47,18 +47,20 @@ POOLED_VISION = ("resnet",)
 
 # T5 backbone sizes (Hugging Face configs of the named checkpoints). The vocab of the released
 # checkpoints is 32128; we never download weights, these only describe shapes.
-_T5_BASE = dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
-_T5_LARGE = dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16)
-_V11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+# T5 v1.0 (UnifiedQA) and T5 v1.1 (FLAN-T5) differ in more than the activation: v1.1 narrows the
+# gated feed-forward (base 2048, large 2816 instead of 3072 / 4096) to keep the parameter count.
+_T5_BASE = dict(d_model=768, d_kv=64, num_layers=12, num_heads=12)
+_T5_LARGE = dict(d_model=1024, d_kv=64, num_layers=24, num_heads=16)
 _V10 = dict(feed_forward_proj="relu", tie_word_embeddings=True)
+_V11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 _NAMED: dict[str, dict] = {
-    "unifiedqa-t5-base": {**_T5_BASE, **_V10},
-    "unifiedqa-t5-large": {**_T5_LARGE, **_V10},
-    "flan-t5-base": {**_T5_BASE, **_V11},
-    "flan-t5-large": {**_T5_LARGE, **_V11},
+    "unifiedqa-t5-base": {**_T5_BASE, "d_ff": 3072, **_V10},
+    "unifiedqa-t5-large": {**_T5_LARGE, "d_ff": 4096, **_V10},
+    "flan-t5-base": {**_T5_BASE, "d_ff": 2048, **_V11},
+    "flan-t5-large": {**_T5_LARGE, "d_ff": 2816, **_V11},
     # FLAN-Alpaca is FLAN-T5 fine-tuned on Alpaca data: identical shapes.
-    "flan-alpaca-base": {**_T5_BASE, **_V11},
-    "flan-alpaca-large": {**_T5_LARGE, **_V11},
+    "flan-alpaca-base": {**_T5_BASE, "d_ff": 2048, **_V11},
+    "flan-alpaca-large": {**_T5_LARGE, "d_ff": 2816, **_V11},
     "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=256, **_V11),
     "mini": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=256, **_V11),
     # For the miniature reproduction: UnifiedQA-style (T5 v1.0: ReLU, tied and rescaled lm_head, as the
