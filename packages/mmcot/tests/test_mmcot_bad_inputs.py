@@ -255,6 +255,29 @@ def test_case_features_file(tmp_path):
         VisionFeatures.load(tmp_path / "cut.npy", tmp_path / "name_map.json")
 
 
+def test_case_extracted_non_finite(tmp_path):
+    from PIL import Image
+
+    from mmr_mmcot.features import extract
+
+    for pid in ("1", "2"):
+        (tmp_path / "images" / pid).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "images" / pid / "image.png")
+
+    class Broken:  # an extractor that returns NaN for the second image
+        name, shape = "broken", (1, 3)
+
+        def __call__(self, images):
+            return torch.tensor([[[0.0, 1.0, 2.0]], [[float("nan"), 1.0, 2.0]]])[: len(images)]
+
+    problems = {pid: {"image": "image.png"} for pid in ("1", "2")}
+    with pytest.raises(DataError) as info:
+        extract(problems, tmp_path / "images", Broken(), tmp_path / "out", batch_size=2)
+    assert str(info.value) == ("extractor broken gave NaN or infinite features for problems ['2'] (1 in all), "
+                               "expected finite features; nothing was written")
+    assert not (tmp_path / "out" / "broken.npy").exists()
+
+
 class _Payload:
     """Unpickling this runs ``exec`` of code that creates a marker file: the payload must never run."""
 

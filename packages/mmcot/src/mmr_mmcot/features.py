@@ -201,6 +201,11 @@ def extract(
         # rotation, as the official Image.open(...).convert("RGB")
         chunk = [read_image(p, exif_orientation=False) for p in paths[start : start + batch_size]]
         array[start : start + len(chunk)] = extractor(chunk).float().numpy()
+    # A NaN row would make every loss of its batch NaN later; refuse to write it (naming the images).
+    bad = [pid for pid, row in zip(pids, array.reshape(len(pids), -1)) if not np.isfinite(row).all()]
+    if bad:
+        raise DataError(f"extractor {extractor.name} gave NaN or infinite features for problems {bad[:10]} "
+                        f"({len(bad)} in all), expected finite features; nothing was written")
     out_dir.mkdir(parents=True, exist_ok=True)
     features_file, map_file = out_dir / f"{extractor.name}.npy", out_dir / "name_map.json"
     np.save(features_file, array)
