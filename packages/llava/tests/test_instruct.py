@@ -99,6 +99,7 @@ def test_retries_resume_and_cost_through_the_sdk(server, scenes, tmp_path):
     res = instruct.generate(scenes[:2], out, client)
     # 6 records; the first request was retried twice by the SDK (429 twice) before it succeeded.
     assert res["written"] == 6 and client.usage.retries == 2 and client.usage.requests == 8 == len(_Stub.calls)
+    # Two products and a sum of numbers near 1 in float64: off by a few ulps (~1e-16), far inside approx's 1e-6.
     assert client.usage.prompt_tokens == 600 and client.usage.cost(1.0, 2.0) == pytest.approx(0.6 + 0.24)
     assert _Stub.calls[0]["model"] == "stub-model" and _Stub.calls[0]["max_tokens"] == 1024
     assert set(_Stub.auth) == {f"Bearer {instruct.LOCAL_SERVER_KEY}"}  # no key: the local-server placeholder
