@@ -1,13 +1,21 @@
-"""Answering with a trained LLaVA: prompt building, batched generation with a KV cache, streaming."""
+"""Answering with a trained LLaVA: loading for inference, prompts, batched generation (transformers' generation
+utilities), streaming, and batch answering of a question file (the original's model_vqa format)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import math
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmr_core.utils import progress
 from mmr_llava.checkpoint import load_pretrained, load_tokenizer
 from mmr_llava.conversation import (
     IMAGE_PLACEHOLDER,
@@ -21,8 +29,14 @@ from mmr_llava.model import IMAGE_SENTINEL, LlavaModel
 
 
 def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None,
-                       vision_tower: str | Path | None = None) -> tuple[LlavaModel, Any]:
+                       vision_tower: str | Path | None = None, device: torch.device | str | None = "auto",
+                       dtype: torch.dtype | str | None = "auto",
+                       report: Callable[[str], None] | None = None) -> tuple[LlavaModel, Any]:
     """Model (either checkpoint layout) and tokenizer (saved next to it unless given), ready to chat.
+
+    The model is built on the meta device and filled from the checkpoint's shards (see
+    :func:`mmr_llava.checkpoint.load_pretrained`): a 7B model in bfloat16 needs its 14 GB once, not a
+    float32 copy of random weights first.
 
     Nothing is added to an official tokenizer and the embedding is never resized: LLaVA-1.5's tokenizer has
     exactly the model's 32,000 tokens and no ``<image>``, and its prompts mark images with the original's
@@ -35,6 +49,10 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None,
         tokenizer: Tokenizer folder; default ``folder``.
         vision_tower: CLIP weights for a checkpoint saved without them (see
             :func:`mmr_llava.checkpoint.load_pretrained`).
+        device: ``auto`` (a CUDA device when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto`` (the checkpoint's ``torch_dtype``; float32 when it names none), ``float32``,
+            ``bfloat16`` or ``float16``.
+        report: Called with the memory estimate before the weights are allocated (the CLI prints it).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer has a pad token (UNK, else EOS, as
@@ -43,7 +61,7 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None,
     Raises:
         ValueError: The tokenizer does not fit the model (see :func:`check_tokenizer_fits`).
     """
-    model = load_pretrained(folder, vision_tower=vision_tower).eval()
+    model = load_pretrained(folder, vision_tower=vision_tower, dtype=dtype, device=device, report=report).eval()
     tok = load_tokenizer(tokenizer or folder, model.config)  # without transformers' "llava_llama" warning
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
@@ -96,24 +114,66 @@ def _stop_ids(tok, template: str) -> list[int]:
     return ids
 
 
-def _trim(text: str, template: str) -> str:
-    for s in stop_strings(template):
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first stop string."""
+    for s in stops:
         text = text.split(s)[0]
-    return text.strip()
+    return text
+
+
+def _held_back(text: str, stops: Sequence[str]) -> str:
+    """``text`` without a tail that could be the start of a stop string (not shown until it is decided)."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return text[:-n]
+    return text
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What users set for a reply (the original's CLI and demo, transformers' ``generate``).
+
+    Attributes:
+        max_new_tokens: Most new tokens.
+        temperature: 0: greedy (or beam search); > 0: sampling.
+        top_p: Nucleus mass (sampling).
+        top_k: Candidates per step (sampling; 50, transformers' default; 0: all).
+        num_beams: Beam search width.
+        repetition_penalty: > 1 discourages tokens already generated.
+        stop: Extra strings that end the reply (the template's own always do).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 50
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
 
 
 @torch.no_grad()
 def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[list[dict[str, str]]],
                  images: Sequence[Sequence[Any]], max_new_tokens: int = 64, temperature: float = 0.0,
                  image_folder: str | Path | None = None,
-                 on_text: Callable[[str], None] | None = None) -> list[str]:
+                 on_text: Callable[[str], None] | None = None,
+                 options: GenerationOptions | None = None) -> list[str]:
     """Generate the next assistant turn for each conversation (left-padded batch, KV cache).
 
     Args:
         conversations: Each ends with a user turn; ``<image>`` placeholders match ``images``.
         images: Per conversation, its images (paths, PIL images or tensors).
-        on_text: Streaming callback with newly decoded text (batch of one only).
+        max_new_tokens: Most new tokens (when ``options`` is not given).
+        temperature: Sampling temperature, 0 for greedy (when ``options`` is not given).
+        image_folder: Folder that relative image paths are read from.
+        on_text: Streaming callback with newly decoded text (batch of one, no beam search); the pieces add
+            up to the returned reply (text that may start a stop string is held back until decided).
+        options: All generation settings (overrides ``max_new_tokens`` and ``temperature``).
+
+    Raises:
+        ValueError: A prompt longer than the model's context (the message gives both lengths).
     """
+    options = options or GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
     get_template(template)
     cfg = model.config
     wrap = add_vision_tokens(tok, cfg.mm_use_im_start_end) if cfg.mm_use_im_start_end else None
@@ -127,21 +187,169 @@ def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[
                if imgs else None)
         samples.append({"input_ids": torch.tensor(enc["input_ids"]), "pixel_values": pix})
     batch = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, "left")(samples)
+    stops = [*stop_strings(template), *options.stop]
     streamed: list[int] = []
     printed = [""]
 
-    def stream(tokens: torch.Tensor) -> None:
-        streamed.append(int(tokens[0]))
-        text = tok.decode(streamed, skip_special_tokens=True)
-        if on_text is not None and len(conversations) == 1 and text.startswith(printed[0]):
+    def emit(text: str) -> None:
+        if text.startswith(printed[0]) and len(text) > len(printed[0]):
             on_text(text[len(printed[0]):])
             printed[0] = text
 
+    def stream(tokens: torch.Tensor) -> None:
+        streamed.append(int(tokens[0]))
+        text = _decode_reply(tok, streamed).lstrip()
+        emit(_held_back(_cut_at_stop(text, stops), stops))
+
+    streaming = on_text is not None and len(conversations) == 1 and options.num_beams == 1
     device = next(model.parameters()).device
+    pixel_values = batch["pixel_values"]
     out = model.generate(batch["input_ids"].to(device),
-                         None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
-                         batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                         eos_token_id=_stop_ids(tok, template), pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                         temperature=temperature, on_token=stream)
-    return [_trim(tok.decode(row.tolist(), skip_special_tokens=False)
-                  .replace(tok.pad_token or "\0", "").replace(tok.eos_token or "\0", ""), template) for row in out]
+                         None if pixel_values is None else pixel_values.to(device, model.projector_dtype),
+                         batch["attention_mask"].to(device), max_new_tokens=options.max_new_tokens,
+                         eos_token_id=_stop_ids(tok, template),
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                         temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                         num_beams=options.num_beams, repetition_penalty=options.repetition_penalty,
+                         stop_strings=stops, tokenizer=tok, on_token=stream if streaming else None)
+    replies = [_trim(_decode_reply(tok, row.tolist()), stops) for row in out]
+    if on_text is not None and len(conversations) == 1:
+        emit(replies[0])  # what was held back, or everything (beam search does not stream)
+    return replies
+
+
+def _decode_reply(tok, ids: list[int]) -> str:
+    """Generated ids as text: special tokens kept (the original's stop strings may be one), padding and EOS not."""
+    return tok.decode(ids, skip_special_tokens=False).replace(tok.pad_token or "\0", "").replace(
+        tok.eos_token or "\0", "")
+
+
+def _trim(text: str, stops: Sequence[str]) -> str:
+    return _cut_at_stop(text, stops).strip()
+
+
+def stream_answer(model: LlavaModel, tok, template: str, conversation: list[dict[str, str]], images: Sequence[Any],
+                  options: GenerationOptions | None = None, image_folder: str | Path | None = None) -> Iterator[str]:
+    """The next assistant turn as an iterator of text pieces (generation runs in a thread meanwhile).
+
+    The pieces add up to :func:`answer_batch`'s reply for the same settings; an error in generation is
+    raised from the iterator.
+    """
+    pieces: queue.Queue = queue.Queue()
+    done = object()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            answer_batch(model, tok, template, [conversation], [list(images)], image_folder=image_folder,
+                         on_text=pieces.put, options=options)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            failure.append(err)
+        finally:
+            pieces.put(done)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while (piece := pieces.get()) is not done:
+        yield piece
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+# -- batch inference over a question file (the original's model_vqa format) ---------------------------
+
+def split_list(items: Sequence[Any], num_chunks: int) -> list[Sequence[Any]]:
+    """The original's ``split_list``: consecutive chunks of ``ceil(len / num_chunks)`` items (so there may be
+    fewer than ``num_chunks`` of them)."""
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
+    size = math.ceil(len(items) / num_chunks)
+    return [items[i:i + size] for i in range(0, len(items), size)] if items else []
+
+
+def get_chunk(items: Sequence[Any], num_chunks: int, chunk_idx: int) -> Sequence[Any]:
+    """The original's ``get_chunk``: chunk ``chunk_idx`` of :func:`split_list`; empty where the original would
+    fail with an IndexError (more chunks than ``ceil`` leaves, e.g. 5 items in 4 chunks of 2)."""
+    if not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"chunk_idx {chunk_idx} is not in 0..{num_chunks - 1}")
+    chunks = split_list(items, num_chunks)
+    return chunks[chunk_idx] if chunk_idx < len(chunks) else items[:0]
+
+
+def model_id_from_path(path: str | Path) -> str:
+    """The original's ``get_model_name_from_path``: the folder name, with its parent's for ``checkpoint-N``."""
+    parts = str(path).strip("/").split("/")
+    return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
+
+
+def read_questions(path: str | Path) -> list[dict[str, Any]]:
+    """A question file: JSON lines with ``question_id``, ``text`` and optionally ``image`` (a path relative to
+    the image folder).
+
+    Raises:
+        ValueError: A line that is not JSON or lacks a field; the message names the file and line.
+    """
+    questions = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line: {err}") from None
+        missing = [k for k in ("question_id", "text") if k not in record]
+        if missing:
+            raise ValueError(f"{path}:{number}: question lacks {missing} (needs question_id, text, optional image)")
+        questions.append(record)
+    return questions
+
+
+def _answered_ids(answers_file: Path) -> set[Any]:
+    """Question ids already in an answers file; a last line cut short by an interruption is removed."""
+    if not answers_file.is_file():
+        return set()
+    data = answers_file.read_bytes()
+    if data and not data.endswith(b"\n"):  # the run stopped while writing that line
+        data = data[: data.rfind(b"\n") + 1]
+        answers_file.write_bytes(data)
+    ids = set()
+    for number, line in enumerate(data.decode().splitlines(), start=1):
+        if line.strip():
+            try:
+                ids.add(json.loads(line)["question_id"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{answers_file}:{number}: not an answer line ({err}); move the file away to "
+                                 "start over") from None
+    return ids
+
+
+def answer_questions(model: LlavaModel, tok, questions: Sequence[dict[str, Any]], answers_file: str | Path,
+                     template: str = "v1", image_folder: str | Path | None = None,
+                     options: GenerationOptions | None = None, batch_size: int = 1,
+                     model_id: str = "llava") -> dict[str, int]:
+    """Answer questions into a JSON-lines file in the original's ``model_vqa`` format, resumably.
+
+    Each answer line is ``{"question_id", "prompt" (the question text), "text" (the reply), "answer_id",
+    "model_id", "metadata": {}}``, written and flushed as soon as its batch is done. Questions whose id is
+    already in ``answers_file`` are skipped, so an interrupted run continues where it stopped. An image
+    question's prompt is ``<image>\\n`` + its text, as the original builds it.
+
+    Returns:
+        ``{"answered": n, "skipped": m}``.
+    """
+    answers_file = Path(answers_file)
+    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    done = _answered_ids(answers_file)
+    todo = [q for q in questions if q["question_id"] not in done]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    with answers_file.open("a") as out:
+        for batch in progress(batches, desc="answering", total=len(batches)):
+            convs = [[{"from": "human", "value": ("<image>\n" if q.get("image") else "") + q["text"]}] for q in batch]
+            images = [[q["image"]] if q.get("image") else [] for q in batch]
+            replies = answer_batch(model, tok, template, convs, images, image_folder=image_folder, options=options)
+            for q, reply in zip(batch, replies, strict=True):
+                out.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": reply,
+                                      "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
+            out.flush()
+    return {"answered": len(todo), "skipped": len(questions) - len(todo)}
