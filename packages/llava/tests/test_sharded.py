@@ -111,7 +111,7 @@ def test_dtype_device_and_memory_estimate(tmp_path):
         torch.testing.assert_close(half.state_dict()[name], tensor.to(torch.bfloat16), rtol=0, atol=0, msg=name)
     count, size = ckpt.weight_bytes(model, torch.bfloat16)
     assert count == sum(p.numel() for p in model.parameters()) and size == 2 * count
-    assert lines == [f"{tmp_path / 'fp32'}: {count / 1e9:.2f}B parameters x 2 bytes (bfloat16) = "
+    assert lines == [f"{tmp_path / 'fp32'}: {count / 1e6:.2f}M parameters x 2 bytes (bfloat16) = "
                      f"{size / 2**20:.1f} MiB of weights on cpu"]
     # A bfloat16 save says so; "auto" loads it as bfloat16, bit for bit.
     ckpt.save_pretrained(half, tmp_path / "bf16", layout="hf")
@@ -134,6 +134,7 @@ def test_empty_model_allocates_no_weights():
     assert {p.device.type for p in model.parameters()} == {"meta"}
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 (303.5M), projector (21.0M), LLaMA-7B (6738.4M).
     assert ckpt.weight_bytes(model, torch.float16) == (7_062_902_784, 2 * 7_062_902_784)
+    assert ckpt.format_count(7_062_902_784) == "7.06B" and ckpt.format_count(582_272 // 4) == "0.15M"
 
 
 _PEAK_SCRIPT = textwrap.dedent("""

@@ -566,6 +566,11 @@ def weight_bytes(model: LlavaModel, dtype: torch.dtype) -> tuple[int, int]:
     return count, count * torch.empty((), dtype=dtype).element_size()
 
 
+def format_count(n: int) -> str:
+    """``7.06B``, ``303.5M``, ``0.15M``: a parameter count as model cards give it."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def _format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -703,7 +708,7 @@ def load_pretrained(folder: str | Path, attn_implementation: str = "sdpa",
     model = empty_model(cfg, attn_implementation=attn_implementation)
     if report is not None:
         count, size = weight_bytes(model, dtype)
-        report(f"{folder}: {count / 1e9:.2f}B parameters x {torch.empty((), dtype=dtype).element_size()} bytes "
+        report(f"{folder}: {format_count(count)} parameters x {torch.empty((), dtype=dtype).element_size()} bytes "
                f"({str(dtype).removeprefix('torch.')}) = {_format_bytes(size)} of weights on {device}")
     files = WeightFiles(folder)
     names = {k: k for k in files.file_of}
