@@ -151,15 +151,20 @@ def test_offset_layout_matches_cuda_indexing():
     torch.testing.assert_close(small[1].flatten(), off[1].flatten()[: 18 * 4])
 
 
-def test_load_official_checkpoint_reports_every_key(tiny):
-    # Build an "official-layout" checkpoint from the tiny model: module. prefix, downsample on the
-    # previous stage, plus the buffers the official Swin stores.
+def _official_layout(model) -> dict[str, torch.Tensor]:
+    """The model's state dict under GLIP's names: module. prefix, downsample on the previous stage."""
     state = {}
-    for k, v in tiny.state_dict().items():
+    for k, v in model.state_dict().items():
         m = k.split(".")
         if k.startswith("backbone.body.layers.") and m[4] == "downsample":
             m[3] = str(int(m[3]) - 1)
-        state["module." + ".".join(m)] = v.clone() + 1.0
+        state["module." + ".".join(m)] = v.clone()
+    return state
+
+
+def test_load_official_checkpoint_reports_every_key(tiny):
+    # An "official-layout" checkpoint from the tiny model, plus the buffers the official Swin stores.
+    state = {k: v + 1.0 for k, v in _official_layout(tiny).items()}
     state["module.backbone.body.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16)
     state["module.language_backbone.body.model.embeddings.position_ids"] = torch.arange(64)[None]
     state["module.rpn.head.some_future_layer.weight"] = torch.zeros(2)
@@ -174,6 +179,38 @@ def test_load_official_checkpoint_reports_every_key(tiny):
     assert "1 unexpected" in report.summary()
     with pytest.raises(RuntimeError, match="some_future_layer"):
         load_official_checkpoint(fresh, state, strict=True)
+
+
+class _FileWriter:
+    """A pickle payload: unpickling it would create a file (what a malicious ``.pth`` could do instead)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_official_checkpoint_files_load_without_running_code(tiny, tmp_path):
+    from mmr_core.io import UntrustedCheckpointError
+
+    # What maskrcnn_benchmark's checkpointer writes: the state dict beside plain training state.
+    clean = tmp_path / "glip.pth"
+    torch.save({"model": _official_layout(tiny), "iteration": 5,
+                "scheduler": {"last_epoch": 5, "milestones": [1, 2]}}, clean)
+    fresh = GLIP(GLIPConfig.from_name("test"))
+    assert load_official_checkpoint(fresh, clean, strict=True).ok
+    torch.testing.assert_close(fresh.rpn.head.bias0, tiny.rpn.head.bias0)
+
+    marker = tmp_path / "payload-ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"model": {}, "extra": _FileWriter(str(marker))}, hostile)
+    with pytest.raises(UntrustedCheckpointError, match="refusing to unpickle"):
+        load_official_checkpoint(fresh, hostile)
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match="trust_pickle"):
+        load_official_checkpoint(fresh, hostile, trust_pickle=True)
+    assert marker.exists()  # the opt-in really unpickles everything
 
 
 # -- half precision: GLIP's clamping of attention scores and BERT activations ------------------------

@@ -9,12 +9,15 @@ carries and we recompute are ignored and reported.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from mmr_core.io import safe_torch_load
 
 # Buffers the official checkpoint carries that we recompute (or that newer transformers dropped).
 _IGNORED_OFFICIAL = re.compile(r"(relative_position_index|attn_mask|embeddings\.position_ids)$")
@@ -72,7 +75,8 @@ def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict
     return out, report
 
 
-def load_official_checkpoint(model: nn.Module, checkpoint: str | Mapping[str, Any], strict: bool = False) -> LoadReport:
+def load_official_checkpoint(model: nn.Module, checkpoint: str | Path | Mapping[str, Any], strict: bool = False,
+                             trust_pickle: bool = False, allowed_globals: Sequence[Any] = ()) -> LoadReport:
     """Load ``glip_tiny_model_o365_goldg.pth`` (or its state dict) into ``model`` and report every key.
 
     Args:
@@ -80,9 +84,14 @@ def load_official_checkpoint(model: nn.Module, checkpoint: str | Mapping[str, An
             or ``GLIPConfig.from_official_yaml(...)`` of the yaml it ships with.
         checkpoint: A path to the ``.pth`` file or an already loaded dict (with or without ``"model"``).
         strict: Raise if anything is unexpected, missing or mis-shaped.
+        trust_pickle: Unpickle the file with ``weights_only=False``. A downloaded ``.pth`` is read with
+            ``weights_only=True`` by default, so it cannot run code; a file holding other objects is refused
+            with the type named (allow it with ``allowed_globals``, or trust the file).
+        allowed_globals: Extra types the file may hold beside tensors and plain containers.
     """
-    if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, str | Path):
+        checkpoint = safe_torch_load(checkpoint, map_location="cpu", allowed_globals=allowed_globals,
+                                     trust_pickle=trust_pickle)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     converted, report = convert_official_state_dict(state)
     own = model.state_dict()

@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     model: str = "glip_tiny"
     init_checkpoint: str | None = None  # e.g. glip_tiny_model_o365_goldg.pth
+    trust_pickle: bool = False  # unpickle init_checkpoint with weights_only=False (trusted files only)
     tokenizer: str = "bert-base-uncased"  # a local tokenizer folder (weights never download here)
     train_annotations: str = ""
     train_images: str = ""
@@ -224,7 +225,7 @@ def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
     model = GLIP(model_cfg)
     if cfg.init_checkpoint:
-        report = load_official_checkpoint(model, cfg.init_checkpoint)
+        report = load_official_checkpoint(model, cfg.init_checkpoint, trust_pickle=cfg.trust_pickle)
         log.info("checkpoint %s: %s", cfg.init_checkpoint, report.summary())
     prompt = PromptSet.load(cfg.prompt_file)
     val = (CocoGroundingDataset(cfg.val_annotations, cfg.val_images, prompt, max_size=cfg.max_size,
