@@ -169,6 +169,10 @@ def test_packing_matches_padding(tok):
         a = model(padded["input_ids"], padded["pixel_values"], padded["attention_mask"], padded["labels"])
         b = model(packed["input_ids"], packed["pixel_values"], None, packed["labels"],
                   position_ids=packed["position_ids"])
+    # Packed and padded rows run the same float32 math with other matrix shapes (one long row vs a padded
+    # batch), so BLAS blocks the sums differently: per logit ~sqrt(64) * 2**-24 * |terms| rounding per dot
+    # product through 2 layers, ~1e-6 on logits of size ~1-5; the mean loss over ~50 targets averages it.
+    # 1e-5 on the loss and 1e-4 on single logits are >10x those bounds on any x86 kernel.
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
     n0 = len(items[0]["input_ids"])
     torch.testing.assert_close(a["logits"][0, :n0], b["logits"][0, :n0], rtol=1e-4, atol=1e-4)
@@ -195,6 +199,7 @@ def test_row_packing_matches_padding(tok):
         a = model(padded["input_ids"], padded["pixel_values"], padded["attention_mask"], padded["labels"])
         b = model(packed["input_ids"], packed["pixel_values"], None, packed["labels"],
                   position_ids=packed["position_ids"])
+    # As in the test above: the same math in other shapes, rounding well below 1e-5 on the mean loss.
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
         data.PackingCollator(row_tokens=5)(items)
@@ -225,6 +230,8 @@ def test_preprocess_image_matches_the_original_pipeline(hw, aspect):
     image = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
     ours = data.preprocess_image(image, 32, aspect)
     assert ours.shape == (3, 32, 32) and ours.dtype == torch.float32
+    # The same PIL resize on both sides (identical uint8 pixels); only the float32 rescale/normalise
+    # ((x / 255 - mean) / std, outputs within +-2.2) may round in another order: <= 2 ulp of 2.2 = 5e-7.
     torch.testing.assert_close(ours, _reference_pixels(image, 32, aspect == "pad"), rtol=0, atol=1e-6)
     # Arrays, uint8 tensors and [0, 1] float tensors of the same pixels give the same input.
     arr = np.array(image)
