@@ -67,12 +67,16 @@ def test_shard_sizes_as_transformers_reads_them():
 _LOGIT_ATOL = 1e-5
 
 
-def test_transformers_reads_our_sharded_hf_folder(tmp_path):
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2"])
+def test_transformers_reads_our_sharded_hf_folder(tmp_path, name):
     """The installed transformers' own from_pretrained reads our sharded HF-layout folder (index, shards,
-    config) and gives our logits."""
-    ours = build_model("tiny", attn_implementation="eager", seed=3).eval()
+    config; a tied lm_head left out as transformers leaves it out) and gives our logits."""
+    ours = build_model(name, attn_implementation="eager", seed=3).eval()
     ckpt.save_pretrained(ours, tmp_path, layout="hf", max_shard_size=_SHARD)
     theirs = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    tied = name == "tiny-qwen2"
+    assert ("lm_head.weight" in json.loads((tmp_path / ckpt.SAFE_INDEX).read_text())["weight_map"]) != tied
+    assert (theirs.lm_head.weight.data_ptr() == theirs.model.language_model.embed_tokens.weight.data_ptr()) == tied
     cfg = ours.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 250, (2, 12 + cfg.num_patches), generator=g)
@@ -117,6 +121,11 @@ def test_dtype_device_and_memory_estimate(tmp_path):
     ckpt.save_pretrained(half, tmp_path / "bf16", layout="hf")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     _same(half, ckpt.load_pretrained(tmp_path / "bf16", dtype="auto"))
+    # Converting keeps the checkpoint's dtype (a float16 release stays float16, not a float32 copy).
+    ckpt.main([str(tmp_path / "bf16"), str(tmp_path / "bf16_original"), "--to", "original", "--max-shard-size", "100KB"])
+    assert json.loads((tmp_path / "bf16_original" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "bf16_original" / ckpt.SAFE_INDEX).is_file()
+    _same(half, ckpt.load_pretrained(tmp_path / "bf16_original", dtype="auto"))
     assert ckpt.checkpoint_dtype(tmp_path / "fp32") == torch.float32
     with pytest.raises(ValueError, match="dtype 'float64' is not one of"):
         ckpt.load_pretrained(tmp_path / "fp32", dtype="float64")
