@@ -191,3 +191,25 @@ def test_peak_memory_of_loading_is_about_one_copy(tmp_path):
     # One copy of the weights (the mapped file pages), plus 64 MiB of slack (the small buffers built with the
     # model, allocator pages); two copies would be 1 GiB.
     assert weights > 300 * 2**20 and peak < weights + 64 * 2**20
+
+
+def test_model_save_and_from_pretrained_with_a_hub_id_offline(tmp_path, monkeypatch):
+    """``LlavaModel.save_pretrained`` / ``from_pretrained`` (the repository's convention): a folder, or a hub id
+    resolved from a local Hugging Face cache made here, with ``HF_HUB_OFFLINE=1``."""
+    from mmr_llava.model import LlavaModel
+
+    model = build_model("tiny", seed=7)
+    model.save_pretrained(tmp_path / "folder", layout="hf", max_shard_size=_SHARD)
+    # The cache layout huggingface_hub reads: models--org--name/{refs/main, snapshots/<commit>/...}.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    model.save_pretrained(repo / "snapshots" / commit, layout="original")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _same(model, LlavaModel.from_pretrained(tmp_path / "folder"))
+    _same(model, LlavaModel.from_pretrained("someone/tiny-llava", cache_dir=tmp_path / "cache"))
+    from mmr_core.hub import PretrainedError
+
+    with pytest.raises(PretrainedError, match="someone/other.*offline"):
+        LlavaModel.from_pretrained("someone/other", cache_dir=tmp_path / "cache")

@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -323,6 +324,38 @@ class LlavaModel(nn.Module):
         # generate() passes every setting; defaults taken from the LM config (its bos/eos ids) would fill the
         # ones it leaves None (eos_token_id=None means "no end token" there).
         self.language_model.generation_config = GenerationConfig()
+
+    # -- the repository's save/load convention (mmr_core.hub) ---------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, *, layout: str = "original",
+                        max_shard_size: int | str = "5GB") -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (sharded above ``max_shard_size``) in the original
+        LLaVA layout or transformers' ``llava`` layout; see :func:`mmr_llava.checkpoint.save_pretrained`."""
+        from mmr_llava.checkpoint import save_pretrained
+
+        return save_pretrained(self, save_directory, layout=layout, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | str | None = None, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool | None = None,
+                        vision_tower: str | Path | None = None, attn_implementation: str = "sdpa") -> LlavaModel:
+        """A model from a checkpoint folder of either layout or a Hugging Face Hub id (``org/name``, read from
+        the local cache when ``HF_HUB_OFFLINE=1``), as ``mmr_core.hub`` resolves it for every package.
+
+        Args:
+            source: Folder or hub id.
+            device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+            dtype: None (the checkpoint's own ``torch_dtype``), ``float32``, ``bfloat16`` or ``float16``.
+            revision, cache_dir, local_files_only: For a hub id (see ``mmr_core.hub.resolve_pretrained``).
+            vision_tower: CLIP weights for a checkpoint saved without them.
+            attn_implementation: See :class:`LlavaModel`.
+        """
+        from mmr_core.hub import resolve_pretrained
+        from mmr_llava.checkpoint import load_pretrained
+
+        folder = resolve_pretrained(source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        return load_pretrained(folder, attn_implementation=attn_implementation, vision_tower=vision_tower,
+                               dtype="auto" if dtype is None else dtype, device=device)
 
     # -- pieces -------------------------------------------------------------------------------
     @property
