@@ -209,6 +209,15 @@ def test_model_save_and_from_pretrained_with_a_hub_id_offline(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _same(model, LlavaModel.from_pretrained(tmp_path / "folder"))
     _same(model, LlavaModel.from_pretrained("someone/tiny-llava", cache_dir=tmp_path / "cache"))
+    # The commands take the hub id too (the default cache, pointed here).
+    from mmr_llava.inference import load_for_inference
+    from mmr_llava.tiny_tokenizer import train_tiny_tokenizer
+
+    train_tiny_tokenizer(["a red circle"], 64).save_pretrained(repo / "snapshots" / commit)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # read per call
+    _same(model, load_for_inference("someone/tiny-llava", device="cpu")[0])
     from mmr_core.hub import PretrainedError
 
     with pytest.raises(PretrainedError, match="someone/other.*offline"):

@@ -102,7 +102,8 @@ _VISION_TOWER_HELP = ("CLIP folder (or cached Hub name) for a checkpoint saved w
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint folder (either layout, sharded or not)")
+    parser.add_argument("--model", required=True, help="checkpoint folder (either layout, sharded or not) or a "
+                        "Hugging Face Hub id (org/name; from the local cache with HF_HUB_OFFLINE=1)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     parser.add_argument("--vision-tower", default=None, help=_VISION_TOWER_HELP)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; "

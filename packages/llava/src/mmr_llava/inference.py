@@ -45,7 +45,9 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None,
     original's loader does, and each must then have an embedding row.
 
     Args:
-        folder: Checkpoint folder (original or Hugging Face layout, read from its config.json).
+        folder: Checkpoint folder (original or Hugging Face layout, read from its config.json), or a Hugging
+            Face Hub id (``org/name``) through ``mmr_core.hub.resolve_pretrained``: from the local cache with
+            ``HF_HUB_OFFLINE=1``, else downloaded (its JSON and safetensors files only).
         tokenizer: Tokenizer folder; default ``folder``.
         vision_tower: CLIP weights for a checkpoint saved without them (see
             :func:`mmr_llava.checkpoint.load_pretrained`).
@@ -61,6 +63,10 @@ def load_for_inference(folder: str | Path, tokenizer: str | Path | None = None,
     Raises:
         ValueError: The tokenizer does not fit the model (see :func:`check_tokenizer_fits`).
     """
+    if not Path(folder).is_dir():  # a hub id: the local Hugging Face cache (HF_HUB_OFFLINE=1) or a download
+        from mmr_core.hub import resolve_pretrained
+
+        folder = resolve_pretrained(folder)
     model = load_pretrained(folder, vision_tower=vision_tower, dtype=dtype, device=device, report=report).eval()
     tok = load_tokenizer(tokenizer or folder, model.config)  # without transformers' "llava_llama" warning
     if tok.pad_token is None:
