@@ -78,7 +78,7 @@ def test_lm_from_a_transformers_folder(tmp_path):
     for k, v in lm.state_dict().items():
         torch.testing.assert_close(model.language_model.state_dict()[k], v, msg=k)
     os.environ["MMR_NO_PROGRESS"] = "1"
-    out = train(TrainConfig(data=str(paths["captions"]), image_folder=str(paths["captions"].parent),
+    out = train(TrainConfig(model="tiny", data=str(paths["captions"]), image_folder=str(paths["captions"].parent),
                             output_dir=str(tmp_path / "run"), template="plain", tune="projector", max_steps=2,
                             micro_batch_size=3, lm_from=str(tmp_path / "lm")))
     assert out["step"] == 2

