@@ -113,7 +113,8 @@ def test_manifest_to_shards_to_reader_via_cli(tmp_path, capsys):
     rc = write_shards_cli(["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--maxcount", "3",
                            "--no-progress"])
     assert rc == 0 and "wrote 4 samples into 2 shards" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["shard-000000.tar", "shard-000001.tar",
+                                                                    "shard.index.json"]
 
     got = {s["__key__"]: s for s in build_pipeline(str(tmp_path / "out" / "shard-{000000..000001}.tar"),
                                                     shuffle=False, depth_scale=1000.0)}
@@ -343,7 +344,9 @@ def test_corrupt_member_is_skipped_counted_and_logged(tmp_path, caplog, bad_ext,
 
 
 @pytest.mark.parametrize("cut", ["mid_member", "member_boundary"])
-def test_truncated_shard_is_skipped_counted_and_logged(tmp_path, caplog, cut):
+def test_truncated_shard_without_index_is_skipped_counted_as_unknown_and_logged(tmp_path, caplog, cut):
+    # shards written by another tool: no index says how many samples a shard held or has per sample
+    # (tests/test_shard_skips.py covers shards written by write_shards, whose losses are exact)
     good = _write_raw_shard(tmp_path / "t-000000.tar", [_good(i) for i in range(3)])
     trunc = _write_raw_shard(tmp_path / "t-000001.tar", [_good(i) for i in range(3, 6)])
     with tarfile.open(trunc) as tf:
@@ -357,12 +360,16 @@ def test_truncated_shard_is_skipped_counted_and_logged(tmp_path, caplog, cut):
         keys = _keys(pipe)
     if cut == "mid_member":  # g004 was complete before g005 began; g005 is lost
         assert keys == ["g000", "g001", "g002", "g003", "g004"]
-    else:  # the stream ends after g004's last member: its other members may be lost, so g004 goes too
+    else:  # the stream ends after g004's last member: without an index it may be incomplete, so it goes too
         assert keys == ["g000", "g001", "g002", "g003"]
-    assert pipe.skips.counts() == {"corrupt_shard": 1}
+    # the loss is unknown; estimated from the one complete shard (3 samples) less what the cut one gave
+    assert pipe.skips.unknown() == {"corrupt_shard": 1} and pipe.skips.num_unknown == 1
+    read_before = len(keys) - 3
+    assert pipe.skips.counts() == {"corrupt_shard": 3 - read_before}
+    assert pipe.skips.summary().endswith(f"corrupt_shard=unknown (1 shard, ~{3 - read_before} estimated)")
     msgs = _skip_records(caplog)
     lost = "'g005'" if cut == "mid_member" else "'g004'"
-    assert len(msgs) == 1 and trunc in msgs[0] and lost in msgs[0]
+    assert len(msgs) == 1 and trunc in msgs[0] and lost in msgs[0] and "unknown number of samples" in msgs[0]
     assert "truncated" in msgs[0] or "end of data" in msgs[0]
 
 
@@ -372,9 +379,12 @@ def test_missing_shard_is_skipped_counted_and_logged(tmp_path, caplog):
     pipe = build_pipeline([missing, good], shuffle=False)
     with caplog.at_level(logging.WARNING, logger="mmr_core.data"):
         keys = _keys(pipe)
-    assert keys == ["g000", "g001"] and pipe.skips.counts() == {"missing_shard": 1}
+    assert keys == ["g000", "g001"]
+    # no index: the loss is unknown, estimated as the size of the one complete shard (2 samples)
+    assert pipe.skips.unknown() == {"missing_shard": 1} and pipe.skips.counts() == {"missing_shard": 2}
     msgs = _skip_records(caplog)
     assert len(msgs) == 1 and missing in msgs[0] and "FileNotFoundError" in msgs[0]
+    assert "unknown number of samples" in msgs[0]
 
 
 def test_missing_required_field_and_failing_transform_are_counted(tmp_path):
@@ -415,7 +425,10 @@ def test_skip_counts_and_epoch_cross_dataloader_workers(tmp_path, start_method):
     assert sorted(keys) == ["g000", "g002", "g004", "g006"]
     ref = build_pipeline(urls, seed=4, epoch=2, skip_counter=SkipCounter(max_fraction=None))
     assert keys == [s["__key__"] for s in make_loader(ref, num_workers=2)]  # the epoch reached the workers
-    assert pipe.skips.counts() == {"decode_image": 4, "missing_shard": 1} and pipe.skips.num_delivered == 4
+    assert pipe.skips.num_delivered == 4 and pipe.skips.unknown() == {"missing_shard": 1}
+    # the missing shard (no index) is estimated from the 4 complete shards that the two workers read
+    # (2 samples each): the shard sizes are summed across worker processes as the skips are
+    assert pipe.skips.counts() == {"decode_image": 4, "missing_shard": 2}
     clone = copy.deepcopy(pipe)  # a plain copy gets a snapshot of the counts, not an error
     assert clone.skips.counts() == pipe.skips.counts()
 

@@ -4,7 +4,7 @@ Stage order of :func:`build_pipeline` (a :class:`webdataset.DataPipeline`)::
 
     shard urls --shuffle(seed, epoch)--> split by rank --> split by DataLoader worker
         (or, resampled: draw shards with replacement, seeded by (seed, epoch, rank, worker))
-    --> read tar members, group by key  (missing / truncated shard: counted skip)
+    --> read tar members, group by key  (missing / truncated shard: its lost samples are counted skips)
     --> shuffle buffer of encoded samples, seeded by (seed, epoch, rank, worker)
     --> decode per modality + transform  (bad member: counted skip of that sample) --> batch + collate
 
@@ -35,6 +35,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from mmr_core.data.decoders import DecodeError, DecodeOptions, collate, decode_sample
+from mmr_core.data.shard_index import ShardInfo, find_shard_infos
 from mmr_core.data.skips import SkipCounter, TooManySkipsError
 from mmr_core.utils import get_logger, get_rank, get_world_size
 
@@ -179,14 +180,23 @@ def _has_end_marker(path: str, offset: int) -> bool:
 
 
 class _TarReader:
-    """Stage: open each shard and group its members into raw samples; shard failures are counted skips."""
+    """Stage: open each shard and group its members into raw samples; shard failures are counted skips.
+
+    A lost shard, or the lost rest of a broken one, counts the samples it held: exactly when the shard
+    index (:mod:`mmr_core.data.shard_index`) has the shard, else as unknown (see :class:`SkipCounter`).
+    """
 
     #: Shards in a row that may fail before the run stops (an endless resampled stream of missing
     #: shards would otherwise log forever when the skip limits are off).
     max_consecutive_failures = 100
 
-    def __init__(self, skips: SkipCounter):
+    def __init__(self, skips: SkipCounter, shard_infos: dict[str, ShardInfo] | None = None):
         self.skips = skips
+        self.shard_infos = shard_infos or {}
+
+    def _info(self, url: str) -> ShardInfo | None:
+        path = _local_path(url)
+        return self.shard_infos.get(os.path.abspath(path)) if path is not None else None
 
     def __call__(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
         failures = 0
@@ -195,7 +205,8 @@ class _TarReader:
             try:
                 stream = gopen(url, "rb")
             except OSError as e:  # a missing or unreachable shard skips only itself
-                self.skips.skip("missing_shard", url, None, e)
+                info = self._info(url)
+                self.skips.skip("missing_shard", url, None, e, lost=info.samples if info else None)
                 ok = False
             else:
                 try:
@@ -208,7 +219,15 @@ class _TarReader:
                                         f"{self.skips.summary()}")
 
     def _samples(self, url: str, stream) -> Generator[dict[str, Any], None, bool]:
-        """Yield the samples of one shard; return False if the shard was broken (and skipped)."""
+        """Yield the samples of one shard; return False if the shard was broken (and skipped).
+
+        Python's streaming tar reader stops silently where a file ends at or inside a member header, so
+        every member read up to there is whole; only whether the last sample got all its members is
+        unknown. The index's member count of that sample settles it: a cut at a sample boundary keeps
+        the last sample, a cut between the members of a sample drops it. Without an index it is dropped.
+        """
+        shard_info = self._info(url)
+        yielded = 0  # samples of this shard passed on
         current: dict[str, Any] | None = None
         try:
             tf = tarfile.open(fileobj=stream, mode="r|*")
@@ -223,6 +242,7 @@ class _TarReader:
                     raise tarfile.ReadError(f"member {info.name} is truncated")
                 if current is not None and prefix != current["__key__"]:
                     yield current
+                    yielded += 1
                     current = None
                 if current is None:
                     current = {"__key__": prefix, "__url__": url}
@@ -233,14 +253,31 @@ class _TarReader:
                 tf.members = []  # streaming: do not keep every TarInfo in memory
             path = _local_path(url)
             if path is not None and path.endswith(".tar") and not _has_end_marker(path, tf.offset):
+                if current is not None and shard_info is not None and shard_info.members_of(yielded) == len(current) - 2:
+                    yield current  # every member of this sample was read: the cut is after it
+                    yielded += 1
+                    current = None
                 raise tarfile.ReadError(f"no end-of-archive marker after byte {tf.offset}: shard is truncated")
         except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
-            # a broken tar loses the rest of its shard, nothing more
+            # a broken tar loses the rest of its shard (the partly read sample included), nothing more
             key = current["__key__"] if current is not None else None
-            self.skips.skip("corrupt_shard", url, key, e)
+            if shard_info is None:
+                self.skips.skip("corrupt_shard", url, key, e, lost=None, read_before=yielded)
+            elif shard_info.samples > yielded:
+                self.skips.skip("corrupt_shard", url, key, e, lost=shard_info.samples - yielded)
+            else:  # only the end-of-archive marker is missing; every sample was read
+                get_logger("mmr_core.data").warning("shard %s: %s; all its %d samples were read", url, e, yielded)
+                self.skips.shard_complete(yielded)
+                return True
             return False
         if current is not None:
             yield current
+            yielded += 1
+        if shard_info is not None and shard_info.samples != yielded:
+            get_logger("mmr_core.data").warning(
+                "shard %s has %d samples but its index says %d: the index is stale", url, yielded, shard_info.samples
+            )
+        self.skips.shard_complete(yielded)
         return True
 
 
@@ -411,7 +448,7 @@ def build_pipeline(
     state.epoch.value = epoch
     stages: list[Any] = [
         _ShardSource(shard_urls, state, shuffle=shuffle, resampled=resampled),
-        _TarReader(skips),
+        _TarReader(skips, find_shard_infos([p for p in map(_local_path, shard_urls) if p is not None])),
     ]
     if shuffle and shuffle_buffer > 1:  # before decoding: the buffer holds compact encoded bytes
         stages.append(_Shuffle(state, shuffle_buffer))

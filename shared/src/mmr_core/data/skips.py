@@ -2,7 +2,8 @@
 
 One bad member must never crash a long run, and it must never vanish silently either. Every reader
 stage reports a failure to a :class:`SkipCounter`, which logs a warning naming the shard URL, the sample
-key and the exception, counts the skip under a reason, and raises :class:`TooManySkipsError` once a
+key and the exception, counts the samples lost under a reason (all those a lost shard held, or "unknown"
+with an estimate when no shard index says how many), and raises :class:`TooManySkipsError` once a
 configured count or fraction is exceeded (a dataset that is mostly broken should stop the run loudly).
 
 The counts live in shared memory, so a training loop in the main process sees the skips made inside its
@@ -39,7 +40,7 @@ _INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 
 
 class TooManySkipsError(RuntimeError):
-    """Raised when more samples or shards were skipped than the configured limit allows."""
+    """Raised when more samples were skipped (or lost with their shards) than the configured limit allows."""
 
 
 class _SharedInts:
@@ -79,13 +80,20 @@ class _SharedInts:
 
 
 class SkipCounter:
-    """Counts and logs skipped shards and samples; raises when too many were skipped.
+    """Counts and logs skipped samples; raises when too many were skipped.
+
+    A skip is counted in samples: a bad sample counts 1, a lost shard or the lost rest of a truncated
+    shard counts the samples it held. When that number is known (the shard index written by
+    :func:`mmr_core.data.write_shards` records every shard's sample count), it is counted exactly. When it
+    is not (a shard without an index), the loss is recorded as *unknown* and reported as such; for the
+    limits it is estimated as the mean size of the shards read completely so far, less the samples read
+    from that shard before it broke, and at least 1 per broken shard, so an unknown loss never passes as 0.
 
     Pass one instance to :func:`mmr_core.data.build_pipeline` (or let it create one and read it back from
     ``pipeline.skips``) and report ``skips.summary()`` from the training loop.
 
     Args:
-        max_skips: Raise :class:`TooManySkipsError` once more than this many skips were counted
+        max_skips: Raise :class:`TooManySkipsError` once more than this many samples were skipped
             (``None``: no count limit).
         max_fraction: Raise once ``skipped / (skipped + delivered)`` exceeds this fraction (``None``: no
             fraction limit). Only checked after ``min_samples`` samples were seen, so that one early bad
@@ -99,6 +107,15 @@ class SkipCounter:
         >>> skips.summary()
         'skipped 0 of 0 (0.00%)'
     """
+
+    # layout of the shared counters: R = len(SKIP_REASONS)
+    _KNOWN = 0  # [0, R): samples skipped, per reason, where the number is known
+    _DELIVERED = len(SKIP_REASONS)  # samples delivered
+    _UNKNOWN = _DELIVERED + 1  # [.., +R): shards whose loss has an unknown size, per reason
+    _READ_BEFORE = _UNKNOWN + len(SKIP_REASONS)  # [.., +R): samples those shards gave before they broke
+    _COMPLETE_SHARDS = _READ_BEFORE + len(SKIP_REASONS)  # shards read to their end-of-archive marker
+    _COMPLETE_SAMPLES = _COMPLETE_SHARDS + 1  # samples in those shards
+    _SIZE = _COMPLETE_SAMPLES + 1
 
     def __init__(
         self,
@@ -115,8 +132,7 @@ class SkipCounter:
         self.max_fraction = max_fraction
         self.min_samples = min_samples
         self._logger = logger
-        # counters: one per reason, then the number of delivered samples
-        self._shared = _SharedInts(len(SKIP_REASONS) + 1)
+        self._shared = _SharedInts(self._SIZE)
 
     @property
     def logger(self) -> logging.Logger:
@@ -130,61 +146,135 @@ class SkipCounter:
     # -- recording -----------------------------------------------------------------------------------------
     def delivered(self, n: int = 1) -> None:
         """Count ``n`` samples that made it through the pipeline (the denominator of the fraction)."""
-        self._shared.add(len(SKIP_REASONS), n)
+        self._shared.add(self._DELIVERED, n)
 
-    def skip(self, reason: str, url: str | None, key: str | None, exn: BaseException | str) -> None:
-        """Log and count one skip; raise :class:`TooManySkipsError` if a limit is now exceeded.
+    def shard_complete(self, num_samples: int) -> None:
+        """Record a shard read to its end: its size feeds the estimate of losses of unknown size."""
+        self._shared.add(self._COMPLETE_SHARDS)
+        self._shared.add(self._COMPLETE_SAMPLES, num_samples)
+        if self.num_unknown:  # a new mean size may push an estimated loss over a limit
+            self._check("corrupt_shard", None, None, "estimate of a loss of unknown size")
+
+    def skip(
+        self,
+        reason: str,
+        url: str | None,
+        key: str | None,
+        exn: BaseException | str,
+        lost: int | None = 1,
+        read_before: int = 0,
+    ) -> None:
+        """Log and count a skip; raise :class:`TooManySkipsError` if a limit is now exceeded.
 
         Args:
             reason: One of :data:`SKIP_REASONS`.
             url: The shard the failure came from.
-            key: The sample key (``None`` for a shard-level failure).
+            key: The sample key (``None`` when no sample of the shard was reached).
             exn: The exception (or a message) that caused the skip.
+            lost: Samples lost: 1 for a bad sample, the shard's remaining samples for a broken or missing
+                shard, ``None`` when that number is unknown (a shard without an index).
+            read_before: With ``lost=None``: samples that shard gave before it broke (for the estimate).
         """
         if reason not in _INDEX:
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
-        self._shared.add(_INDEX[reason])
-        what = f"sample {key!r}" if key is not None else "rest of shard"
+        if lost is None:
+            self._shared.add(self._UNKNOWN + _INDEX[reason])
+            self._shared.add(self._READ_BEFORE + _INDEX[reason], read_before)
+            what = "an unknown number of samples (no shard index)"
+        else:
+            if lost < 0:
+                raise ValueError(f"lost must be >= 0, got {lost}")
+            self._shared.add(self._KNOWN + _INDEX[reason], lost)
+            what = f"sample {key!r}" if lost == 1 and key is not None else f"{lost} sample{'s' * (lost != 1)}"
+        if lost != 1 and key is not None:
+            what += f" from {key!r} on"
         err = f"{type(exn).__name__}: {exn}" if isinstance(exn, BaseException) else str(exn)
         self.logger.warning("skipping %s (%s) in %s: %s [%s]", what, reason, url, err, self.summary())
         self._check(reason, url, key, err)
 
     def _check(self, reason: str, url: str | None, key: str | None, err: str) -> None:
         skipped, seen = self.num_skipped, self.num_skipped + self.num_delivered
+        approx = "~" if self.num_unknown else ""  # an estimate is in the count
         where = f"last: {reason} in shard {url}, key {key!r}: {err}"
         if self.max_skips is not None and skipped > self.max_skips:
             raise TooManySkipsError(
-                f"{skipped} skipped shards/samples exceed max_skips={self.max_skips} "
-                f"({self.counts()}); {where}"
+                f"{approx}{skipped} skipped samples exceed max_skips={self.max_skips} ({self._details()}); {where}"
             )
         if self.max_fraction is not None and seen >= self.min_samples and skipped / seen > self.max_fraction:
             raise TooManySkipsError(
-                f"{skipped} of {seen} samples skipped ({skipped / seen:.1%}) exceeds "
-                f"max_fraction={self.max_fraction:.1%} ({self.counts()}); {where}"
+                f"{approx}{skipped} of {approx}{seen} samples skipped ({approx}{skipped / seen:.1%}) exceeds "
+                f"max_fraction={self.max_fraction:.1%} ({self._details()}); {where}"
             )
 
     # -- reporting -----------------------------------------------------------------------------------------
+    def _estimates(self, vals: list[int]) -> dict[str, int]:
+        """Estimated samples lost per reason with an unknown-size loss (see the class docstring)."""
+        shards, samples = vals[self._COMPLETE_SHARDS], vals[self._COMPLETE_SAMPLES]
+        out = {}
+        for i, r in enumerate(SKIP_REASONS):
+            events, read = vals[self._UNKNOWN + i], vals[self._READ_BEFORE + i]
+            if events:
+                guess = round(events * samples / shards - read) if shards else 0
+                out[r] = max(events, guess)
+        return out
+
     def counts(self) -> dict[str, int]:
-        """Skips per reason (only reasons with at least one skip), summed over all worker processes."""
+        """Samples skipped per reason (reasons with a skip), over all worker processes.
+
+        A loss of unknown size is included as its estimate; :meth:`unknown` says where that happened.
+        """
         vals = self._shared.values()
-        return {r: vals[i] for i, r in enumerate(SKIP_REASONS) if vals[i]}
+        est = self._estimates(vals)
+        out = {r: vals[self._KNOWN + i] + est.get(r, 0) for i, r in enumerate(SKIP_REASONS)}
+        return {r: n for r, n in out.items() if n or r in est}
+
+    def unknown(self) -> dict[str, int]:
+        """Per reason, the number of shards whose loss has an unknown size (reasons with one)."""
+        vals = self._shared.values()
+        return {r: vals[self._UNKNOWN + i] for i, r in enumerate(SKIP_REASONS) if vals[self._UNKNOWN + i]}
 
     @property
     def num_skipped(self) -> int:
-        """Total skips over all reasons and processes."""
-        return sum(self._shared.values()[: len(SKIP_REASONS)])
+        """Samples skipped over all reasons and processes (losses of unknown size as their estimate)."""
+        return sum(self.counts().values())
+
+    @property
+    def num_unknown(self) -> int:
+        """Shards whose lost samples could not be counted (no shard index); 0 when every count is exact."""
+        return sum(self.unknown().values())
 
     @property
     def num_delivered(self) -> int:
         """Samples delivered by the pipeline, over all processes."""
-        return self._shared.values()[len(SKIP_REASONS)]
+        return self._shared.values()[self._DELIVERED]
+
+    def _details(self) -> str:
+        vals = self._shared.values()
+        est = self._estimates(vals)
+        parts = []
+        for i, r in enumerate(SKIP_REASONS):
+            known, events = vals[self._KNOWN + i], vals[self._UNKNOWN + i]
+            if not events:
+                if known:
+                    parts.append(f"{r}={known}")
+                continue
+            shards = f"{events} shard{'s' * (events != 1)}"
+            unknown = f"unknown ({shards}, ~{est[r]} estimated)"
+            parts.append(f"{r}={known} + {unknown}" if known else f"{r}={unknown}")
+        return ", ".join(parts)
 
     def summary(self) -> str:
-        """One line for a training log, e.g. ``skipped 3 of 1000 (0.30%): decode_image=2, missing_shard=1``."""
+        """One line for a training log.
+
+        For example ``skipped 3 of 1000 (0.30%): decode_image=2, corrupt_shard=1``; a loss of unknown
+        size is marked: ``skipped ~14 of ~1014 (~1.38%): decode_image=2, missing_shard=unknown (1 shard,
+        ~12 estimated)``.
+        """
         skipped, seen = self.num_skipped, self.num_skipped + self.num_delivered
-        line = f"skipped {skipped} of {seen} ({(skipped / seen if seen else 0):.2%})"
+        approx = "~" if self.num_unknown else ""
+        line = f"skipped {approx}{skipped} of {approx}{seen} ({approx}{(skipped / seen if seen else 0):.2%})"
         if skipped:
-            line += ": " + ", ".join(f"{k}={v}" for k, v in self.counts().items())
+            line += ": " + self._details()
         return line
 
     def reset(self) -> None:

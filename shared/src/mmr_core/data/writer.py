@@ -1,4 +1,4 @@
-"""Writing multimodal samples into WebDataset tar shards (``<prefix>-%06d.tar``)."""
+"""Writing multimodal samples into WebDataset tar shards (``<prefix>-%06d.tar``) and their index."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import webdataset as wds
 
 from mmr_core.data.manifest import MissingFileError, count_manifest, encode_sample, read_manifest
+from mmr_core.data.shard_index import index_path, write_index
 from mmr_core.utils import get_logger, progress
 
 
@@ -18,12 +19,15 @@ class WrittenShards(list):
     Attributes:
         num_samples: Samples written over all shards.
         skipped: ``(key, path)`` of each sample skipped for a missing file (``skip_missing=True``).
+        index: The shard index written beside the shards (see :mod:`mmr_core.data.shard_index`).
     """
 
-    def __init__(self, paths: Iterable[Path] = (), num_samples: int = 0, skipped: list | None = None):
+    def __init__(self, paths: Iterable[Path] = (), num_samples: int = 0, skipped: list | None = None,
+                 index: Path | None = None):
         super().__init__(paths)
         self.num_samples = num_samples
         self.skipped: list[tuple[str, str]] = skipped or []
+        self.index = index
 
 
 def write_shards(
@@ -37,6 +41,10 @@ def write_shards(
     show_progress: bool = True,
 ) -> WrittenShards:
     """Write samples into WebDataset tar shards ``out_dir/<prefix>-000000.tar``, ``-000001.tar``, ...
+
+    Beside the shards goes ``out_dir/<prefix>.index.json`` with each shard's sample count and members per
+    sample, so that the reader can count exactly what a lost or truncated shard loses and keep the last
+    complete sample before a cut (see :mod:`mmr_core.data.shard_index`).
 
     Each sample becomes the members ``<key>.jpg|png``, ``.flac|wav|ogg``, ``.depth.png|depth.npy``,
     ``.thermal.png``, ``.imu.npy``, ``.txt``, ``.cls``, ``.json`` (see
@@ -56,7 +64,7 @@ def write_shards(
         show_progress: Show a progress bar.
 
     Returns:
-        The written shard paths, in order (with ``.num_samples`` and ``.skipped``).
+        The written shard paths, in order (with ``.num_samples``, ``.skipped`` and ``.index``).
 
     Raises:
         MissingFileError: A file named by a sample is missing (and ``skip_missing`` is False); the
@@ -82,6 +90,15 @@ def write_shards(
     result = WrittenShards()
     seen: set[str] = set()
     writer = None
+    written: list[tuple[str, list[int]]] = []  # (shard name, members of each sample) for the index
+    members_in_shard: list[int] = []
+
+    def shard_closed(fname: str) -> None:
+        # ShardWriter calls this before the next shard's first sample is written, so the list is complete
+        result.append(Path(fname))
+        written.append((Path(fname).name, list(members_in_shard)))
+        members_in_shard.clear()
+
     try:
         for sample in progress(samples, desc=f"writing {prefix} shards", total=total, disable=not show_progress):
             try:
@@ -100,12 +117,15 @@ def write_shards(
                 # an integer mtime keeps tarfile from adding a 1 KB pax header to every member, and a
                 # fixed one makes the shards byte-for-byte reproducible
                 writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False,
-                                         mtime=0, post=lambda fname: result.append(Path(fname)))
+                                         mtime=0, post=shard_closed)
             writer.write(encoded)
+            members_in_shard.append(sum(not k.startswith("_") for k in encoded))  # what TarWriter writes
             result.num_samples += 1
     finally:
         if writer is not None:
             writer.close()
+    if written:
+        result.index = write_index(index_path(out_dir, prefix), written)
     if result.skipped:
         log.warning("skipped %d samples with missing files (first: %s)", len(result.skipped), result.skipped[0])
     if result.num_samples == 0:
