@@ -19,15 +19,15 @@ class WrittenShards(list):
     Attributes:
         num_samples: Samples written over all shards.
         skipped: ``(key, path)`` of each sample skipped for a missing file (``skip_missing=True``).
-        index: The shard index written beside the shards (see :mod:`mmr_core.data.shard_index`).
+        index_file: The shard index written beside the shards (see :mod:`mmr_core.data.shard_index`).
     """
 
     def __init__(self, paths: Iterable[Path] = (), num_samples: int = 0, skipped: list | None = None,
-                 index: Path | None = None):
+                 index_file: Path | None = None):
         super().__init__(paths)
         self.num_samples = num_samples
         self.skipped: list[tuple[str, str]] = skipped or []
-        self.index = index
+        self.index_file = index_file
 
 
 def write_shards(
@@ -64,7 +64,7 @@ def write_shards(
         show_progress: Show a progress bar.
 
     Returns:
-        The written shard paths, in order (with ``.num_samples``, ``.skipped`` and ``.index``).
+        The written shard paths, in order (with ``.num_samples``, ``.skipped`` and ``.index_file``).
 
     Raises:
         MissingFileError: A file named by a sample is missing (and ``skip_missing`` is False); the
@@ -125,7 +125,7 @@ def write_shards(
         if writer is not None:
             writer.close()
     if written:
-        result.index = write_index(index_path(out_dir, prefix), written)
+        result.index_file = write_index(index_path(out_dir, prefix), written)
     if result.skipped:
         log.warning("skipped %d samples with missing files (first: %s)", len(result.skipped), result.skipped[0])
     if result.num_samples == 0:
