@@ -80,6 +80,12 @@ class GLIPConfig:
     pixel_mean: tuple[float, ...] = (103.530, 116.280, 123.675)
     pixel_std: tuple[float, ...] = (57.375, 57.120, 58.395)
     size_divisibility: int = 32
+    # Test-time resize (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, 800 / 1333 in GLIP): the shorter side to
+    # min_size_test unless the longer would pass max_size_test; with min_size_test None, only images whose
+    # longer side passes max_size_test are downscaled (None too: images at their own size). Saved with the
+    # model so that prediction and evaluation feed it images as it was trained (see mmr_medvlm.predict).
+    min_size_test: int | None = 800
+    max_size_test: int | None = 1333
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GLIPConfig:

@@ -27,10 +27,13 @@ compiled ops: the deformable convolution is :mod:`mmr_medvlm.deform` and NMS is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from mmr_core.hub import PretrainedMixin
 from mmr_medvlm.backbone import FPN, Backbone, DropBlock2d, LastLevelP6P7
 from mmr_medvlm.box_coder import AnchorGenerator, BoxCoder
 from mmr_medvlm.checkpoint import (
@@ -62,6 +65,7 @@ __all__ = [
     "LanguageBackbone", "LastLevelP6P7", "LoadReport", "Placeholder", "Scale", "SwinBlock", "SwinBody",
     "SwinStage", "Targets", "VLDyHead", "VLDyHeadModule", "VLFuse", "_NAMED", "_official_offset_layout",
     "atss_assign", "bert_config", "centerness_target", "clamp_half", "convert_official_key",
+    "load_tokenizer",
     "convert_official_state_dict", "load_official_checkpoint", "load_official_glip_yaml", "shifted_window_mask",
     "token_sigmoid_focal_loss",
 ]
@@ -76,13 +80,21 @@ class VLDyHeadModule(nn.Module):
         self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, cfg.anchor_strides)
 
 
-class GLIP(nn.Module):
+class GLIP(PretrainedMixin, nn.Module):
     """GLIP (Li et al., 2022): grounded language-image pre-training detector.
 
     Call with normalised, padded images (see :meth:`preprocess`), token ids and masks, and positive maps
     (``(num_classes, L)`` bool per image, from :meth:`mmr_medvlm.prompts.PromptSet.encode`). In training
     mode with ``targets`` it returns a dict of losses; otherwise a list of :class:`Detections`.
+
+    Saved models: :meth:`save_pretrained` writes ``config.json`` (the :class:`GLIPConfig`, test resize
+    included) and ``model.safetensors`` (sharded above ``max_shard_size``), plus the tokenizer's files when
+    one is given; :meth:`from_pretrained` reads a folder or a hub id (``mmr_core.hub``) and
+    :func:`load_tokenizer` the tokenizer saved beside it. Official ``.pth`` files load with
+    :func:`load_official_checkpoint`.
     """
+
+    config_class = GLIPConfig
 
     def __init__(self, cfg: GLIPConfig) -> None:
         super().__init__()
@@ -93,6 +105,30 @@ class GLIP(nn.Module):
         self.box_coder = BoxCoder()
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
+
+    @property
+    def config(self) -> GLIPConfig:
+        """The model's :class:`GLIPConfig` (the name ``mmr_core.hub`` saves; ``cfg`` is the same object)."""
+        return self.cfg
+
+    def save_pretrained(self, save_directory: str | Path, *, tokenizer: Any = None,
+                        max_shard_size: int | str = "5GB") -> Path:
+        """Write ``config.json`` + ``model.safetensors`` and, if given, the tokenizer's files beside them.
+
+        Args:
+            save_directory: Folder to write (created if missing).
+            tokenizer: The Hugging Face tokenizer the model was trained with; its ``save_pretrained`` files
+                (``tokenizer.json``, ``vocab.txt``, ``tokenizer_config.json``...) make the folder
+                self-contained for :func:`load_tokenizer` and ``mmr-medvlm predict``.
+            max_shard_size: Largest weight file before sharding (transformers' convention).
+
+        Returns:
+            The folder written.
+        """
+        folder = super().save_pretrained(save_directory, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+        return folder
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """RGB float images in [0, 1] (3, H, W) -> GLIP's normalised BGR-255 batch, zero-padded to /32."""
@@ -136,3 +172,20 @@ class GLIP(nn.Module):
                     ) -> list[Detections]:
         """Detections per image (:func:`mmr_medvlm.postprocess.postprocess_detections`)."""
         return postprocess_detections(self.cfg, self.box_coder, out, anchors, positive_maps, image_sizes)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved beside a model by :meth:`GLIP.save_pretrained` (a fast BERT tokenizer).
+
+    Raises:
+        FileNotFoundError: If the folder holds no tokenizer files (names the folder).
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer files (tokenizer.json / vocab.txt); save the model with "
+            "GLIP.save_pretrained(folder, tokenizer=tokenizer) or give a tokenizer folder"
+        )
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -104,6 +104,8 @@ _OFFICIAL_DEFAULTS: dict[str, Any] = {
     "INPUT.PIXEL_MEAN": (102.9801, 115.9465, 122.7717),
     "INPUT.PIXEL_STD": (1.0, 1.0, 1.0),
     "INPUT.TO_BGR255": True,
+    "INPUT.MIN_SIZE_TEST": 800,
+    "INPUT.MAX_SIZE_TEST": 1333,
     "DATALOADER.SIZE_DIVISIBILITY": 0,
 }
 
@@ -147,6 +149,9 @@ _YAML_TO_FIELD: dict[str, tuple[str, Any]] = {
     "MODEL.ATSS.DETECTIONS_PER_IMG": ("detections_per_img", int),
     "INPUT.PIXEL_MEAN": ("pixel_mean", lambda v: tuple(float(x) for x in _tuple(v))),
     "INPUT.PIXEL_STD": ("pixel_std", lambda v: tuple(float(x) for x in _tuple(v))),
+    # The test-time resize travels with a saved model (prediction and evaluation read it from config.json).
+    "INPUT.MIN_SIZE_TEST": ("min_size_test", int),
+    "INPUT.MAX_SIZE_TEST": ("max_size_test", int),
     # GLIP's 0 means "no rounding up", which is rounding up to a multiple of 1 in our preprocess.
     "DATALOADER.SIZE_DIVISIBILITY": ("size_divisibility", lambda v: max(int(v), 1)),
 }

@@ -31,19 +31,40 @@ from typing import Any, Literal
 
 import torch
 
+from mmr_core.config import ConfigError
 from mmr_core.guards import NonFiniteGuard, total_grad_norm
 from mmr_core.io import safe_torch_load
 from mmr_core.utils import get_logger, progress, seed_everything
 from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
 from mmr_medvlm.evaluate import GLIPDetector, evaluate
-from mmr_medvlm.model import GLIP, GLIPConfig, Targets, load_official_checkpoint
+from mmr_medvlm.model import _NAMED, GLIP, GLIPConfig, Targets, load_official_checkpoint
+from mmr_medvlm.predict import PROMPT_NAME
 from mmr_medvlm.prompts import PromptSet
 
 log = get_logger(__name__)
 
+#: Where training writes the exported model, inside ``output_dir``.
+EXPORT_NAME = "model"
+#: The label zero-shot metrics carry when measured on random weights (``allow_random_weights``).
+RANDOM_WEIGHTS_LABEL = "random (no init_checkpoint): not a zero-shot result of pretrained GLIP"
+
 
 @dataclass
 class OptimConfig:
+    """GLIP's optimiser and schedule (AdamW, warmup, step decay, clipping, EMA).
+
+    Attributes:
+        lr: Base learning rate of everything but the language backbone.
+        language_lr: Learning rate of the language backbone (BERT), 10x smaller as in GLIP.
+        weight_decay: AdamW weight decay.
+        warmup_iters: Steps of linear warmup.
+        warmup_factor: Learning-rate factor at step 0 of the warmup.
+        decay_at: Fractions of max_steps where the learning rate is multiplied by decay_gamma.
+        decay_gamma: Step-decay factor.
+        ema_decay: Decay of the weights' exponential moving average (used for evaluation and export).
+        grad_clip: Clip the gradient norm to this (0: no clipping).
+    """
+
     lr: float = 1e-4
     language_lr: float = 1e-5
     weight_decay: float = 1e-4
@@ -57,36 +78,75 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """One fine-tuning (or zero-shot evaluation) run; presets: :meth:`from_name`.
+
+    Attributes:
+        mode: zero_shot (evaluate init_checkpoint as it is), k_shot (k images per class) or full.
+        k: Images per class in k_shot mode.
+        seed: Seed of the k-shot sample, the batch order and the initialisation.
+        model: Model size: glip_tiny (GLIP-T, the paper's), glip_tiny_a (GLIP-T(A)) or test (tiny, CPU).
+        init_checkpoint: Official GLIP weights to start from, e.g. glip_tiny_model_o365_goldg.pth (none:
+            random weights, which zero_shot refuses unless allow_random_weights).
+        trust_pickle: Unpickle init_checkpoint with weights_only=False (trusted files only).
+        tokenizer: A local tokenizer folder, e.g. bert-base-uncased from huggingface-cli download (nothing
+            is downloaded at run time).
+        train_annotations: COCO instances JSON of the training images.
+        train_images: Folder the training file_name entries are relative to.
+        val_annotations: COCO instances JSON evaluated at the end (and in zero_shot mode).
+        val_images: Folder the validation file_name entries are relative to.
+        prompt_file: A prompt set JSON/YAML covering the dataset's categories (see mmr_medvlm.prompts).
+        output_dir: Where last.pt (resumable), metrics.json and the exported model (model/) go.
+        batch_size: Images per step.
+        max_steps: Training steps.
+        save_every: Write last.pt every this many steps.
+        max_size: Longer side limit; with min_size null, larger images are downscaled to it.
+        min_size: GLIP's resize: shorter side to this unless the longer passes max_size (null: off).
+        allow_random_weights: Let zero_shot run without init_checkpoint; its AP is labelled as from random
+            weights.
+        deepspeed: Train under DeepSpeed (launch with the deepspeed launcher).
+        deepspeed_preset: The mmr_core.distributed ZeRO preset.
+        on_bad_record: Bad annotation records: error stops at the first, skip drops them counted.
+        on_non_finite: A non-finite loss or gradient norm: error stops before the update, skip drops the
+            step, counted.
+        export: Export the trained model (EMA weights) to output_dir/model with save_pretrained.
+    """
+
     mode: Literal["zero_shot", "k_shot", "full"] = "full"
     k: int = 0
     seed: int = 0
     model: str = "glip_tiny"
-    init_checkpoint: str | None = None  # e.g. glip_tiny_model_o365_goldg.pth
-    trust_pickle: bool = False  # unpickle init_checkpoint with weights_only=False (trusted files only)
-    tokenizer: str = "bert-base-uncased"  # a local tokenizer folder (weights never download here)
+    init_checkpoint: str | None = None
+    trust_pickle: bool = False
+    tokenizer: str = "bert-base-uncased"
     train_annotations: str = ""
     train_images: str = ""
     val_annotations: str = ""
     val_images: str = ""
-    prompt_file: str = ""  # a PromptSet JSON/YAML (see mmr_medvlm.prompts)
+    prompt_file: str = ""
     output_dir: str = "runs/medvlm"
     batch_size: int = 4
     max_steps: int = 2000
     save_every: int = 200
     max_size: int | None = 800
-    # GLIP's own resize when set (official configs: min_size 800, max_size 1333); see CocoGroundingDataset.
     min_size: int | None = None
+    allow_random_weights: bool = False
     deepspeed: bool = False
     deepspeed_preset: str = "cpu_zero2"
-    # bad records in the annotation files: "error" stops at the first, "skip" drops them counted (LoadStats)
     on_bad_record: Literal["error", "skip"] = "error"
-    # a non-finite loss or gradient norm: "error" stops before the update, "skip" drops the step, counted
     on_non_finite: Literal["error", "skip"] = "error"
+    export: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TrainConfig:
-        """Named settings: ``zero_shot``, ``1_shot``, ``10_shot``, ``100_shot``, ``full``."""
+        """Named settings: ``zero_shot``, ``1_shot``, ``10_shot``, ``100_shot``, ``full`` (the paper's, at
+        GLIP's 800/1333 image sizes) and ``cpu`` (the ``test``-size model, images at most 512 pixels on
+        the longer side, no GLIP resize: fine-tuning from random weights in minutes on a laptop)."""
+        if name == "cpu":
+            # From random weights the whole model, BERT included, learns at 1e-3 (the miniature's setting).
+            cpu = cls(mode="full", model="test", max_steps=300, batch_size=2, save_every=50, min_size=None,
+                      max_size=512, optim=OptimConfig(lr=1e-3, language_lr=1e-3, warmup_iters=20))
+            return dataclasses.replace(cpu, **overrides)
         named: dict[str, dict[str, Any]] = {
             "zero_shot": {"mode": "zero_shot", "max_steps": 0},
             "1_shot": {"mode": "k_shot", "k": 1, "max_steps": 200, "optim": OptimConfig(warmup_iters=20)},
@@ -95,7 +155,7 @@ class TrainConfig:
             "full": {"mode": "full", "max_steps": 20000, "optim": OptimConfig(warmup_iters=500)},
         }
         if name not in named:
-            raise KeyError(f"unknown training preset {name!r}; known: {sorted(named)}")
+            raise KeyError(f"unknown training preset {name!r}; known: {sorted([*named, 'cpu'])}")
         # The paper's runs keep GLIP's image sizes (INPUT.MIN_SIZE_* 800, MAX_SIZE_* 1333): official weights
         # score as published only at these sizes. The dataclass default (longer side <= 800) suits CPU smoke runs.
         return dataclasses.replace(cls(**named[name], min_size=800, max_size=1333), **overrides)
@@ -213,14 +273,66 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
                               "skipped_records": dict(train_set.stats.skipped),
                               "non_finite_skipped_steps": guard.skipped_steps}
     log.info("train data: %s; %s", train_set.stats.summary(), guard.summary())
+    if cfg.export:
+        result["model_dir"] = str(export_model(ema.model, tokenizer, train_set, out / EXPORT_NAME, cfg))
+        log.info("exported the EMA weights to %s (mmr-medvlm predict --model %s)", result["model_dir"],
+                 result["model_dir"])
     if val_set is not None:
         result["metrics"] = evaluate(GLIPDetector(ema.model, tokenizer), val_set, desc=f"eval {cfg.mode}")
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
     return result
 
 
+def export_model(model: GLIP, tokenizer: Any, dataset: CocoGroundingDataset, folder: str | Path,
+                 cfg: TrainConfig) -> Path:
+    """Save a trained model for :meth:`GLIP.from_pretrained`, ``mmr-medvlm predict`` and ``mmr-medvlm eval``.
+
+    The folder gets ``config.json`` (the model's config with the run's image sizes as its test resize),
+    ``model.safetensors``, the tokenizer's files and ``prompt.json`` (the training prompt in the dataset's
+    category order, with the COCO category ids in its ``meta``), so predictions reuse what training used.
+    """
+    model.cfg = dataclasses.replace(model.cfg, min_size_test=cfg.min_size, max_size_test=cfg.max_size)
+    folder = model.save_pretrained(folder, tokenizer=tokenizer)
+    prompt = dataclasses.replace(dataset.prompt, meta={**dataset.prompt.meta,
+                                                       "category_ids": list(dataset.category_ids)})
+    prompt.save(Path(folder) / PROMPT_NAME)
+    return Path(folder)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a run that cannot mean what it says, before anything is built.
+
+    Zero-shot means GLIP's pretrained weights on a new dataset; without ``init_checkpoint`` the model's
+    weights are random and its AP (near 0) says nothing, so that is an error unless ``allow_random_weights``
+    (then the metrics are labelled). Files the mode needs must be named.
+
+    Raises:
+        ConfigError: Naming the setting and what to give.
+    """
+    if cfg.model not in _NAMED:
+        raise ConfigError(f"model={cfg.model!r} is not a model size; choose one of {sorted(_NAMED)}")
+    if cfg.mode == "zero_shot":
+        if not cfg.init_checkpoint and not cfg.allow_random_weights:
+            raise ConfigError(
+                "mode=zero_shot evaluates pretrained GLIP weights, but init_checkpoint is not set, so the model "
+                "would be random and its AP meaningless; give init_checkpoint=glip_tiny_model_o365_goldg.pth "
+                "(an official GLIP file), evaluate a trained model with mmr-medvlm eval --model DIR, or set "
+                "allow_random_weights=true to measure random weights on purpose"
+            )
+        if not cfg.val_annotations:
+            raise ConfigError("mode=zero_shot evaluates on val_annotations (with val_images), which is not set")
+    elif not cfg.train_annotations:
+        raise ConfigError(f"mode={cfg.mode} trains on train_annotations (with train_images), which is not set")
+    if not cfg.prompt_file:
+        raise ConfigError("prompt_file is not set: give a prompt set JSON/YAML naming every category "
+                          "(see the README's Prompts section)")
+    if cfg.mode == "k_shot" and cfg.k <= 0:
+        raise ConfigError(f"mode=k_shot needs k >= 1 images per class, got k={cfg.k}")
+
+
 def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset, CocoGroundingDataset | None]:
-    model_cfg = GLIPConfig.from_name(cfg.model)
+    # The run's image sizes become the model's test resize, so an exported model is fed images as trained.
+    model_cfg = GLIPConfig.from_name(cfg.model, min_size_test=cfg.min_size, max_size_test=cfg.max_size)
     if model_cfg.vocab_size != len(tokenizer):
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
     model = GLIP(model_cfg)
@@ -284,36 +396,43 @@ def fit_deepspeed(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, 
             save_checkpoint(engine, ckpt_dir, step + 1, {"epoch": epoch})
     result = {"steps": cfg.max_steps, "start": start, "history": history, "rank": env.rank,
               "world_size": env.world_size}
+    # ZeRO stages 1-2 keep every parameter whole on each rank, so rank 0 holds the model to export.
+    if cfg.export and env.rank == 0 and ds_cfg.get("zero_optimization", {}).get("stage", 0) < 3:
+        result["model_dir"] = str(export_model(engine.module, tokenizer, train_set, Path(cfg.output_dir) / EXPORT_NAME,
+                                               cfg))
     (Path(cfg.output_dir) / f"result_rank{env.rank}.json").write_text(json.dumps(result))
     finalize_distributed()
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg``: zero-shot evaluation, or training (single-process or DeepSpeed) ending in an export.
+
+    Raises:
+        ConfigError: See :func:`check_config`.
+    """
     from transformers import AutoTokenizer
 
-    from mmr_core.config import load_config
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = None
-    if "--config" in args:
-        i = args.index("--config")
-        path = args[i + 1]
-        del args[i:i + 2]
-    preset_name = None
-    if "--preset" in args:
-        i = args.index("--preset")
-        preset_name = args[i + 1]
-        del args[i:i + 2]
-    base = TrainConfig.from_name(preset_name) if preset_name else None
-    cfg = load_config(TrainConfig, path, [a for a in args if not a.startswith("--local_rank")], base=base)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    check_config(cfg)
+    try:  # a folder, or a hub id already in the local Hugging Face cache
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"tokenizer={cfg.tokenizer!r} is neither a tokenizer folder nor in the Hugging Face cache; give a "
+            "local BERT folder, e.g. from huggingface-cli download bert-base-uncased --local-dir "
+            "bert-base-uncased on a machine with network, then tokenizer=bert-base-uncased"
+        ) from exc
     model, train_set, val_set = _build(cfg, tokenizer)
     if cfg.mode == "zero_shot":
-        if val_set is None:
-            raise ValueError("zero_shot needs val_annotations")
         metrics = evaluate(GLIPDetector(model, tokenizer), val_set, desc="zero-shot")
-        log.info("zero-shot: %s", metrics)
+        if not cfg.init_checkpoint:
+            metrics["weights"] = RANDOM_WEIGHTS_LABEL
+            log.warning("zero-shot AP from RANDOM weights (no init_checkpoint): %s", metrics)
+        else:
+            log.info("zero-shot: %s", metrics)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return {"metrics": metrics}
     if cfg.deepspeed:
         return fit_deepspeed(model, tokenizer, train_set, cfg)
@@ -322,5 +441,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mmr_medvlm.train ...``: the same as ``mmr-medvlm train ...`` (DeepSpeed's ``--local_rank``
+    is dropped: ranks come from the environment)."""
+    from mmr_medvlm.cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in args if not a.startswith("--local_rank")]
+    return cli_main(["train", *args])
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
