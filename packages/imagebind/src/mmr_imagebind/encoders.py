@@ -139,7 +139,9 @@ class TextPreprocessor(nn.Module):
             raise ValueError(f"text has {text.shape[1]} tokens, context length is {self.pos_embed.shape[1]}")
         # The end-of-text token has the largest id of the vocabulary, so argmax finds it.
         seq_len = text.argmax(dim=-1)
-        if text.shape[0]:
+        # A traced graph (torch.export, ONNX) has one shape for every input, so it cannot cut at a length
+        # read from the data: it runs all positions, with the same outputs.
+        if text.shape[0] and not torch.compiler.is_exporting():
             # The trunk is causal and the head reads the end-of-text token, so positions after the batch's
             # last end-of-text token cannot change any output: they are not computed (prompts are ~5-15 of
             # the 77 tokens; the official code always runs all 77).
