@@ -9,7 +9,8 @@ Writing::
 A manifest line is ``{"key": "s0", "image": "a.jpg", "audio": "a.flac", "depth": "d.png",
 "thermal": "t.png", "imu": "i.npy", "text": "...", "label": 3, "json": {...}}`` (any subset, paths
 relative to the manifest). Members are stored as ``.jpg/.png``, ``.flac/.wav/.ogg``,
-``.depth.png/.depth.npy``, ``.thermal.png``, ``.imu.npy``, ``.txt``, ``.cls``, ``.json``.
+``.depth.png/.depth.npy``, ``.thermal.png``, ``.imu.npy``, ``.txt``, ``.cls``, ``.json``. Beside the shards
+goes ``<prefix>.index.json`` (samples and members per sample of each shard, :mod:`mmr_core.data.shard_index`).
 
 Reading, for (image, audio) pairs on 2 ranks with 4 workers each::
 
@@ -21,7 +22,7 @@ Reading, for (image, audio) pairs on 2 ranks with 4 workers each::
         pipe.set_epoch(epoch)
         for images, audios in loader:
             ...
-        print(pipe.skips.summary())   # skipped corrupt samples, summed over the workers
+        print(pipe.skips.summary())   # skipped samples, summed over the workers
 
 The pipeline is an ``IterableDataset`` that batches itself: give it to a DataLoader with
 ``batch_size=None`` (that is what :func:`make_loader` does), not to a sampler-based loader such as
@@ -30,7 +31,9 @@ sample counts; a DDP/DeepSpeed loop should use ``resampled=True, epoch_samples=N
 runs the same number of steps.
 
 Decoded fields and conversions are listed in :mod:`mmr_core.data.decoders`; the stage order and the
-seeding rules in :mod:`mmr_core.data.pipeline`; skip reasons in :data:`SKIP_REASONS`.
+seeding rules in :mod:`mmr_core.data.pipeline`; skip reasons in :data:`SKIP_REASONS`. Skips count samples:
+a missing or truncated shard counts the samples it lost (from the index; "unknown" and estimated without
+one, see :class:`SkipCounter`).
 """
 
 from mmr_core.data.decoders import DecodeError, DecodeOptions, collate, decode_sample, to_rgb
