@@ -1,13 +1,33 @@
-"""Two-stage Multimodal-CoT inference on one problem: the rationale first, then the answer that reads it."""
+"""Two-stage Multimodal-CoT inference: the rationale first, then the answer that reads it.
+
+``answer_question`` answers one problem; ``evaluate`` (``mmr-mmcot eval``) runs both saved stages over a
+split of a ScienceQA-format folder and writes predictions, rationales and the paper's accuracy table.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import DataError, collapse_whitespace, render_pair, tokenize
+from mmr_core.config import ConfigError
+
+from .data import (
+    OPTIONS,
+    Collator,
+    DataError,
+    ScienceQA,
+    ScienceQADataset,
+    VisionFeatures,
+    collapse_whitespace,
+    render_pair,
+    tokenize,
+)
+from .metrics import SIMILARITY_MODEL, category_accuracy, extract_predictions, format_table, rationale_scores
 from .model import MMCoTModel
 
 
@@ -59,3 +79,183 @@ def answer_question(
     rationale = run_model(stage1, render_pair(problem, stage1_format, use_caption=use_caption)[0], rationale_len)
     source = render_pair(problem, stage2_format, use_caption=use_caption, rationale=rationale)[0]
     return rationale, run_model(stage2, source, answer_len)
+
+
+# ---- evaluation of two saved models over a ScienceQA-format folder ----------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """``mmr-mmcot eval``: both stages from saved models over one split of a ScienceQA-format folder.
+
+    Attributes:
+        stage1: Rationale model (QCM->R): a save_pretrained folder (a run's stage1/final) or a hub id.
+        stage2: Answer model (QCMR->A): a save_pretrained folder (a run's stage2/final) or a hub id.
+        tokenizer: The models' tokenizer: a SentencePiece .model file or a Hugging Face tokenizer folder.
+        problems: ScienceQA problems.json.
+        pid_splits: ScienceQA pid_splits.json.
+        split: The split answered and scored.
+        captions: Captions JSON (the official captions.json), or None.
+        features: Vision features .npy of the problems' images, or None (needs use_vision=false).
+        name_map: JSON mapping pid to the features row, or None.
+        use_vision: Feed the vision features (false: zero features, as a text-only model).
+        use_caption: Put the caption into the context (as the models were trained).
+        stage1_format: Prompt format of stage 1 (as trained; QCM-E).
+        stage2_format: Prompt format of stage 2 (as trained; QCMG-A).
+        source_len: Input tokens kept.
+        rationale_len: Longest generated rationale, in tokens.
+        answer_len: Longest generated answer, in tokens.
+        batch_size: Problems per generation batch.
+        output_dir: Folder for rationales.json, predictions.json, metrics.json and metrics.md.
+        random_fallback: An answer naming no option counts as a random option (official) instead of wrong.
+        seed: Seed of the random fallback.
+        similarity_model: Rationale-similarity model, a local folder or a Hugging Face id in the local cache
+            (never downloaded); empty to skip.
+        on_bad_record: A bad problem, caption or features row: error (stop, naming file and pid) or skip.
+        max_bad_records: With skip, stop after more bad records than this (0: no count limit).
+        max_bad_fraction: With skip, stop once more than this fraction of the problems was bad.
+        device: Where the models run (cpu, cuda, cuda:N).
+        dtype: Floating dtype of the models (float32, bfloat16, float16; None: the saved one).
+        num_threads: Torch CPU threads (0: torch's default).
+    """
+
+    stage1: str = ""
+    stage2: str = ""
+    tokenizer: str = ""
+    problems: str = "data/scienceqa/problems.json"
+    pid_splits: str = "data/scienceqa/pid_splits.json"
+    split: str = "test"
+    captions: str | None = None
+    features: str | None = None
+    name_map: str | None = None
+    use_vision: bool = True
+    use_caption: bool = True
+    stage1_format: str = "QCM-E"
+    stage2_format: str = "QCMG-A"
+    source_len: int = 512
+    rationale_len: int = 512
+    answer_len: int = 64
+    batch_size: int = 16
+    output_dir: str = "runs/mmcot-eval"
+    random_fallback: bool = False
+    seed: int = 42
+    similarity_model: str = SIMILARITY_MODEL
+    on_bad_record: str = "error"
+    max_bad_records: int = 0
+    max_bad_fraction: float = 0.01
+    device: str = "cpu"
+    dtype: str | None = None
+    num_threads: int = 0
+
+
+def _eval_features(cfg: EvalConfig, stage1: MMCoTModel, stage2: MMCoTModel) -> VisionFeatures | None:
+    shapes = {(m.config.patch_num, m.config.patch_dim) for m in (stage1, stage2)}
+    if len(shapes) > 1:
+        raise ConfigError(f"stage1 and stage2 expect different vision features {sorted(shapes)}; they must match")
+    if not cfg.use_vision:
+        return None
+    if not cfg.features or not cfg.name_map:
+        raise ConfigError("use_vision=true needs features and name_map (or set use_vision=false)")
+    feats = VisionFeatures.load(cfg.features, cfg.name_map, patch_num=stage1.config.patch_num)
+    if feats.shape != (stage1.config.patch_num, stage1.config.patch_dim):
+        raise ConfigError(
+            f"features {cfg.features} have shape {feats.shape}, the models expect "
+            f"{(stage1.config.patch_num, stage1.config.patch_dim)} ({stage1.config.feature_source()})"
+        )
+    return feats
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Generate rationales with ``stage1``, answers with ``stage2`` reading them, and score both.
+
+    Writes into ``cfg.output_dir``: ``rationales.json`` (``{pid: rationale}``), ``predictions.json``
+    (``{pid: {rationale, output, prediction, answer, correct}}``; ``prediction`` is the option letter or
+    null when the output names none), ``metrics.json`` (standard JSON: category accuracy in the paper's
+    columns, rationale scores, extraction failures, skipped records) and ``metrics.md`` (the accuracy
+    table as the paper prints it).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        ConfigError: A missing model or tokenizer setting, a bad choice, or features that do not fit.
+        PretrainedError: A model folder or hub id that cannot be read.
+        RecordError / DataError: Malformed problems, splits or features (``on_bad_record="error"``).
+    """
+    from mmr_core.hub import parse_dtype
+    from mmr_core.io import BadRecordPolicy
+
+    from .train import generate_texts, load_tokenizer
+
+    for name in ("stage1", "stage2", "tokenizer"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"eval needs {name}=... (see mmr-mmcot eval --help)")
+    if cfg.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {cfg.on_bad_record!r}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    dtype = parse_dtype(cfg.dtype)
+    stage1 = MMCoTModel.from_pretrained(cfg.stage1, device=cfg.device, dtype=dtype)
+    stage2 = MMCoTModel.from_pretrained(cfg.stage2, device=cfg.device, dtype=dtype)
+    feats = _eval_features(cfg, stage1, stage2)
+    policy = BadRecordPolicy(
+        cfg.on_bad_record, max_skips=cfg.max_bad_records or None, max_fraction=cfg.max_bad_fraction
+    )
+    data = ScienceQA.load(cfg.problems, cfg.pid_splits, cfg.captions, policy)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if feats is not None:
+        data.drop_unusable_features(feats, data.split(cfg.split))
+    pids = data.split(cfg.split)
+    if not pids:
+        raise ConfigError(f"split {cfg.split!r} of {cfg.pid_splits} has no problem to answer")
+    common = dict(
+        features=feats,
+        source_len=cfg.source_len,
+        use_caption=cfg.use_caption,
+        zero_shape=(stage1.config.patch_num, stage1.config.patch_dim),
+    )
+    collator = Collator(tokenizer.pad_token_id)
+
+    def generate(
+        model: MMCoTModel, prompt_format: str, max_new: int, rationales=None, desc: str = ""
+    ) -> dict[str, str]:
+        dataset = ScienceQADataset(
+            data, pids, tokenizer, prompt_format, target_len=max_new, rationales=rationales, **common
+        )
+        return generate_texts(model, dataset, tokenizer, collator, cfg.batch_size, max_new, desc=desc)
+
+    rationales = generate(stage1, cfg.stage1_format, cfg.rationale_len, desc="stage 1: rationales")
+    outputs = generate(stage2, cfg.stage2_format, cfg.answer_len, rationales=rationales, desc="stage 2: answers")
+
+    extraction = extract_predictions(outputs, data.problems, random_fallback=cfg.random_fallback, seed=cfg.seed)
+    accuracy = category_accuracy(extraction.predictions, data.problems, pids=pids)
+    references = {pid: collapse_whitespace(render_pair(data.problems[pid], cfg.stage1_format, pid)[1]) for pid in pids}
+    failures = set(extraction.failures)
+    predictions = {}
+    for pid in pids:
+        index = extraction.predictions.get(pid, -1)
+        predictions[pid] = {
+            "rationale": rationales[pid],
+            "output": outputs[pid],
+            "prediction": None if pid in failures and not cfg.random_fallback else OPTIONS[index],
+            "answer": OPTIONS[data.problems[pid]["answer"]],
+            "correct": index == data.problems[pid]["answer"],
+        }
+    metrics: dict[str, Any] = {
+        "split": cfg.split,
+        "problems": len(pids),
+        "answer": accuracy,
+        "rationale": rationale_scores(rationales, references, cfg.similarity_model),
+        "extraction_failures": len(extraction.failures),
+        "skipped_records": data.skip_report(),
+    }
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Standard JSON (allow_nan=False): a NaN score would be a bug, and other tools refuse NaN.
+    (out / "rationales.json").write_text(json.dumps(rationales, indent=1, ensure_ascii=False))
+    (out / "predictions.json").write_text(json.dumps(predictions, indent=1, ensure_ascii=False, allow_nan=False))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    (out / "metrics.md").write_text(format_table({"mmr-mmcot": accuracy}) + "\n")
+    return metrics

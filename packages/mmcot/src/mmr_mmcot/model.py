@@ -35,6 +35,8 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
+from mmr_core.hub import CONFIG_NAME, PretrainedMixin
+
 # (patches, feature dim) per extractor, as used by the paper's released features.
 VISION_SHAPES: dict[str, tuple[int, int]] = {
     "detr": (100, 256),
@@ -229,8 +231,13 @@ class GatedFusion(nn.Module):
         return (1 - gate) * hidden + gate * attn
 
 
-class MMCoTModel(nn.Module):
+class MMCoTModel(nn.Module, PretrainedMixin):
     """T5ForConditionalGeneration with ``GatedFusion`` between encoder and decoder.
+
+    Saved and loaded with the repository's convention (``mmr_core.hub``): ``save_pretrained(dir)`` writes
+    ``config.json`` (the ``MMCoTConfig``) and ``model.safetensors`` (sharded above ``max_shard_size``, the
+    tied T5 embeddings stored once), ``from_pretrained(dir_or_hub_id)`` reads it back; the official mm-cot
+    and plain T5 weights load with ``load_official_state_dict`` / ``load_t5_state_dict``.
 
     Attributes:
         config: The ``MMCoTConfig``.
@@ -303,6 +310,9 @@ class MMCoTModel(nn.Module):
         Returns:
             Generated ids, (B, T), starting with the decoder start token.
         """
+        device = self.fusion.image_dense.weight.device  # batches are built on the CPU
+        input_ids, attention_mask, image_features = (t.to(device) for t in (input_ids, attention_mask, image_features))
+        image_mask = None if image_mask is None else image_mask.to(device)
         encoder_outputs = self.encode(input_ids, attention_mask, image_features, image_mask)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("num_beams", 1)
@@ -319,27 +329,24 @@ class MMCoTModel(nn.Module):
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``mmcot_config.json`` and ``model.safetensors`` to ``directory``."""
-        from safetensors.torch import save_file
+    config_class = MMCoTConfig
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "mmcot_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
-        return directory
+    def save(self, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
+        """``save_pretrained`` (kept for the recipe's earlier name)."""
+        return self.save_pretrained(directory, max_shard_size=max_shard_size)
 
     @classmethod
-    def load(cls, directory: str | Path) -> MMCoTModel:
-        """Inverse of ``save``."""
-        from safetensors.torch import load_file
-
+    def load(cls, directory: str | Path, **kwargs) -> MMCoTModel:
+        """``from_pretrained``; a folder from before the convention (``mmcot_config.json``) loads too."""
         directory = Path(directory)
-        config = MMCoTConfig(**json.loads((directory / "mmcot_config.json").read_text()))
-        model = cls(config)
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
-        return model
+        legacy = directory / "mmcot_config.json"
+        if not (directory / CONFIG_NAME).is_file() and legacy.is_file():
+            from safetensors.torch import load_file
+
+            model = cls(MMCoTConfig(**json.loads(legacy.read_text())))
+            model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+            return model.eval()
+        return cls.from_pretrained(directory, **kwargs)
 
     def load_official_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load an official mm-cot ``T5ForMultimodalGeneration`` state dict.

@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmr_core.cli import add_config_arguments
 from mmr_core.config import ConfigError
 from mmr_core.data.skips import TooManySkipsError
 from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
 from mmr_core.guards import NonFiniteGuard, NonFiniteLossError, total_grad_norm
+from mmr_core.hub import CONFIG_NAME
 from mmr_core.io import BadRecordPolicy, RecordError, UntrustedCheckpointError, safe_torch_load
 from mmr_core.utils import get_logger, progress, seed_everything
 
@@ -46,21 +48,72 @@ log = get_logger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Everything a two-stage run needs (YAML keys and ``key=value`` overrides use these names)."""
+    """Everything a two-stage run needs (YAML keys and ``key=value`` overrides use these names).
 
-    # model
+    Attributes:
+        model: Named size (``MMCoTConfig.names()``: flan-alpaca-base/large, unifiedqa-base/large, tiny, ...).
+        vision: Feature extractor (detr, clip, resnet, vit) setting the feature shape; None: vit for the
+            named checkpoints, 8x16 stand-in features for the test sizes.
+        patch_num: Image tokens per example for a custom extractor (0: from vision).
+        patch_dim: Feature size per image token for a custom extractor (0: from vision).
+        use_vision: Feed the vision features (false: text only, zero features).
+        fusion_mask: Mask absent images and text padding in the fusion (false: the official unmasked fusion).
+        init_checkpoint: Start from a save_pretrained folder or an official mm-cot state dict file.
+        t5_pretrained: Local Hugging Face T5 folder (UnifiedQA / FLAN-T5 / FLAN-Alpaca) for the backbone.
+        tokenizer: A SentencePiece .model file or a Hugging Face tokenizer folder (required).
+        problems: ScienceQA problems.json.
+        pid_splits: ScienceQA pid_splits.json.
+        captions: Captions JSON (the official captions.json), or None.
+        features: Vision features .npy (from mmr-mmcot features or the released files), or None.
+        name_map: JSON mapping pid to the features row, or None.
+        use_caption: Put the caption into the context, as the official scripts do.
+        train_split: Split trained on.
+        eval_split: Split generated on and scored.
+        stage1_format: Prompt format of stage 1 (QCM-E: question, context, options to the rationale).
+        stage2_format: Prompt format of stage 2 (QCMG-A: with the generated rationale, to the answer).
+        stages: Which stages run: both, rationale or answer.
+        stage2_train_rationales: Stage-2 training rationales: gold (official) or generated (stage 1's own).
+        epochs: Passes over the training split.
+        max_steps: Optimizer steps per stage (0: from epochs).
+        batch_size: Training examples per step (per process).
+        eval_batch_size: Examples per generation batch.
+        lr: Peak learning rate of AdamW (linear decay).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of the steps spent warming up.
+        grad_clip: Gradient-norm clip (0: none).
+        source_len: Input tokens kept.
+        rationale_len: Rationale tokens (stage-1 target and generation length).
+        answer_len: Answer tokens (stage-2 target and generation length).
+        dynamic_padding: Pad each batch to its longest input (false: to source_len, as the official code).
+        seed: Seed of initialisation, shuffling and dropout.
+        output_dir: Run folder: stage1/ and stage2/ (checkpoints, final/ exported models, generations),
+            metrics.json.
+        save_every: Steps between resumable checkpoints.
+        keep_last: Resumable checkpoints kept.
+        deepspeed: Train through DeepSpeed (launch with the deepspeed launcher).
+        ds_preset: DeepSpeed preset of mmr_core.distributed (cpu_zero2, v100_zero2, a100_zero3, ...).
+        random_fallback: An answer that names no option counts as a random option (official) instead of wrong.
+        num_threads: Torch CPU threads (0: torch's default).
+        on_bad_record: A bad problem, caption or features row: error (stop, naming file and pid) or skip
+            (counted in metrics.json).
+        max_bad_records: With skip, stop after more bad records than this (0: no count limit).
+        max_bad_fraction: With skip, stop once more than this fraction of the problems was bad.
+        on_non_finite: A non-finite loss or gradient norm: error (stop before the update) or skip (counted).
+        max_non_finite_steps: With skip, stop after more non-finite steps than this.
+        trust_pickle: Unpickle an init_checkpoint with weights_only=False (only a file from a trusted source).
+        similarity_model: Rationale-similarity model, a local folder or a Hugging Face id in the local cache
+            (never downloaded); empty to skip.
+    """
+
     model: str = "flan-alpaca-base"
-    # Feature extractor (detr, clip, resnet, vit): sets the feature shape for every model size. None: vit
-    # for the named checkpoints, 8x16 stand-in features for the test sizes (tiny, mini, mini-unifiedqa).
     vision: str | None = None
-    patch_num: int = 0  # 0: from ``vision`` (explicit sizes for custom extractors)
+    patch_num: int = 0
     patch_dim: int = 0
     use_vision: bool = True
     fusion_mask: bool = True
-    init_checkpoint: str | None = None  # ours (a save() folder) or an official mm-cot state dict file
-    t5_pretrained: str | None = None  # local Hugging Face T5 folder (UnifiedQA / FLAN-T5 / FLAN-Alpaca)
+    init_checkpoint: str | None = None
+    t5_pretrained: str | None = None
     tokenizer: str = ""
-    # data
     problems: str = "data/scienceqa/problems.json"
     pid_splits: str = "data/scienceqa/pid_splits.json"
     captions: str | None = None
@@ -73,7 +126,6 @@ class TrainConfig:
     stage2_format: str = "QCMG-A"
     stages: str = "both"
     stage2_train_rationales: str = "gold"
-    # optimisation
     epochs: int = 20
     max_steps: int = 0
     batch_size: int = 8
@@ -87,7 +139,6 @@ class TrainConfig:
     answer_len: int = 64
     dynamic_padding: bool = True
     seed: int = 42
-    # run
     output_dir: str = "runs/mmcot"
     save_every: int = 200
     keep_last: int = 2
@@ -95,20 +146,12 @@ class TrainConfig:
     ds_preset: str = "cpu_zero2"
     random_fallback: bool = False
     num_threads: int = 0
-    # bad input: "error" stops at the first bad problem, caption or features row (naming file and pid);
-    # "skip" drops them, counted by cause in metrics.json, and stops once more than max_bad_records (0: no
-    # count limit) or more than max_bad_fraction of the problems were bad
     on_bad_record: str = "error"
     max_bad_records: int = 0
     max_bad_fraction: float = 0.01
-    # a non-finite loss or gradient norm: "error" stops before the update (the last checkpoint stays the last
-    # good one); "skip" drops that update, counted, and stops after more than max_non_finite_steps of them
     on_non_finite: str = "error"
     max_non_finite_steps: int = 10
-    # unpickle an init_checkpoint with weights_only=False: only for a file from a source you trust
     trust_pickle: bool = False
-    # evaluation: the rationale-similarity model (a local folder or a Hugging Face id found in the local
-    # cache; never downloaded); empty to skip. Without it the similarity is reported as not computed.
     similarity_model: str = SIMILARITY_MODEL
 
 
@@ -142,8 +185,8 @@ def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel
         model.load_pretrained_t5(cfg.t5_pretrained)
     if cfg.init_checkpoint:
         path = Path(cfg.init_checkpoint)
-        if (path / "mmcot_config.json").is_file():
-            model = MMCoTModel.load(path)
+        if path.is_dir():
+            model = MMCoTModel.load(path)  # a save_pretrained folder (or the earlier mmcot_config.json one)
         else:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -402,7 +445,8 @@ def run_stage(
     """
     vocab = getattr(tokenizer, "vocab_size", None)
     final = stage_dir / "final"
-    model = MMCoTModel.load(final) if (final / "model.safetensors").is_file() else build_for_run(cfg, vocab)
+    exported = (final / CONFIG_NAME).is_file()
+    model = MMCoTModel.from_pretrained(final) if exported else build_for_run(cfg, vocab)
     feats = _features(cfg, model.config)
     if feats is not None:
         used = dict.fromkeys(p for split in (cfg.train_split, cfg.eval_split, *extra_generate_splits)
@@ -417,7 +461,7 @@ def run_stage(
         zero_shape=zero_shape,
     )
     collator = Collator(tokenizer.pad_token_id, pad_to=None if cfg.dynamic_padding else cfg.source_len)
-    if not (final / "model.safetensors").is_file():
+    if not exported:
         train_ds = ScienceQADataset(
             data, data.split(cfg.train_split), tokenizer, prompt_format, rationales=train_rationales, **common
         )
@@ -425,7 +469,7 @@ def run_stage(
         from mmr_core.utils import is_main_process
 
         if is_main_process():
-            model.save(final)
+            model.save_pretrained(final)  # the exported model `mmr-mmcot eval` and from_pretrained read
             _write_json(stage_dir / "losses.json", losses)
     generated = {}
     for split in (cfg.eval_split, *extra_generate_splits):
@@ -519,15 +563,14 @@ USER_ERRORS = (ConfigError, DataError, RecordError, UntrustedCheckpointError, To
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from mmr_core.config import load_config
+    from mmr_core.cli import HelpFormatter, config_from_args
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file with TrainConfig keys")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by deepspeed
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = config_from_args(args, TrainConfig)
         metrics = run(cfg)
     except USER_ERRORS as e:
         # A user's mistake (bad data, a bad setting, an untrusted file): one line and exit 2, no traceback.
