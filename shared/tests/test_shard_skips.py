@@ -189,3 +189,13 @@ def test_bad_index_files_are_errors_naming_the_file(written, tmp_path):
     index.write_text('{"format": "mmr-shard-index", "version": 1, "shards": [')
     with pytest.raises(ValueError, match=r"train\.index\.json: shard index is not valid JSON"):
         _read(shards)
+
+
+def test_an_unknown_loss_is_re_estimated_as_complete_shards_arrive(written, tmp_path):
+    shards = _copy(written, tmp_path / "s")
+    (tmp_path / "s" / "train.index.json").unlink()
+    shards[0].unlink()
+    # the missing shard comes first: counted as 1 (nothing to estimate from) while 1 < min_samples; once
+    # the 10-sample shard completes it is re-estimated as 10, and 10 of 20 trips the 30% limit
+    with pytest.raises(TooManySkipsError, match=r"~10 of ~20 samples skipped \(~50\.0%\).*re-estimated"):
+        _read(shards, max_fraction=0.3, min_samples=5)

@@ -152,8 +152,9 @@ class SkipCounter:
         """Record a shard read to its end: its size feeds the estimate of losses of unknown size."""
         self._shared.add(self._COMPLETE_SHARDS)
         self._shared.add(self._COMPLETE_SAMPLES, num_samples)
-        if self.num_unknown:  # a new mean size may push an estimated loss over a limit
-            self._check("corrupt_shard", None, None, "estimate of a loss of unknown size")
+        unknown = self.unknown()
+        if unknown:  # a new mean shard size may push an estimated loss over a limit
+            self._check(next(iter(unknown)), None, None, "re-estimated with the size of a newly completed shard")
 
     def skip(
         self,
