@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mmr_mmcot.cli import main as cli_main
 from mmr_mmcot.data import Collator, ScienceQA, ScienceQADataset, VisionFeatures
 from mmr_mmcot.miniature.synthetic import corpus, write_release
 from mmr_mmcot.model import VISION_SHAPES, MMCoTConfig, MMCoTModel
@@ -83,6 +84,20 @@ def test_two_stage_run_end_to_end(synthetic, tmp_path):
     before = losses_file.stat().st_mtime_ns
     again = main(overrides + ["max_steps=3", "stage2_train_rationales=generated"])
     assert again == metrics and losses_file.stat().st_mtime_ns == before
+
+    # The run ends with exported models (save_pretrained) that `mmr-mmcot eval` reads: same answers.
+    run = tmp_path / "run"
+    assert (run / "stage1" / "final" / "config.json").is_file()
+    settings = ["tokenizer", "problems", "pid_splits", "captions", "features", "name_map", "source_len",
+                "rationale_len", "answer_len", "eval_batch_size"]  # fmt: skip
+    cfg = _cfg(files, tok, run)
+    words = [f"{'batch_size' if k == 'eval_batch_size' else k}={getattr(cfg, k)}" for k in settings]
+    words += [f"stage1={run / 'stage1' / 'final'}", f"stage2={run / 'stage2' / 'final'}", f"output_dir={run / 'eval'}"]
+    assert cli_main(["eval", *words, "similarity_model="]) == 0
+    assert json.loads((run / "eval" / "rationales.json").read_text()) == stage1
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert evaluated["answer"] == metrics["answer"]
+    assert evaluated["extraction_failures"] == metrics["extraction_failures"]
 
 
 def test_stage2_sees_generated_rationales(synthetic):
