@@ -1,0 +1,157 @@
+"""Training through the shared crash-safe loop: exact resume with DataLoader workers, preemption, schedule, logs.
+
+Exactness is bitwise: a run stopped and resumed must end with the same weights, bit for bit, as one that
+never stopped (same process, same thread count, so every reduction runs in the same order).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmr_core.distributed.checkpoint import list_checkpoints
+from mmr_llava import checkpoint as ckpt
+from mmr_llava.miniature.scenes import write_dataset
+from mmr_llava.train import TrainConfig, train
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+# 36 instruction samples in micro-batches of 6: 6 steps an epoch; 8 steps cross into the second epoch.
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("scenes"), n_scenes=12, seed=0)
+
+
+def _cfg(scenes, out, **kw) -> TrainConfig:
+    # LoRA with dropout: the training process's own RNG is drawn every step, so its restore is tested too.
+    base = dict(model="tiny", data=str(scenes["instruct"]), image_folder=str(scenes["instruct"].parent),
+                output_dir=str(out), micro_batch_size=6, tokenizer_vocab=200, tune="lora", lora_r=4, lora_alpha=8,
+                lora_dropout=0.1, lr=1e-3, max_steps=STEPS, num_workers=2, warmup_ratio=0.2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_pretrained(run_dir / "model").state_dict()
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(scenes, tmp_path_factory):
+    os.environ["MMR_NO_PROGRESS"] = "1"
+    out = tmp_path_factory.mktemp("full")
+    with pytest.warns(UserWarning, match=f"max_steps={STEPS} is more than epochs=1 x 6 steps: training runs 2"):
+        result = train(_cfg(scenes, out))
+    return result, out
+
+
+def test_two_workers_stop_and_resume_is_bitwise_exact(scenes, tmp_path, uninterrupted):
+    """Stopped mid-epoch at step 3, resumed with 2 workers: the very weights of the uninterrupted 2-worker run.
+
+    The first part loads in the main process (``num_workers=0``): each batch is seeded from its position,
+    so the number of workers changes nothing. The resumed part starts at an odd micro-batch, so the
+    workers' round robin hands every batch to the other worker than in the uninterrupted run.
+    """
+    full, full_dir = uninterrupted
+    assert full["step"] == STEPS  # max_steps beyond the epochs ran on into epoch 2, not capped at 6
+    part = train(_cfg(scenes, tmp_path, save_every=3, stop_after_steps=3, num_workers=0))
+    assert part["step"] == 3 and [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step000000003"]
+    rest = train(_cfg(scenes, tmp_path, save_every=3))
+    assert rest["step"] == STEPS
+    assert part["losses"] + rest["losses"] == full["losses"]  # floats compared exactly
+    _assert_bitwise_equal(_weights(tmp_path), _weights(full_dir))
+
+
+def test_preempt_file_saves_exits_75_and_resumes_exactly(scenes, tmp_path, monkeypatch, uninterrupted):
+    """``$MMR_PREEMPT_FILE`` present: the run stops after its next step, saves (save_every=0), exits 75.
+
+    Requeued twice while the file is there, it does one more step each time. Then the ``latest`` pointer is
+    emptied (as a crash could leave it): the last resume says so, falls back to the newest complete
+    checkpoint, and ends bitwise equal to the uninterrupted run.
+    """
+    full, full_dir = uninterrupted
+    flag = tmp_path / "preempt"
+    monkeypatch.setenv("MMR_PREEMPT_FILE", str(flag))
+    flag.touch()
+    for _ in range(2):
+        with pytest.raises(SystemExit) as stopped:
+            train(_cfg(scenes, tmp_path / "run"))
+        assert stopped.value.code == 75
+    saved = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints", complete_only=True)]
+    assert saved == ["step000000001", "step000000002"]
+    assert not (tmp_path / "run" / "model").exists()  # a preempted run exports nothing
+    flag.unlink()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("")
+    with pytest.warns(UserWarning, match="latest is empty; resuming from step000000002"):
+        rest = train(_cfg(scenes, tmp_path / "run"))
+    assert rest["step"] == STEPS and rest["losses"] == full["losses"][2:]
+    _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(full_dir))
+
+
+def test_metrics_log_schedule_and_plot(uninterrupted):
+    """One metrics.jsonl line a step: loss, the Trainer's LR, throughput, skips, memory; metrics.png at the end."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    full, full_dir = uninterrupted
+    lines = [json.loads(line) for line in (full_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in lines] == full["losses"]
+    for m in lines:
+        assert m["samples_per_s"] > 0 and m["tokens_per_s"] > m["samples_per_s"]
+        assert m["skipped_steps"] == 0 and m["max_rss_mib"] > 0
+    # The LR each step used, against transformers' own schedule (warm-up ceil(8 * 0.2) = 2 steps from 0).
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    reference = get_cosine_schedule_with_warmup(opt, 2, STEPS)
+    expected = []
+    for _ in range(STEPS):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    assert expected[0] == 0.0
+    # Both evaluate the same float64 formula; only the order of two multiplications may differ: 1 ulp.
+    assert [m["lr"] for m in lines] == pytest.approx(expected, rel=1e-15, abs=1e-18)
+    png = full_dir / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_without_a_model_choice_is_refused(scenes, tmp_path):
+    with pytest.raises(ValueError, match="choose a model: model= one of .*tiny.*init_from="):
+        train(_cfg(scenes, tmp_path, model=None))
+
+
+@pytest.mark.slow  # three Python start-ups with torch and transformers: ~40 s on 2 shared cores
+def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(scenes, tmp_path):
+    """``MMR_CKPT_FAULT=0:4``: the process tears its step-4 file and SIGKILLs itself mid-save.
+
+    The rerun resumes from step 2 (step 4 never became complete) and ends bitwise equal to a run that was
+    never killed (both in subprocesses with one thread, so the arithmetic is the same).
+    """
+    args = [f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", "model=tiny",
+            "micro_batch_size=6", "tokenizer_vocab=200", "max_steps=6", "num_workers=2", "save_every=2",
+            "tune=lora", "lora_r=4", "lora_alpha=8", "lr=1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
+    env.pop("MMR_CKPT_FAULT", None)
+
+    def launch(out: Path, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args, f"output_dir={out}"],
+                              env=dict(env, **extra), capture_output=True, text=True, timeout=600)
+
+    reference = launch(tmp_path / "full")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = launch(tmp_path / "run", MMR_CKPT_FAULT="0:4")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step000000002"
+    resumed = launch(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(tmp_path / "full"))
