@@ -6,7 +6,8 @@
     mmr-medvlm eval --model runs/medvlm/model annotations=val.json images=val/
     mmr-medvlm predict --model runs/medvlm/model --image scan.png --prompt "polyp"
 
-``train`` and ``eval`` take every field of :class:`~mmr_medvlm.train.TrainConfig` /
+``train`` (registered by :func:`mmr_medvlm.train.add_train_command`, so that ``python -m mmr_medvlm.train``
+is the same command) and ``eval`` take every field of :class:`~mmr_medvlm.train.TrainConfig` /
 :class:`~mmr_medvlm.predict.EvalConfig` as ``--field value`` or ``field=value`` (``--help`` lists them with
 type, default and meaning); user mistakes print ``error: ...`` and exit 2 (``mmr_core.cli``).
 """
@@ -18,24 +19,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from mmr_core.cli import CommandLine, config_from_args
-from mmr_medvlm.prompts import PromptTooLongError
-
-PRESETS = ("cpu", "zero_shot", "1_shot", "10_shot", "100_shot", "full")
-
-
-def _train(args: argparse.Namespace) -> int:
-    from mmr_medvlm.train import TrainConfig, run
-
-    base = None
-    if args.preset:
-        base = TrainConfig.from_name(args.preset)
-    cfg = config_from_args(args, TrainConfig, base=base)
-    result = run(cfg)
-    summary = {key: result[key] for key in ("metrics", "model_dir") if key in result}
-    if summary:
-        print(json.dumps(summary, indent=2))
-    return 0
+from mmr_core.cli import CommandLine
+from mmr_medvlm.train import DESCRIPTION, PROGRAM, USER_ERRORS, add_train_command
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -66,26 +51,9 @@ def _predict(args: argparse.Namespace) -> int:
 def build() -> CommandLine:
     """The ``mmr-medvlm`` program: ``train``, ``eval`` and ``predict``."""
     from mmr_medvlm.predict import EvalConfig
-    from mmr_medvlm.train import TrainConfig
 
-    cli = CommandLine(
-        "mmr-medvlm",
-        "MedVLM (Qin et al., ICLR 2023): GLIP with attribute prompts for medical images. Fine-tune, evaluate "
-        "and predict; settings as --key value or key=value.",
-        user_errors=(PromptTooLongError,),
-    )
-    train = cli.command(
-        "train", _train, "fine-tune (zero-shot, k-shot, full) and export the model to output_dir/model",
-        config=TrainConfig,
-        description="Fine-tune GLIP on a COCO-format dataset with a prompt file, then export the EMA weights "
-        "to output_dir/model (config.json, model.safetensors, tokenizer, prompt.json). Resumable from "
-        "output_dir/last.pt. Defaults shown are the dataclass's; --preset replaces them.",
-    )
-    # The preset is applied by the handler (it changes the defaults the settings are read on top of).
-    train.set_defaults(_config_class=None)
-    train.add_argument("--preset", choices=PRESETS, default=None,
-                       help="named settings: cpu (test-size model, no 800/1333 resize; a laptop), zero_shot, "
-                       "1_shot, 10_shot, 100_shot, full (the paper's, GLIP-T at 800/1333)")
+    cli = CommandLine(PROGRAM, DESCRIPTION, user_errors=USER_ERRORS)
+    add_train_command(cli)
     cli.command("eval", _eval, "COCO AP of a saved model on an annotated set", config=EvalConfig)
     predict = cli.command(
         "predict", _predict, "detect prompted classes in images: PNG with boxes + COCO detections JSON",
