@@ -73,7 +73,9 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(cfg)
     print(format_table({"mmr-mmcot": metrics["answer"]}))
     rationale = metrics["rationale"]
-    scores = ", ".join(f"{k} {v:.2f}" for k, v in rationale.items() if isinstance(v, float))
+    # None: not computed (no non-empty rationale to score, or no similarity model; metrics.json says why).
+    shown = ("rougeL", "bleu1", "bleu4", "similarity")
+    scores = ", ".join(f"{k} {'n/a' if rationale.get(k) is None else format(rationale[k], '.2f')}" for k in shown)
     print(f"rationales: {scores}; extraction failures: {metrics['extraction_failures']}")
     print(f"wrote rationales.json, predictions.json, metrics.json, metrics.md in {cfg.output_dir}")
     return 0
