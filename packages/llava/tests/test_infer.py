@@ -139,5 +139,8 @@ def test_chat_cli_options_and_bfloat16(folder, capsys):
     cli_main([*base, "--dtype", "bfloat16", "--num-beams", "2"])
     out = capsys.readouterr()
     assert "parameters x 2 bytes (bfloat16)" in out.err and out.out.endswith("\n")
+    cli_main([*base, "--dtype", "float16"])  # LLaVA-1.5's releases are float16: "auto" on a CPU gives this
+    out = capsys.readouterr()
+    assert "parameters x 2 bytes (float16)" in out.err and out.out.endswith("\n")
     model, _ = load_for_inference(folder / "model", device="cpu", dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
