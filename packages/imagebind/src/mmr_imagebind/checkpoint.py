@@ -167,17 +167,27 @@ def load_imagebind(
     config: str | ImageBindConfig | None = None,
     modalities: tuple[str, ...] | list[str] | None = None,
     trust_pickle: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> ImageBind:
     """Build only ``modalities`` on the meta device and fill them from a checkpoint (low peak memory).
 
     Args:
-        path: ``.pth``/``.pt`` in the official layout, or ``.safetensors``.
-        config: Named config or config object; default: the one stored in a safetensors file, else
-            ``imagebind_huge``.
+        path: ``.pth``/``.pt`` in the official layout, ``.safetensors``, or a folder written by
+            :meth:`ImageBind.save_pretrained` or a hub id (``org/name``) of one; from a folder only the
+            built modalities' tensors are read.
+        config: Named config or config object; default: the one stored in a safetensors file or a folder's
+            ``config.json``, else ``imagebind_huge``.
         modalities: Encoders to build (default: all of the config's).
         trust_pickle: Unpickle any object in a ``.pth`` (default: tensors only, see :func:`read_state_dict`).
+        cache_dir: Hugging Face cache for a hub id (default: ``HF_HUB_CACHE``; offline under ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        CheckpointReadError: An unreadable file, or a path that is neither a file, a saved folder nor a hub id.
+        CheckpointMismatchError: Tensors that do not fit the model.
     """
     path = Path(path)
+    if not path.is_file():
+        return _load_pretrained_folder(str(path), config, modalities, cache_dir)
     is_st = path.suffix == ".safetensors"
     if config is None:
         config = (config_from_safetensors(path) if is_st else None) or ImageBindConfig.from_name("imagebind_huge")
@@ -189,4 +199,43 @@ def load_imagebind(
         load_safetensors(model, path, assign=True)
     else:
         load_official_checkpoint(model, path, assign=True, trust_pickle=trust_pickle)
+    return model.eval()
+
+
+def _load_pretrained_folder(
+    source: str,
+    config: str | ImageBindConfig | None,
+    modalities: tuple[str, ...] | list[str] | None,
+    cache_dir: str | Path | None,
+) -> ImageBind:
+    """:func:`load_imagebind` for a ``save_pretrained`` folder or hub id, reading the built modalities only."""
+    from safetensors import SafetensorError, safe_open
+
+    from mmr_core.config import ConfigError
+    from mmr_core.hub import PretrainedError, read_config_json, resolve_pretrained, weight_files
+
+    try:
+        folder = resolve_pretrained(source, cache_dir=cache_dir)
+        saved, _ = read_config_json(folder, ImageBindConfig)
+    except (PretrainedError, ConfigError) as e:
+        raise CheckpointReadError(f"checkpoint {source}: not a file, and {e}") from e
+    if config is None:
+        config = saved
+    elif isinstance(config, str):
+        config = ImageBindConfig.from_name(config)
+    with torch.device("meta"):
+        model = ImageBind(config, modalities)
+    built = set(model.modalities)
+    state = {}
+    try:
+        # One tensor at a time, and only the built modalities' (and any key outside the modality dicts):
+        # loading the 86M-parameter audio encoder from ImageBind-Huge does not read its 1.2B parameters.
+        for filename, names in weight_files(folder).items():
+            with safe_open(str(folder / filename), framework="pt") as f:
+                for name in names:
+                    if _modality_of(name) not in MODALITIES or _modality_of(name) in built:
+                        state[name] = f.get_tensor(name)
+    except (PretrainedError, SafetensorError, OSError) as e:
+        raise CheckpointReadError(f"cannot read checkpoint {folder}: {e}") from e
+    load_state_dict_strict(model, state, str(folder), assign=True)
     return model.eval()

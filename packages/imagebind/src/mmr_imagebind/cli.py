@@ -89,7 +89,7 @@ def model_config(spec: str | None) -> str | ImageBindConfig | None:
 
 def _load(args: argparse.Namespace, modalities: list[str]) -> ImageBind:
     path = Path(args.checkpoint)
-    if not path.is_file():
+    if not path.exists() and "/" not in args.checkpoint.strip("/"):
         raise ValueError(f"checkpoint {path} does not exist")
     config = model_config(args.config)
     model = load_imagebind(path, config=config, modalities=list(dict.fromkeys(modalities)), trust_pickle=args.trust_pickle)
@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--checkpoint", required=True, help="imagebind_huge.pth or a .safetensors of this package")
+        sp.add_argument("--checkpoint", required=True,
+                        help="imagebind_huge.pth, a .safetensors of this package, or a save_pretrained folder or "
+                             "hub id (org/name; from the local cache under HF_HUB_OFFLINE=1)")  # fmt: skip
         sp.add_argument("--config", default=None,
                         help="named config (imagebind_huge, tiny) or a .json/.yaml file of the official "
                              "ImageBindModel keyword arguments the .pth was built with")  # fmt: skip

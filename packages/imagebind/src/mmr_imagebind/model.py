@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from mmr_core.hub import PretrainedMixin
 from mmr_core.transformer import Transformer, count_parameters
 from mmr_core.utils import get_logger
 
@@ -38,13 +39,21 @@ log = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 
 
-class ImageBind(nn.Module):
+class ImageBind(PretrainedMixin, nn.Module):
     """ImageBind with only the requested modality encoders.
+
+    ``save_pretrained(dir)`` writes ``config.json`` (this config's fields) and ``model.safetensors`` (sharded
+    above ``max_shard_size``, with transformers' index) in the official key layout; ``from_pretrained(dir or
+    "org/name")`` reads it back (a hub id from the local Hugging Face cache under ``HF_HUB_OFFLINE=1``), see
+    :mod:`mmr_core.hub`. :func:`mmr_imagebind.checkpoint.load_imagebind` reads the same folders (and the
+    official ``.pth``) for a subset of the modalities.
 
     Args:
         config: Sizes; ``config.modalities`` lists the encoders to build unless ``modalities`` is given.
         modalities: Encoders to build (default: ``config.modalities``).
     """
+
+    config_class = ImageBindConfig
 
     def __init__(self, config: ImageBindConfig, modalities: tuple[str, ...] | list[str] | None = None) -> None:
         super().__init__()
