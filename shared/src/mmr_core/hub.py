@@ -212,6 +212,10 @@ def resolve_pretrained(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    try:  # huggingface_hub 1.x talks through httpx; its transport errors are not OSErrors
+        from httpx import HTTPError as TransportError
+    except ImportError:  # pragma: no cover - older huggingface_hub on requests (ConnectionError is an OSError)
+        TransportError = OSError  # noqa: N806
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     only_local = offline if local_files_only is None else local_files_only
     try:
@@ -222,9 +226,11 @@ def resolve_pretrained(
             local_files_only=only_local,
             allow_patterns=["*.json", "*.safetensors", "*.md"],
         )
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, TransportError, OSError) as exc:
         where = "the local Hugging Face cache" + (f" ({cache_dir})" if cache_dir else "")
+        where += "" if only_local else " or on the Hub"
         mode = " (offline: HF_HUB_OFFLINE is set)" if only_local else ""
+        mode += f"; there is no folder {path} either"
         raise PretrainedError(
             f"hub id '{text}' (revision {revision or 'main'}) not found in {where}{mode}: {exc}"
         ) from exc
