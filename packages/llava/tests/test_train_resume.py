@@ -19,19 +19,19 @@ from mmr_llava.miniature.scenes import write_dataset
 from mmr_llava.train import TrainConfig, train
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-# 36 instruction samples in micro-batches of 6: 6 steps an epoch; 8 steps cross into the second epoch.
-STEPS = 8
+# 12 instruction samples in micro-batches of 3: 4 steps an epoch; 6 steps cross into the second epoch.
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("scenes"), n_scenes=12, seed=0)
+    return write_dataset(tmp_path_factory.mktemp("scenes"), n_scenes=4, seed=0)
 
 
 def _cfg(scenes, out, **kw) -> TrainConfig:
     # LoRA with dropout: the training process's own RNG is drawn every step, so its restore is tested too.
     base = dict(model="tiny", data=str(scenes["instruct"]), image_folder=str(scenes["instruct"].parent),
-                output_dir=str(out), micro_batch_size=6, tokenizer_vocab=200, tune="lora", lora_r=4, lora_alpha=8,
+                output_dir=str(out), micro_batch_size=3, tokenizer_vocab=200, tune="lora", lora_r=4, lora_alpha=8,
                 lora_dropout=0.1, lr=1e-3, max_steps=STEPS, num_workers=2, warmup_ratio=0.2)
     base.update(kw)
     return TrainConfig(**base)
@@ -51,7 +51,7 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 def uninterrupted(scenes, tmp_path_factory):
     os.environ["MMR_NO_PROGRESS"] = "1"
     out = tmp_path_factory.mktemp("full")
-    with pytest.warns(UserWarning, match=f"max_steps={STEPS} is more than epochs=1 x 6 steps: training runs 2"):
+    with pytest.warns(UserWarning, match=f"max_steps={STEPS} is more than epochs=1 x 4 steps: training runs 2"):
         result = train(_cfg(scenes, out))
     return result, out
 
@@ -64,7 +64,7 @@ def test_two_workers_stop_and_resume_is_bitwise_exact(scenes, tmp_path, uninterr
     workers' round robin hands every batch to the other worker than in the uninterrupted run.
     """
     full, full_dir = uninterrupted
-    assert full["step"] == STEPS  # max_steps beyond the epochs ran on into epoch 2, not capped at 6
+    assert full["step"] == STEPS  # max_steps beyond the epochs ran on into epoch 2, not capped at 4
     part = train(_cfg(scenes, tmp_path, save_every=3, stop_after_steps=3, num_workers=0))
     assert part["step"] == 3 and [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step000000003"]
     rest = train(_cfg(scenes, tmp_path, save_every=3))
@@ -110,7 +110,7 @@ def test_metrics_log_schedule_and_plot(uninterrupted):
     for m in lines:
         assert m["samples_per_s"] > 0 and m["tokens_per_s"] > m["samples_per_s"]
         assert m["skipped_steps"] == 0 and m["max_rss_mib"] > 0
-    # The LR each step used, against transformers' own schedule (warm-up ceil(8 * 0.2) = 2 steps from 0).
+    # The LR each step used, against transformers' own schedule (warm-up ceil(6 * 0.2) = 2 steps from 0).
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     reference = get_cosine_schedule_with_warmup(opt, 2, STEPS)
     expected = []
@@ -138,7 +138,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(scene
     never killed (both in subprocesses with one thread, so the arithmetic is the same).
     """
     args = [f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", "model=tiny",
-            "micro_batch_size=6", "tokenizer_vocab=200", "max_steps=6", "num_workers=2", "save_every=2",
+            "micro_batch_size=3", "tokenizer_vocab=200", "max_steps=6", "num_workers=2", "save_every=2",
             "tune=lora", "lora_r=4", "lora_alpha=8", "lr=1e-3"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
     env.pop("MMR_CKPT_FAULT", None)
@@ -154,4 +154,42 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(scene
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step000000002"
     resumed = launch(tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(tmp_path / "full"))
+
+
+def _launch_two_ranks(args: list[str], env: dict[str, str]) -> list[tuple[int, str]]:
+    """Run ``train.py`` as 2 DeepSpeed ranks on gloo (the environment the launcher would set); (rc, log) each."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.slow  # six DeepSpeed ranks started one pair after the other: ~2-3 min on 2 shared cores
+@pytest.mark.distributed
+def test_two_ranks_two_workers_preempted_and_resumed_exactly(scenes, tmp_path):
+    """2 DeepSpeed ranks x 2 workers: the preempt file stops both after step 1 (each exits 75, one
+    checkpoint), the requeued pair ends bitwise equal to a pair that was never stopped (2 epochs)."""
+    args = [f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", "model=tiny",
+            "micro_batch_size=3", "tokenizer_vocab=200", "max_steps=3", "num_workers=2", "zero_stage=2",
+            "tune=full", "lr=1e-3", "warmup_ratio=0.2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1", MMR_PREEMPT_FILE=str(tmp_path / "preempt"))
+    env.pop("MMR_CKPT_FAULT", None)
+    reference = _launch_two_ranks([*args, f"output_dir={tmp_path / 'full'}"], env)
+    assert [rc for rc, _ in reference] == [0, 0], "\n".join(log[-3000:] for _, log in reference)
+    (tmp_path / "preempt").touch()
+    stopped = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env)
+    assert [rc for rc, _ in stopped] == [75, 75], "\n".join(log[-3000:] for _, log in stopped)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step000000001"
+    (tmp_path / "preempt").unlink()
+    resumed = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env)
+    assert [rc for rc, _ in resumed] == [0, 0], "\n".join(log[-3000:] for _, log in resumed)
     _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(tmp_path / "full"))
