@@ -1,22 +1,30 @@
-"""Command line: embed files, classify them zero-shot, retrieve across modalities.
+"""Command line ``mmr-imagebind``: embed files, classify them zero-shot, retrieve across modalities, export
+encoders, train.
 
 ::
 
-    python -m mmr_imagebind.cli embed    --checkpoint imagebind_huge.pth --modality audio a.wav b.wav --out emb.safetensors
-    python -m mmr_imagebind.cli zeroshot --checkpoint ckpt.safetensors --modality audio --classes dog,rain,car *.wav
-    python -m mmr_imagebind.cli retrieve --checkpoint ckpt.pth --query "a barking dog" --gallery-modality vision *.jpg
+    mmr-imagebind embed    --checkpoint imagebind_huge.pth --modality audio a.wav b.wav --out emb.safetensors
+    mmr-imagebind zeroshot --checkpoint ckpt.safetensors --modality audio --classes dog,rain,car *.wav
+    mmr-imagebind retrieve --checkpoint ckpt.pth --query "a barking dog" --gallery-modality vision *.jpg
+    mmr-imagebind export   --checkpoint imagebind_huge.pth --modality audio --format onnx --out exported/
+    mmr-imagebind train    --recipe AS init_checkpoint=imagebind_huge.pth train_shards=DIR out_dir=runs/as
 
-``--checkpoint`` is the official ``imagebind_huge.pth`` or a ``.safetensors`` file of this package (its config is
-stored inside); only the modalities a command needs are built. A ``.pth`` built with other arguments of the
-official ``ImageBindModel`` constructor takes ``--config model.yaml`` (or ``.json``): a mapping of those keyword
-arguments, e.g. ``{vision_embed_dim: 1280, vision_num_blocks: 32, out_embed_dim: 1024}``, unnamed ones at the
-constructor's defaults (see ``ImageBindConfig.from_official_kwargs``); ``--config`` also takes a named size
-(``imagebind_huge``, ``tiny``). A ``.pth`` is read with ``weights_only=True``: pickled objects other than tensors are
-refused (``--trust-pickle`` lifts that for files you trust). Mistakes on the command line, unreadable inputs and
-checkpoints that do not match print ``error: ...`` and exit with status 2. Text uses CLIP's BPE (``--bpe`` or
-``$MMR_IMAGEBIND_BPE``), or for small models trained with a word vocabulary, ``--vocab words.txt`` (one word a
-line; see :class:`mmr_imagebind.tokenizer.WordTokenizer`). ``--labels`` gives zero-shot ground truth
-(class names, one per file, comma-separated) to print top-1/top-5.
+(``python -m mmr_imagebind.cli`` is the same program.) ``--checkpoint`` is the official ``imagebind_huge.pth``,
+a ``.safetensors`` file of this package (its config is stored inside), or a folder written by
+``ImageBind.save_pretrained`` or a hub id of one (``org/name``, from the local Hugging Face cache under
+``HF_HUB_OFFLINE=1``); only the modalities a command needs are built and read. A ``.pth`` built with other
+arguments of the official ``ImageBindModel`` constructor takes ``--config model.yaml`` (or ``.json``): a mapping
+of those keyword arguments, e.g. ``{vision_embed_dim: 1280, vision_num_blocks: 32, out_embed_dim: 1024}``,
+unnamed ones at the constructor's defaults (see ``ImageBindConfig.from_official_kwargs``); ``--config`` also
+takes a named size (``imagebind_huge``, ``tiny``). A ``.pth`` is read with ``weights_only=True``: pickled
+objects other than tensors are refused (``--trust-pickle`` lifts that for files you trust). Images may be in
+any format PIL reads (JPEG, PNG, WebP, TIFF, BMP, GIF, ...). Mistakes on the command line, unreadable inputs
+and checkpoints that do not match print ``error: ...`` and exit with status 2; an export whose graph does not
+match eager PyTorch exits with 1. Text uses CLIP's BPE (``--bpe`` or ``$MMR_IMAGEBIND_BPE``), or for small
+models trained with a word vocabulary, ``--vocab words.txt`` (one word a line; see
+:class:`mmr_imagebind.tokenizer.WordTokenizer`). ``--labels`` gives zero-shot ground truth (class names, one
+per file, comma-separated) to print top-1/top-5. ``train --help`` lists every training setting with its
+type, default and meaning.
 """
 
 from __future__ import annotations
@@ -28,10 +36,14 @@ from pathlib import Path
 
 import torch
 
+from mmr_core.cli import CommandLine, HelpFormatter
+
 from .checkpoint import CheckpointMismatchError, CheckpointReadError, load_imagebind
 from .config import MODALITIES, NAMED_CONFIGS, OFFICIAL_CONSTRUCTOR_DEFAULTS, ImageBindConfig
 from .evaluation import embed, load_inputs
 from .model import ImageBind
+from .train import add_train_arguments, config_from_train_args
+from .train import run as run_training
 from .zeroshot import DEFAULT_TEMPLATES, text_classifier, top_k_accuracy, zero_shot_logits
 
 
@@ -156,71 +168,143 @@ def cmd_retrieve(args: argparse.Namespace) -> dict:
                         for qq, sc, ix in zip(queries, scores, idx)]}  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mmr_imagebind.cli", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_export(args: argparse.Namespace) -> dict:
+    from .export import export_modality
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--checkpoint", required=True,
+    modalities = list(MODALITIES) if args.modality == "all" else [args.modality]
+    model = _load(args, modalities)
+    results = []
+    for m in modalities:
+        try:
+            meta = export_modality(model, m, args.out, args.format, clips=args.clips, opset=args.opset)
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+        parity = meta["parity"]
+        print(f"{m}: {args.format} graph {Path(args.out) / meta['graph']}; max |exported - eager| = "
+              f"{parity['max_abs_diff']:.3g} <= bound {parity['tolerance']:.3g} (batch {parity['batch_size']})",
+              file=sys.stderr)  # fmt: skip
+        results.append({k: meta[k] for k in ("modality", "format", "graph", "inputs", "outputs", "parity")})
+    return {"out": args.out, "exports": results}
+
+
+DESCRIPTION = "ImageBind: embed files, zero-shot classify, retrieve across modalities, export encoders, train."
+
+
+class _Formatter(HelpFormatter):
+    """The shared formatter, with an option's default appended to its help line where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _printing(handler):
+    def run(args: argparse.Namespace) -> int:
+        print(json.dumps(handler(args), indent=1))
+        return 0
+
+    return run
+
+
+def build_cli() -> CommandLine:
+    """The ``mmr-imagebind`` program (subcommands embed, zeroshot, retrieve, export, train)."""
+    cli = CommandLine("mmr-imagebind", DESCRIPTION,
+                      user_errors=(ValueError, KeyError, CheckpointMismatchError, CheckpointReadError))  # fmt: skip
+    cli.parser.description = __doc__
+    cli.parser.formatter_class = _Formatter
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sp = cli.command(name, handler, help)
+        sp.formatter_class = _Formatter
+        return sp
+
+    def common(sp: argparse.ArgumentParser, text: bool = True, inputs: bool = True) -> None:
+        sp.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="imagebind_huge.pth, a .safetensors of this package, or a save_pretrained folder or "
                              "hub id (org/name; from the local cache under HF_HUB_OFFLINE=1)")  # fmt: skip
-        sp.add_argument("--config", default=None,
+        sp.add_argument("--config", default=None, metavar="NAME|FILE",
                         help="named config (imagebind_huge, tiny) or a .json/.yaml file of the official "
                              "ImageBindModel keyword arguments the .pth was built with")  # fmt: skip
-        sp.add_argument("--bpe", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz")
-        sp.add_argument("--vocab", default=None, help="word list for small word-vocabulary models")
-        sp.add_argument("--batch-size", type=int, default=16)
-        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sp.add_argument("--focal-length", type=float, default=None,
-                        help="depth PNGs: camera fx in pixels, to turn distances into disparity")  # fmt: skip
-        sp.add_argument("--depth-scale", type=float, default=None,
-                        help="depth PNGs: metres per stored unit (default 0.001 for 16-bit; needed for 8-bit)")  # fmt: skip
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="bfloat16 is several times faster on GPUs and AMX CPUs but NOT exact (cosine "
-                             "similarity to float32 embeddings about 0.9999)")  # fmt: skip
         sp.add_argument("--trust-pickle", action="store_true",
                         help="unpickle any object in a .pth (default: tensors only, so a file cannot run code); "
                              "only for files from a source you trust")  # fmt: skip
-        sp.add_argument("--too-long-text", default="warn", choices=["warn", "error"],
-                        help="text over the context (77 tokens): cut it with a warning (the official behaviour) "
-                             "or stop with an error")  # fmt: skip
+        if not inputs:
+            return
+        sp.add_argument("--batch-size", type=int, default=16, metavar="INT", help="inputs per forward pass")
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", metavar="DEVICE",
+                        help="cpu, cuda or cuda:N")  # fmt: skip
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16 is several times faster on GPUs and AMX CPUs but NOT exact (cosine "
+                             "similarity to float32 embeddings about 0.9999)")  # fmt: skip
         sp.add_argument("--compile", action="store_true",
                         help="torch.compile the encoders (inference, frozen weights): faster per batch after a "
                              "compile of seconds to a minute; pays off on large input sets")  # fmt: skip
+        sp.add_argument("--focal-length", type=float, default=None, metavar="FLOAT",
+                        help="depth PNGs: camera fx in pixels, to turn distances into disparity")  # fmt: skip
+        sp.add_argument("--depth-scale", type=float, default=None, metavar="FLOAT",
+                        help="depth PNGs: metres per stored unit (default 0.001 for 16-bit; needed for 8-bit)")  # fmt: skip
+        if text:
+            sp.add_argument("--bpe", default=None, metavar="FILE",
+                            help="CLIP bpe_simple_vocab_16e6.txt.gz (default: $MMR_IMAGEBIND_BPE or open_clip's)")  # fmt: skip
+            sp.add_argument("--vocab", default=None, metavar="FILE", help="word list for small word-vocabulary models")
+            sp.add_argument("--too-long-text", default="warn", choices=["warn", "error"],
+                            help="text over the context (77 tokens): cut it with a warning (the official "
+                                 "behaviour) or stop with an error")  # fmt: skip
 
-    e = sub.add_parser("embed", help="embed files (or strings for text)")
+    e = command("embed", _printing(cmd_embed), "embed files (or strings for text)")
     common(e)
-    e.add_argument("--modality", required=True, choices=MODALITIES)
-    e.add_argument("--out", default=None, help="write embeddings to this .safetensors")
-    e.add_argument("inputs", nargs="+")
-    z = sub.add_parser("zeroshot", help="classify files from class-name prompts")
+    e.add_argument("--modality", required=True, choices=MODALITIES, help="what the inputs are")
+    e.add_argument("--out", default=None, metavar="FILE", help="write embeddings to this .safetensors")
+    e.add_argument("inputs", nargs="+", help="files (image, sound, .npy depth/IMU, depth PNG) or text strings")
+    z = command("zeroshot", _printing(cmd_zeroshot), "classify files from class-name prompts")
     common(z)
-    z.add_argument("--modality", required=True, choices=[m for m in MODALITIES if m != "text"])
-    z.add_argument("--classes", required=True, help="comma-separated class names")
-    z.add_argument("--templates", nargs="*", default=None, help="prompt templates with '{}' (default: 4 templates)")
-    z.add_argument("--labels", default=None, help="comma-separated true class per input, to score top-1/top-5")
-    z.add_argument("inputs", nargs="+")
-    r = sub.add_parser("retrieve", help="rank gallery files for each query")
+    z.add_argument("--modality", required=True, choices=[m for m in MODALITIES if m != "text"], help="what the inputs are")
+    z.add_argument("--classes", required=True, metavar="A,B,...", help="comma-separated class names")
+    z.add_argument("--templates", nargs="*", default=None, metavar="TEMPLATE",
+                   help="prompt templates with '{}' (default: 4 templates)")  # fmt: skip
+    z.add_argument("--labels", default=None, metavar="A,B,...",
+                   help="comma-separated true class per input, to score top-1/top-5")  # fmt: skip
+    z.add_argument("inputs", nargs="+", help="files to classify")
+    r = command("retrieve", _printing(cmd_retrieve), "rank gallery files for each query")
     common(r)
     r.add_argument("--query", nargs="+", required=True, help="query strings (text) or files")
-    r.add_argument("--query-modality", default="text", choices=MODALITIES)
-    r.add_argument("--gallery-modality", required=True, choices=MODALITIES)
-    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--query-modality", default="text", choices=MODALITIES, help="what the queries are")
+    r.add_argument("--gallery-modality", required=True, choices=MODALITIES, help="what the gallery files are")
+    r.add_argument("--top-k", type=int, default=5, metavar="INT", help="matches listed per query")
     r.add_argument("inputs", nargs="+", help="gallery files")
-    return p
+    x = command("export", _printing(cmd_export),
+                "export modality encoders (ONNX or torch.export) and check each against eager PyTorch")  # fmt: skip
+    common(x, inputs=False)
+    x.add_argument("--modality", required=True, choices=[*MODALITIES, "all"], help="the encoder to export")
+    x.add_argument("--format", default="onnx", choices=["onnx", "torch.export"],
+                   help="onnx (checked in onnxruntime; needs the export extra) or torch.export (a .pt2 file)")  # fmt: skip
+    x.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for imagebind_<modality>.onnx/.pt2 and the .json of its input/output names and shapes")  # fmt: skip
+    x.add_argument("--clips", type=int, default=None, metavar="INT",
+                   help="clips per sample: audio (default 3, as the loader cuts them) or vision as videos "
+                        "(default: single images)")  # fmt: skip
+    x.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset (default: PyTorch's exporter's)")
+    x.set_defaults(device="cpu", dtype="float32")
+    t = command("train", _train, "bind a modality encoder to the frozen image/text encoders (the paper's recipe)")
+    add_train_arguments(t)
+    return cli
+
+
+def _train(args: argparse.Namespace) -> int:
+    return run_training(config_from_train_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"embed": cmd_embed, "zeroshot": cmd_zeroshot, "retrieve": cmd_retrieve}[args.command]
+    """Run ``mmr-imagebind``; user mistakes print ``error: ...`` and return 2, a failed export check 1."""
+    from .export import ExportParityError
+
     try:
-        result = handler(args)
-    except (ValueError, FileNotFoundError, KeyError, CheckpointMismatchError, CheckpointReadError) as e:
+        return build_cli().main(argv)
+    except ExportParityError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1))
-    return 0
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ from .data import AUDIO_CLIPS
 from .model import ImageBind
 
 FORMATS = ("onnx", "torch.export")
+
+
+class ExportParityError(RuntimeError):
+    """An exported graph whose embeddings differ from eager PyTorch's by more than :func:`parity_tolerance`."""
+
 # float32 unit roundoff (2^-24): the relative error of one correctly rounded operation.
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
@@ -182,8 +187,9 @@ def export_modality(
         The JSON description written beside the graph (its ``parity`` entry holds the measured difference).
 
     Raises:
-        ValueError: Unknown format or modality, or a parity check that fails (the message gives the
-            difference and the bound).
+        ValueError: Unknown format or modality, or clips for a modality without clips.
+        ExportParityError: The saved graph differs from eager by more than the bound (the message gives
+            both; the files stay for inspection).
         ImportError: ONNX requested without ``onnx``/``onnxscript``/``onnxruntime`` installed.
     """
     if format not in FORMATS:
@@ -234,8 +240,8 @@ def export_modality(
     text = json.dumps(meta, indent=1, allow_nan=False)
     (out_dir / f"{stem}.json").write_text(text + "\n")
     if not diff <= tolerance:  # also catches NaN
-        raise ValueError(f"exported {modality} graph {graph_path} differs from eager PyTorch by {diff:.3g} "
-                         f"(bound {tolerance:.3g})")  # fmt: skip
+        raise ExportParityError(f"exported {modality} graph {graph_path} differs from eager PyTorch by {diff:.3g} "
+                                f"(bound {tolerance:.3g})")  # fmt: skip
     return json.loads(text)  # as the file holds it (lists, not tuples)
 
 
@@ -280,6 +286,7 @@ def export_modalities(
 
 __all__ = [
     "FORMATS",
+    "ExportParityError",
     "ModalityEncoder",
     "example_input",
     "export_modalities",

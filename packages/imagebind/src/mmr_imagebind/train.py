@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmr_core.config import load_config, save_config
+from mmr_core.config import save_config
 from mmr_core.data import build_pipeline, derive_seed, expand_shards, make_loader
 from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
 from mmr_core.guards import NonFiniteGuard, total_grad_norm
@@ -603,25 +603,62 @@ def _save(cfg, engine, net, opt, sched, step, data_state) -> None:
         _save_plain(cfg, net, opt, sched, step, data_state)
 
 
+RECIPE_HELP = "the paper's recipe whose settings are the defaults: audioset/AS, sunrgbd/SUN, llvip/LLVIP, ego4d/Ego4D, tiny_audio"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--recipe NAME``, ``--config YAML``, ``key=value`` words and one ``--field`` option per
+    :class:`TrainConfig` field (``--help`` shows each with its type, the audioset recipe's default and its
+    meaning; :mod:`mmr_core.cli`). Shared by ``python -m mmr_imagebind.train`` and ``mmr-imagebind train``."""
+    from mmr_core.cli import add_config_arguments
+
+    parser.add_argument("--recipe", default="audioset", help=RECIPE_HELP)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    add_config_arguments(parser, TrainConfig, TrainConfig(recipe=get_recipe("audioset")))
+    # The config is built by config_from_train_args once --recipe is known, not by mmr_core.cli's dispatch.
+    parser.set_defaults(_config_class=None)
+
+
+def config_from_train_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the recipe, then ``--config``, ``key=value`` words, ``--field`` options.
+
+    Raises:
+        ConfigError: An unknown recipe or key, or a bad value (the message names it).
+    """
+    from mmr_core.cli import config_from_args
+    from mmr_core.config import ConfigError
+
+    try:
+        recipe = get_recipe(args.recipe)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e).strip("'\"")) from e
+    return config_from_args(args, TrainConfig, base=TrainConfig(recipe=recipe))
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """``--recipe NAME [--config YAML] [key=value ...]`` -> a :class:`TrainConfig`."""
-    p = argparse.ArgumentParser(description="Bind a modality encoder to frozen ImageBind image/text encoders.")
-    p.add_argument(
-        "--recipe", default="audioset", help="audioset/AS, sunrgbd/SUN, llvip/LLVIP, ego4d/Ego4D, tiny_audio"
-    )
-    p.add_argument("--config", default=None, help="YAML file of TrainConfig fields")
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. recipe.peak_lr=1e-3 train_shards=DIR")
-    args = p.parse_args(argv)
-    return load_config(TrainConfig, args.config, args.overrides, base=TrainConfig(recipe=get_recipe(args.recipe)))
+    """``--recipe NAME [--config YAML] [key=value ...] [--field value ...]`` -> a :class:`TrainConfig`."""
+    from mmr_core.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m mmr_imagebind.train", formatter_class=HelpFormatter,
+                                description="Bind a modality encoder to frozen ImageBind image/text encoders.")  # fmt: skip
+    add_train_arguments(p)
+    return config_from_train_args(p.parse_args(argv))
 
 
-def main(argv: list[str] | None = None) -> int:
-    result = train(parse_args(argv))
+def run(cfg: TrainConfig) -> int:
+    """Train and print the run's summary (steps, resume point, model path, first and last loss) as JSON."""
+    result = train(cfg)
     if result["losses"]:
         print(json.dumps({k: result[k] for k in ("steps", "resumed_from", "model_path")} |
                          {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}))  # fmt: skip
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmr_imagebind.train``; a mistake in the settings prints ``error: ...`` and returns 2."""
+    from mmr_core.cli import run_guarded
+
+    return run_guarded(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
