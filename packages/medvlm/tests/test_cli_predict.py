@@ -212,7 +212,7 @@ def _train_words(blood, tokenizer_dir, tmp_path) -> list[str]:
 
 def test_cpu_preset_trains_exports_and_the_export_predicts(blood, tokenizer_dir, tmp_path, capsys):
     preset = TrainConfig.from_name("cpu")
-    assert (preset.model, preset.min_size, preset.max_size) == ("test", None, 512)
+    assert (preset.model, preset.min_size, preset.max_size, preset.optim.ema_decay) == ("test", None, 512, 0.99)
     words = _train_words(blood, tokenizer_dir, tmp_path)
     assert cli.main(["train", "--preset", "cpu", "max_steps=2", "save_every=1", *words]) == 0
     export = tmp_path / "run" / "model"
