@@ -285,3 +285,25 @@ def test_presets_keep_the_papers_sizes():
         assert (TrainConfig.from_name(name).min_size, TrainConfig.from_name(name).max_size) == (800, 1333)
     with pytest.raises(KeyError, match="cpu"):
         TrainConfig.from_name("laptop")
+
+
+def test_predict_reads_a_hub_id_offline_from_the_cache(saved_model, blood, tmp_path, monkeypatch):
+    """``--model org/name`` resolves from the local Hugging Face cache with HF_HUB_OFFLINE=1 (a cache made here)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    root, ann = blood
+    image = root / "images" / json.loads(ann.read_text())["images"][0]["file_name"]
+    cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--mmr-test--glip-test"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(saved_model, repo / "snapshots" / revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read when resolving
+    words = ["--image", str(image), "--prompt", "platelet. red blood cell", "--score-threshold", "0.2"]
+    assert cli.main(["predict", "--model", "mmr-test/glip-test", *words, "--output-dir", str(tmp_path / "hub_out")]) == 0
+    assert cli.main(["predict", "--model", str(saved_model), *words, "--output-dir", str(tmp_path / "dir_out")]) == 0
+    from_hub = json.loads((tmp_path / "hub_out" / "detections.json").read_text())
+    assert from_hub and from_hub == json.loads((tmp_path / "dir_out" / "detections.json").read_text())
