@@ -8,6 +8,7 @@ from .checkpoint import (
     load_safetensors,
     save_safetensors,
 )
+from .export import export_modality
 from .model import MODALITIES, ImageBind, ImageBindConfig, build_imagebind, parameter_counts
 from .tokenizer import CLIPTokenizer
 
@@ -21,6 +22,7 @@ __all__ = [
     "ImageBind",
     "ImageBindConfig",
     "build_imagebind",
+    "export_modality",
     "load_imagebind",
     "load_official_checkpoint",
     "load_safetensors",
