@@ -2,9 +2,10 @@
 
 The paper fine-tunes GLIP-T with GLIP's settings: AdamW, a base learning rate with a 10x smaller one for
 the language backbone, linear warmup, step decay at 67% / 89% of training, gradient clipping and an EMA
-of the weights used for evaluation. Runs single-process::
+of the weights used for evaluation. Runs single-process (``mmr-medvlm train`` is the same command)::
 
     python -m mmr_medvlm.train --config run.yaml mode=k_shot k=10 seed=1
+    mmr-medvlm train --preset cpu tokenizer=bert-base-uncased train_annotations=... prompt_file=...
 
 or under DeepSpeed (gloo on CPU, NCCL on GPU) via ``mmr_core.distributed``::
 
@@ -14,6 +15,9 @@ Training is resumable: the single-process run keeps ``<output_dir>/last.pt`` (mo
 scheduler, step, RNG; tensors and plain values only, read back with ``weights_only=True``); the DeepSpeed run
 uses ``mmr_core.distributed.save_checkpoint``. A non-finite loss or gradient norm stops training before the
 update, naming the step and the batch's image ids (``on_non_finite=skip`` drops such steps instead, counted).
+A run ends by exporting the EMA weights to ``<output_dir>/model`` (:func:`export_model`), the folder
+``GLIP.from_pretrained``, ``mmr-medvlm predict`` and ``mmr-medvlm eval`` read. Zero-shot without
+``init_checkpoint`` is refused (:func:`check_config`).
 """
 
 from __future__ import annotations
