@@ -307,3 +307,17 @@ def test_predict_reads_a_hub_id_offline_from_the_cache(saved_model, blood, tmp_p
     assert cli.main(["predict", "--model", str(saved_model), *words, "--output-dir", str(tmp_path / "dir_out")]) == 0
     from_hub = json.loads((tmp_path / "hub_out" / "detections.json").read_text())
     assert from_hub and from_hub == json.loads((tmp_path / "dir_out" / "detections.json").read_text())
+
+
+def test_official_yaml_test_sizes_become_the_saved_resize():
+    """GLIP's INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST map to the config that a saved model carries."""
+    from test_glip_yaml import GLIP_T
+
+    from mmr_medvlm.config import load_official_glip_yaml
+
+    cfg, report = load_official_glip_yaml(GLIP_T.replace("INPUT:\n", "INPUT:\n  MIN_SIZE_TEST: 600\n  MAX_SIZE_TEST: 1000\n"))
+    assert (cfg.min_size_test, cfg.max_size_test) == (600, 1000)
+    assert report.mapped["INPUT.MIN_SIZE_TEST"] == ("min_size_test", 600)
+    default, report = load_official_glip_yaml(GLIP_T)
+    assert (default.min_size_test, default.max_size_test) == (800, 1333)  # defaults.py's values
+    assert "INPUT.MIN_SIZE_TEST" in report.from_defaults
