@@ -54,3 +54,10 @@ def test_two_process_gloo_train_and_resume(tmp_path, tokenizer):
     resumed = _launch(cfg_path, out, 4)
     assert [r["start"] for r in resumed] == [2, 2]
     assert [h["step"] for h in resumed[0]["history"]] == [3, 4]
+    # rank 0 exports the trained weights (copied out of DeepSpeed's flat buffers) and the folder loads
+    assert resumed[0]["model_dir"] == str(out / "model") and "model_dir" not in resumed[1]
+    from mmr_medvlm.model import GLIP
+
+    exported = GLIP.from_pretrained(out / "model")
+    assert exported.cfg.max_size_test is None and exported.cfg.min_size_test is None
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "prompt.json").is_file()

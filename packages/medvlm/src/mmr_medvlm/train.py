@@ -39,6 +39,7 @@ import torch
 from mmr_core.cli import CommandLine, config_from_args
 from mmr_core.config import ConfigError
 from mmr_core.guards import NonFiniteGuard, total_grad_norm
+from mmr_core.hub import skip_weight_init
 from mmr_core.io import safe_torch_load
 from mmr_core.utils import get_logger, progress, seed_everything
 from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
@@ -404,10 +405,15 @@ def fit_deepspeed(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, 
             save_checkpoint(engine, ckpt_dir, step + 1, {"epoch": epoch})
     result = {"steps": cfg.max_steps, "start": start, "history": history, "rank": env.rank,
               "world_size": env.world_size}
-    # ZeRO stages 1-2 keep every parameter whole on each rank, so rank 0 holds the model to export.
+    # ZeRO stages 1-2 keep every parameter whole on each rank, so rank 0 holds the model to export. Its
+    # parameters are views into DeepSpeed's flat buffers, which safetensors refuses to write: copy them
+    # into a model of their own first.
     if cfg.export and env.rank == 0 and ds_cfg.get("zero_optimization", {}).get("stage", 0) < 3:
-        result["model_dir"] = str(export_model(engine.module, tokenizer, train_set, Path(cfg.output_dir) / EXPORT_NAME,
-                                               cfg))
+        with skip_weight_init():
+            plain = GLIP(engine.module.cfg)
+        plain.load_state_dict(engine.module.state_dict())
+        result["model_dir"] = str(export_model(plain.eval(), tokenizer, train_set,
+                                               Path(cfg.output_dir) / EXPORT_NAME, cfg))
     (Path(cfg.output_dir) / f"result_rank{env.rank}.json").write_text(json.dumps(result))
     finalize_distributed()
     return result
