@@ -170,7 +170,8 @@ def export_modality(
     """Export one modality encoder, check it against eager, and write ``imagebind_<modality>.{onnx,pt2,json}``.
 
     Args:
-        model: An ImageBind with ``modality`` built (weights loaded); exported in float32 on the CPU.
+        model: An ImageBind with ``modality`` built (weights loaded); exported in float32 on the CPU (a view
+            is converted, ``model`` itself is left as it is).
         modality: The encoder to export.
         out_dir: Folder for the graph (``.onnx``, with ``.onnx.data`` beside it above ONNX's 2 GB protobuf
             limit; or ``.pt2``) and the JSON description.
@@ -198,8 +199,8 @@ def export_modality(
         raise ValueError(f"unknown modality {modality!r}; choose from {MODALITIES}")
     if trace_batch_size == check_batch_size:
         raise ValueError("check_batch_size must differ from trace_batch_size, so the check covers the batch axis")
-    model = model.float().cpu()
-    encoder = ModalityEncoder(model, modality).eval()
+    # On a view with its own Parameter objects: the caller's model keeps its dtype and device.
+    encoder = ModalityEncoder(model, modality).float().cpu().eval()
     output_name = f"{modality}_embedding"  # a bare "embedding" would clash with the text stem's node name
     config = encoder.model.config
     shape = input_shape(config, modality, clips)
