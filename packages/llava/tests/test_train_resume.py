@@ -109,7 +109,7 @@ def test_metrics_log_schedule_and_plot(uninterrupted):
     assert [m["loss"] for m in lines] == full["losses"]
     for m in lines:
         assert m["samples_per_s"] > 0 and m["tokens_per_s"] > m["samples_per_s"]
-        assert m["skipped_steps"] == 0 and m["max_rss_mib"] > 0
+        assert m["skipped_steps"] == 0 and m.get("max_rss_mib", m.get("max_memory_allocated_mib")) > 0
     # The LR each step used, against transformers' own schedule (warm-up ceil(6 * 0.2) = 2 steps from 0).
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     reference = get_cosine_schedule_with_warmup(opt, 2, STEPS)
@@ -157,20 +157,34 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(scene
     _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(tmp_path / "full"))
 
 
-def _launch_two_ranks(args: list[str], env: dict[str, str]) -> list[tuple[int, str]]:
-    """Run ``train.py`` as 2 DeepSpeed ranks on gloo (the environment the launcher would set); (rc, log) each."""
+def _launch_two_ranks(args: list[str], env: dict[str, str], logs: Path) -> list[tuple[int, str]]:
+    """Run ``train.py`` as 2 DeepSpeed ranks on gloo (the environment the launcher would set); (rc, log) each.
+
+    Logs go to files (a full pipe would block a rank, and with it the other in a collective); a rank that
+    died leaves the other waiting in a collective, so after the first exit the other gets 120 s, then is killed.
+    """
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = []
+    logs.mkdir(parents=True, exist_ok=True)
+    procs, files = [], []
     for rank in range(2):
         rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=rank_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+        files.append(logs / f"rank{rank}.log")
+        with files[-1].open("w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=rank_env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=600 if not codes else 120))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return [(rc, f.read_text()) for rc, f in zip(codes, files)]
 
 
 @pytest.mark.slow  # six DeepSpeed ranks started one pair after the other: ~2-3 min on 2 shared cores
@@ -183,13 +197,13 @@ def test_two_ranks_two_workers_preempted_and_resumed_exactly(scenes, tmp_path):
             "tune=full", "lr=1e-3", "warmup_ratio=0.2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1", MMR_PREEMPT_FILE=str(tmp_path / "preempt"))
     env.pop("MMR_CKPT_FAULT", None)
-    reference = _launch_two_ranks([*args, f"output_dir={tmp_path / 'full'}"], env)
+    reference = _launch_two_ranks([*args, f"output_dir={tmp_path / 'full'}"], env, tmp_path / "logs_full")
     assert [rc for rc, _ in reference] == [0, 0], "\n".join(log[-3000:] for _, log in reference)
     (tmp_path / "preempt").touch()
-    stopped = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env)
+    stopped = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env, tmp_path / "logs_stopped")
     assert [rc for rc, _ in stopped] == [75, 75], "\n".join(log[-3000:] for _, log in stopped)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step000000001"
     (tmp_path / "preempt").unlink()
-    resumed = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env)
+    resumed = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env, tmp_path / "logs_resumed")
     assert [rc for rc, _ in resumed] == [0, 0], "\n".join(log[-3000:] for _, log in resumed)
     _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(tmp_path / "full"))

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -203,8 +204,8 @@ def checkpoint_tokenizer(folder: str | Path):
     return ckpt.load_tokenizer(folder)
 
 
-def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Path, is_main: bool):
-    """The run's tokenizer, saved in ``output_dir/tokenizer``.
+def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Path):
+    """The run's tokenizer (:func:`train` saves it in ``output_dir/tokenizer``, see :func:`save_run_tokenizer`).
 
     In order: ``tokenizer`` when given; the ``init_from`` checkpoint's own (a new tokenizer would give the
     checkpoint's embeddings other ids); the ``lm_from`` model's; the one an interrupted attempt of this run
@@ -229,9 +230,25 @@ def build_tokenizer(cfg: TrainConfig, records: list[dict[str, Any]], out_dir: Pa
         texts = [render(cfg.template, r["conversations"][:2] if cfg.template == "plain" else r["conversations"])[0]
                  for r in records[:5000]]
         tok = train_tiny_tokenizer(texts, cfg.tokenizer_vocab)
-    if is_main:
-        tok.save_pretrained(str(saved))
     return tok
+
+
+def save_run_tokenizer(tok: Any, out_dir: Path, rank: int, distributed: bool) -> None:
+    """Rank 0 saves the tokenizer to ``output_dir/tokenizer`` once every rank has built its own.
+
+    A resumed run reads that folder on every rank: rank 0 rewriting it while another rank reads it gave
+    that rank a torn ``tokenizer_config.json`` (JSONDecodeError, found by the 2-rank resume test). Hence
+    the barrier, and a write to ``tokenizer.tmp`` renamed into place, so a kill mid-save leaves the old one.
+    """
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        return
+    final, staging = out_dir / "tokenizer", out_dir / "tokenizer.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    tok.save_pretrained(str(staging))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
 
 
 def vision_token_flags(cfg: TrainConfig) -> tuple[bool, bool]:
@@ -580,11 +597,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed, rank=rank)
 
     records = json.loads(Path(cfg.data).read_text())
-    tok = build_tokenizer(cfg, records, out_dir, rank == 0)
+    tok = build_tokenizer(cfg, records, out_dir)
     image_id = prepare_tokenizer(tok, cfg.template)
     wrap = add_vision_tokens(tok, *vision_token_flags(cfg))
-    if rank == 0:
-        tok.save_pretrained(str(out_dir / "tokenizer"))  # with the vision tokens, for resume and export
+    save_run_tokenizer(tok, out_dir, rank, use_ds)  # with the vision tokens, for resume and export
     model = set_trainable(build_model_for(cfg, tok, image_id, wrap), cfg)
     mcfg = model.config
     ds = LlavaDataset(records, tok, cfg.template, image_id, mcfg.num_patches, mcfg.image_size, cfg.image_folder,
@@ -655,6 +671,7 @@ def _run(cfg: TrainConfig, engine: Any, model: LlavaModel, optimizer: torch.opti
         stop = False
         for _ in range(state["step_in_epoch"], steps_in_epoch):
             step_loss = 0.0
+            lr = optimizer.param_groups[0]["lr"]  # this step's LR (DeepSpeed's engine.step moves it on)
             for _ in range(ga):
                 loaded = next(batches)
                 for cut in loaded["cuts"]:
@@ -672,7 +689,6 @@ def _run(cfg: TrainConfig, engine: Any, model: LlavaModel, optimizer: torch.opti
                 else:
                     (loss / ga).backward()
                 step_loss += float(loss.detach()) / ga
-            lr = optimizer.param_groups[0]["lr"]  # the LR this step used (the scheduler moves on below)
             if not use_ds:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 optimizer.step()
