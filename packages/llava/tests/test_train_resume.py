@@ -207,3 +207,38 @@ def test_two_ranks_two_workers_preempted_and_resumed_exactly(scenes, tmp_path):
     resumed = _launch_two_ranks([*args, f"output_dir={tmp_path / 'run'}"], env, tmp_path / "logs_resumed")
     assert [rc for rc, _ in resumed] == [0, 0], "\n".join(log[-3000:] for _, log in resumed)
     _assert_bitwise_equal(_weights(tmp_path / "run"), _weights(tmp_path / "full"))
+
+
+@pytest.mark.slow  # two Python start-ups with torch and transformers, 20+ steps: ~30 s on 2 shared cores
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_mid_run_saves_and_exits_75(scenes, tmp_path, signal_name):
+    """SIGTERM (what SLURM and the launcher send) or SIGUSR1 (``--signal=USR1@120``) in the middle of a run:
+    the step in progress finishes, a complete checkpoint of it is saved, the exit status is 75, and the
+    rerun goes on from there."""
+    import signal
+    import time
+
+    from mmr_core.distributed.checkpoint import checkpoint_problem
+
+    args = [f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", "model=tiny",
+            "micro_batch_size=3", "tokenizer_vocab=200", "max_steps=200", "num_workers=2", f"output_dir={tmp_path}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
+    env.pop("MMR_PREEMPT_FILE", None)
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signal_name))
+    assert proc.wait(timeout=300) == 75, proc.stderr.read()[-3000:]
+    step = int((tmp_path / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 2 <= step < 200 and checkpoint_problem(tmp_path / "checkpoints" / f"step{step:09d}") is None
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step  # the step it stopped at was saved
+    # Requeued: it resumes at that step (same schedule; stop_after_steps only ends this test's run early).
+    rerun = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args, f"stop_after_steps={step + 1}"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads([ln for ln in rerun.stdout.splitlines() if ln.startswith('{"step"')][-1])
+    assert summary["step"] == step + 1
