@@ -119,8 +119,9 @@ def test_metrics_log_schedule_and_plot(uninterrupted):
         opt.step()
         reference.step()
     assert expected[0] == 0.0
-    # Both evaluate the same float64 formula; only the order of two multiplications may differ: 1 ulp.
-    assert [m["lr"] for m in lines] == pytest.approx(expected, rel=1e-15, abs=1e-18)
+    # The same float64 operations in the same order (checked up to 5000 steps), and JSON round-trips a
+    # float exactly: equal, no tolerance.
+    assert [m["lr"] for m in lines] == expected
     png = full_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
