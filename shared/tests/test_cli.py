@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from mmr_core.cli import CommandLine, attribute_docs, config_fields, undocumented_fields
+from mmr_core.cli import CommandLine, attribute_docs, config_fields, type_name, undocumented_fields
 from mmr_core.config import ConfigError
 
 
@@ -141,3 +141,10 @@ def test_bugs_keep_their_traceback() -> None:
         _cli([]).main(["fly"])
     assert exit_info.value.code == 2
     assert issubclass(ConfigError, ValueError)
+
+
+def test_type_names_read_as_written() -> None:
+    assert type_name(tuple[float, ...]) == "tuple[float, ...]"
+    assert type_name(int | None) == "int | None"
+    assert type_name(list[str]) == "list[str]"
+    assert type_name(Literal["a", "b"]) == "{a,b}"

@@ -98,6 +98,8 @@ def type_name(tp: Any) -> str:
         return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
     if tp is type(None):
         return "None"
+    if tp is Ellipsis:  # tuple[float, ...]
+        return "..."
     if tp is typing.Any:
         return "any"
     return getattr(tp, "__name__", str(tp))
