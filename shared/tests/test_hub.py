@@ -111,6 +111,22 @@ def test_round_trip_is_bitwise_with_tied_weights(tmp_path: Path) -> None:
     assert torch.equal(model(ids), loaded(ids))
 
 
+def test_parameters_that_are_views_into_one_flat_buffer_save(tmp_path: Path) -> None:
+    # DeepSpeed ZeRO keeps every parameter as a view into one flat buffer; the tied pair is one view.
+    torch.manual_seed(0)
+    model = _perturbed(TinyLM(TinyConfig(block=Block(width=16))))
+    params = list(model.parameters())  # the tied embedding/head once
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for param in params:
+        param.data = flat[offset:offset + param.numel()].view_as(param)
+        offset += param.numel()
+    assert model.head.weight.untyped_storage().data_ptr() == model.blocks[0].weight.untyped_storage().data_ptr()
+    loaded = TinyLM.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert loaded.head.weight is loaded.embed.weight
+    _assert_bitwise_equal(model, loaded)
+
+
 def test_sharded_save_has_a_transformers_index_and_loads_bitwise(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = _perturbed(TinyLM(TinyConfig(vocab_size=1000, block=Block(width=64), layers=4)))

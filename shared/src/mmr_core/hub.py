@@ -96,6 +96,28 @@ def alias_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
+def _standalone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every tensor owning its whole storage; tied names keep one shared tensor.
+
+    DeepSpeed ZeRO holds parameters as views into one flat buffer: safetensors refuses tensors that share
+    a storage without covering it, so such views are copied (once per tied group, so ties survive).
+    """
+    copies: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            state[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()))
+        if key not in copies:
+            owns_storage = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+            copies[key] = tensor if owns_storage else tensor.detach().clone()
+        state[name] = copies[key]
+    return state
+
+
 def _library_of(obj: Any) -> tuple[str, str]:
     library = type(obj).__module__.split(".")[0]
     try:
@@ -169,7 +191,7 @@ def save_pretrained(
     # the others come back through the constructor's tying.
     discard = [name for group in alias_groups(model) for name in group[1:]]
     save_torch_state_dict(
-        model.state_dict(),
+        _standalone_state(model),
         save_directory,
         max_shard_size=max_shard_size,
         shared_tensors_to_discard=discard or None,
