@@ -209,7 +209,8 @@ def _supervise(*command: str, env: dict | None = None) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_supervise_waits_for_ranks_after_sigterm_and_exits_75(tmp_path):
+def _supervised_fake_rank(tmp_path):
+    """``supervise`` over a fake launcher whose one rank traps TERM; returns once the rank is running."""
     launcher = tmp_path / "fake-deepspeed"
     launcher.write_text(FAKE_LAUNCHER)
     launcher.chmod(0o755)
@@ -219,6 +220,11 @@ def test_supervise_waits_for_ranks_after_sigterm_and_exits_75(tmp_path):
     while not (tmp_path / "rank.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)  # the rank's trap is installed right before it writes its pid
+    return proc
+
+
+def test_supervise_waits_for_ranks_after_sigterm_and_exits_75(tmp_path):
+    proc = _supervised_fake_rank(tmp_path)
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as SLURM does
     _, err = proc.communicate(timeout=30)
     returned = time.time()
@@ -230,15 +236,7 @@ def test_supervise_waits_for_ranks_after_sigterm_and_exits_75(tmp_path):
 
 
 def test_supervise_forwards_a_signal_sent_to_it_alone(tmp_path):
-    launcher = tmp_path / "fake-deepspeed"
-    launcher.write_text(FAKE_LAUNCHER)
-    launcher.chmod(0o755)
-    env = {**os.environ, "RANK_PID_FILE": str(tmp_path / "rank.pid"), "RANK_DONE_FILE": str(tmp_path / "done")}
-    proc = _supervise(str(launcher), env=env)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "rank.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
+    proc = _supervised_fake_rank(tmp_path)
     proc.send_signal(signal.SIGTERM)  # only the wrapper (e.g. from the batch shell's trap)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err
