@@ -59,10 +59,15 @@ def step_tag(step: int) -> str:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """This process's python, numpy, torch (and CUDA) RNG states."""
+    """This process's python, numpy, torch (and CUDA) RNG states, in types ``weights_only`` loading reads.
+
+    numpy's key array travels as an int64 tensor (``torch.load(weights_only=True)`` refuses ndarrays), so
+    a resume state file never needs unpickling arbitrary objects.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -71,9 +76,11 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+    """Inverse of :func:`capture_rng_state` (also reads states saved with numpy's ndarray key)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

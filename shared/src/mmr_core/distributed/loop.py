@@ -90,6 +90,12 @@ class ResumableRun:
             self.save(step, data_state)
         return False
 
+    def close(self) -> None:
+        """Uninstall the preemption handler this run installed (the process group stays up)."""
+        if self._owns_handler:
+            self.preemption.uninstall()
+            self._owns_handler = False
+
     def finish(self, step: int, data_state: dict[str, Any] | None, save_final: bool = True) -> None:
         """End the run: save the final step (unless already saved), finalize, and exit 75 if preempted.
 
