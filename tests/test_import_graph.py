@@ -156,18 +156,7 @@ def _cases() -> list:
     ]
 
 
-#: Packages with a known circle: strict xfail, so the fix turns it into an error.
-KNOWN_CIRCLES: Mapping[str, str] = {
-    "mmr_llava": "LlavaModel.save_pretrained/from_pretrained import mmr_llava.checkpoint, which builds LlavaModel "
-                 "(model -> checkpoint -> model); the fix moves the config into its own module as MedVLM did",
-}
-
-
-@pytest.mark.parametrize("package", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CIRCLES[name])) if name in KNOWN_CIRCLES
-    else name
-    for name in sorted(SOURCES)
-])
+@pytest.mark.parametrize("package", sorted(SOURCES))
 def test_no_import_circle(package: str) -> None:
     assert SOURCES[package].is_dir(), f"{SOURCES[package]} is missing"
     circles = import_circles(import_graph([SOURCES[package]]))
