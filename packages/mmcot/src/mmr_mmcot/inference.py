@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from mmr_core.config import ConfigError
 
+from .config import EvalConfig
 from .data import (
     OPTIONS,
     Collator,
@@ -27,8 +27,11 @@ from .data import (
     render_pair,
     tokenize,
 )
-from .metrics import SIMILARITY_MODEL, category_accuracy, extract_predictions, format_table, rationale_scores
+from .metrics import category_accuracy, extract_predictions, format_table, rationale_scores
 from .model import MMCoTModel
+from .tokenizer import has_tokenizer, load_tokenizer
+
+__all__ = ["EvalConfig", "answer_question", "evaluate", "generate_texts"]
 
 
 @torch.no_grad()
@@ -84,68 +87,63 @@ def answer_question(
 # ---- evaluation of two saved models over a ScienceQA-format folder ----------------------------------
 
 
-@dataclass
-class EvalConfig:
-    """``mmr-mmcot eval``: both stages from saved models over one split of a ScienceQA-format folder.
+@torch.no_grad()
+def generate_texts(
+    model: MMCoTModel,
+    dataset: ScienceQADataset,
+    tokenizer: Any,
+    collator: Collator,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "generate",
+) -> dict[str, str]:
+    """``{pid: decoded output}`` over ``dataset`` (sharded across ranks when distributed, then gathered)."""
+    import torch.distributed as dist
 
-    Attributes:
-        stage1: Rationale model (QCM->R): a save_pretrained folder (a run's stage1/final) or a hub id.
-        stage2: Answer model (QCMR->A): a save_pretrained folder (a run's stage2/final) or a hub id.
-        tokenizer: The models' tokenizer: a SentencePiece .model file or a Hugging Face tokenizer folder.
-        problems: ScienceQA problems.json.
-        pid_splits: ScienceQA pid_splits.json.
-        split: The split answered and scored.
-        captions: Captions JSON (the official captions.json), or None.
-        features: Vision features .npy of the problems' images, or None (needs use_vision=false).
-        name_map: JSON mapping pid to the features row, or None.
-        use_vision: Feed the vision features (false: zero features, as a text-only model).
-        use_caption: Put the caption into the context (as the models were trained).
-        stage1_format: Prompt format of stage 1 (as trained; QCM-E).
-        stage2_format: Prompt format of stage 2 (as trained; QCMG-A).
-        source_len: Input tokens kept.
-        rationale_len: Longest generated rationale, in tokens.
-        answer_len: Longest generated answer, in tokens.
-        batch_size: Problems per generation batch.
-        output_dir: Folder for rationales.json, predictions.json, metrics.json and metrics.md.
-        random_fallback: An answer naming no option counts as a random option (official) instead of wrong.
-        seed: Seed of the random fallback.
-        similarity_model: Rationale-similarity model, a local folder or a Hugging Face id in the local cache
-            (never downloaded); empty to skip.
-        on_bad_record: A bad problem, caption or features row: error (stop, naming file and pid) or skip.
-        max_bad_records: With skip, stop after more bad records than this (0: no count limit).
-        max_bad_fraction: With skip, stop once more than this fraction of the problems was bad.
-        device: Where the models run (cpu, cuda, cuda:N).
-        dtype: Floating dtype of the models (float32, bfloat16, float16; None: the saved one).
-        num_threads: Torch CPU threads (0: torch's default).
+    from mmr_core.utils import progress
+
+    model.eval()
+    device = next(model.parameters()).device
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    indices = list(range(len(dataset)))[rank::world]
+    outputs: dict[str, str] = {}
+    starts = range(0, len(indices), batch_size)
+    for start in progress(starts, desc=desc, total=len(starts)):
+        batch = collator([dataset[i] for i in indices[start : start + batch_size]])
+        ids = model.generate(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["image_features"].to(device, next(model.parameters()).dtype),
+            image_mask=batch["image_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+        )
+        for pid, row in zip(batch["pids"], ids.tolist()):
+            outputs[pid] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    if world > 1:
+        gathered: list[dict[str, str]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, outputs)
+        outputs = {k: v for part in gathered for k, v in part.items()}
+    return outputs
+
+
+def eval_tokenizer(cfg: EvalConfig) -> Any:
+    """``cfg.tokenizer``, or when empty the tokenizer exported with the stage-1 model (a run's ``final/``).
+
+    Raises:
+        ConfigError: ``tokenizer`` is empty and the stage-1 folder holds none.
     """
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    from mmr_core.hub import resolve_pretrained
 
-    stage1: str = ""
-    stage2: str = ""
-    tokenizer: str = ""
-    problems: str = "data/scienceqa/problems.json"
-    pid_splits: str = "data/scienceqa/pid_splits.json"
-    split: str = "test"
-    captions: str | None = None
-    features: str | None = None
-    name_map: str | None = None
-    use_vision: bool = True
-    use_caption: bool = True
-    stage1_format: str = "QCM-E"
-    stage2_format: str = "QCMG-A"
-    source_len: int = 512
-    rationale_len: int = 512
-    answer_len: int = 64
-    batch_size: int = 16
-    output_dir: str = "runs/mmcot-eval"
-    random_fallback: bool = False
-    seed: int = 42
-    similarity_model: str = SIMILARITY_MODEL
-    on_bad_record: str = "error"
-    max_bad_records: int = 0
-    max_bad_fraction: float = 0.01
-    device: str = "cpu"
-    dtype: str | None = None
-    num_threads: int = 0
+    folder = resolve_pretrained(cfg.stage1)
+    if not has_tokenizer(folder):
+        raise ConfigError(
+            f"eval needs tokenizer=...: {folder} holds no tokenizer (spiece.model or tokenizer_config.json); "
+            "models exported by mmr-mmcot train carry theirs"
+        )
+    return load_tokenizer(folder)
 
 
 def _eval_features(cfg: EvalConfig, stage1: MMCoTModel, stage2: MMCoTModel) -> VisionFeatures | None:
@@ -185,13 +183,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from mmr_core.hub import parse_dtype
     from mmr_core.io import BadRecordPolicy
 
-    from .train import generate_texts, load_tokenizer
-
-    for name in ("stage1", "stage2", "tokenizer"):
+    for name in ("stage1", "stage2"):
         if not getattr(cfg, name):
             raise ConfigError(f"eval needs {name}=... (see mmr-mmcot eval --help)")
-    if cfg.on_bad_record not in ("error", "skip"):
-        raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {cfg.on_bad_record!r}")
+    cfg.check_policy()
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.num_threads:
@@ -204,7 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         cfg.on_bad_record, max_skips=cfg.max_bad_records or None, max_fraction=cfg.max_bad_fraction
     )
     data = ScienceQA.load(cfg.problems, cfg.pid_splits, cfg.captions, policy)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = eval_tokenizer(cfg)
     if feats is not None:
         data.drop_unusable_features(feats, data.split(cfg.split))
     pids = data.split(cfg.split)

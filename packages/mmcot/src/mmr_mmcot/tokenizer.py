@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -81,3 +82,56 @@ def train_sentencepiece(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return SentencePieceTokenizer(path)
+
+
+# ---- the tokenizer of a run: loading it from a setting, exporting it beside a model ----------------------
+
+#: File name of our SentencePiece model inside an exported model folder (T5's name for it).
+SPM_FILE = "spiece.model"
+
+
+def load_tokenizer(spec: str | Path) -> Any:
+    """A tokenizer from a setting: a SentencePiece ``.model`` file, or a folder.
+
+    A folder is an exported model folder holding our ``spiece.model`` (and no Hugging Face
+    ``tokenizer_config.json``), or any Hugging Face tokenizer folder (``AutoTokenizer``).
+
+    Raises:
+        ConfigError: ``spec`` is empty.
+    """
+    from mmr_core.config import ConfigError
+
+    if not str(spec):
+        raise ConfigError("tokenizer is required: a SentencePiece .model file or a Hugging Face tokenizer dir")
+    path = Path(spec)
+    if str(spec).endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if path.is_dir() and (path / SPM_FILE).is_file() and not (path / "tokenizer_config.json").is_file():
+        return SentencePieceTokenizer(path / SPM_FILE)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(spec))
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a tokenizer :func:`load_tokenizer` reads (ours or a Hugging Face one)."""
+    folder = Path(folder)
+    return (folder / SPM_FILE).is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """Write ``tokenizer`` into ``folder`` so that ``load_tokenizer(folder)`` gives it back.
+
+    Ours is copied as ``spiece.model``; a Hugging Face tokenizer writes itself (``save_pretrained``).
+
+    Raises:
+        TypeError: A tokenizer that can do neither.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        (folder / SPM_FILE).write_bytes(Path(tokenizer.model_file).read_bytes())
+    elif hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(folder))
+    else:
+        raise TypeError(f"cannot save a tokenizer of type {type(tokenizer).__name__}: no save_pretrained")
