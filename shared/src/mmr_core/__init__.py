@@ -1,3 +1,5 @@
 """mmr_core: the shared core of the mmr monorepo."""
 
-__version__ = "0.1.0"
+from mmr_core._version import __version__
+
+__all__ = ["__version__"]

@@ -1,5 +1,7 @@
 """ImageBind (Girdhar et al. 2023): one embedding space for six modalities."""
 
+import importlib.metadata
+
 from .checkpoint import (
     CheckpointMismatchError,
     CheckpointReadError,
@@ -12,7 +14,8 @@ from .export import export_modality
 from .model import MODALITIES, ImageBind, ImageBindConfig, build_imagebind, parameter_counts
 from .tokenizer import CLIPTokenizer
 
-__version__ = "0.1.0"
+# The installed distribution's version; its one source is shared/src/mmr_core/_version.py (see hatch_build.py).
+__version__ = importlib.metadata.version("mmr-imagebind")
 
 __all__ = [
     "MODALITIES",

@@ -6,4 +6,7 @@ The library: ``model`` (config and model), ``conversation`` (templates, tokeniza
 lives apart in :mod:`mmr_llava.miniature`, which no library module imports.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+# The installed distribution's version; its one source is shared/src/mmr_core/_version.py (see hatch_build.py).
+__version__ = importlib.metadata.version("mmr-llava")

@@ -6,4 +6,7 @@ order); prompts are :mod:`mmr_medvlm.prompts`, data, training and evaluation :mo
 subpackage :mod:`mmr_medvlm.miniature`, which the library never imports.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+# The installed distribution's version; its one source is shared/src/mmr_core/_version.py (see hatch_build.py).
+__version__ = importlib.metadata.version("mmr-medvlm")
