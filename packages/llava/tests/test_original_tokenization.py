@@ -102,7 +102,7 @@ def test_empty_final_answer_renders_as_the_original_and_keeps_the_other_answers(
     assert ids[: len(first_ids)] == first_ids
     assert labels == first_labels + [-100] * (len(ids) - len(first_ids))
     if template == "v1":
-        text, spans = conv.render("v1", data.normalize_conversations({"conversations": turns, "image": 0}))
+        text, spans = conv.render("v1", data.normalize_conversations({"conversations": turns, "image": "x.jpg"}))
         assert text.endswith("USER: More? ASSISTANT:") and len(spans) == 1
 
 

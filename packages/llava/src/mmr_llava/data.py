@@ -17,11 +17,20 @@ be file paths (relative to ``image_folder``), PIL images, or ``(3, H, W)`` tenso
 Truncation to ``max_length`` never cuts an image: the images from the cut on are dropped (the original
 keeps the first positions of a cut image). :func:`encode_record` reports the images it dropped and
 whether truncation removed every supervised token, so that training can count and report such samples.
+
+Bad records (issue #17) are found once, when :class:`LlavaDataset` (or :func:`load_records`) is built, and
+reported as :class:`DataError` (a :class:`mmr_core.io.RecordError`) in the repository's one shape
+``<file>:<record>: <field>: <what is wrong>, <what was expected>``, e.g.
+``train.json:id 17: conversations: missing, expected a list of turns``. Files are read as UTF-8 (a byte-order
+mark is tolerated; another encoding is an error naming the byte offset), ``.jsonl`` files one record per line.
+``on_bad_record="skip"`` drops bad records instead, counted by cause within a count and a fraction limit
+(:class:`mmr_core.io.BadRecordPolicy`). Images are read when a sample is drawn, through
+:func:`mmr_core.io.read_image` (16-bit, palette, CMYK, ... to 8-bit RGB by its documented rules); an
+unreadable one is a :class:`DataError` naming the record and the image file.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,15 +41,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from mmr_llava.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_with_labels
+from mmr_core.io import BadRecordPolicy, ImageReadError, RecordError, RecordView, check_text, read_image, to_rgb
+from mmr_core.io.records import read_json_list, read_jsonl
+from mmr_llava.conversation import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    TokenizationMismatch,
+    get_template,
+    tokenize_with_labels,
+)
 from mmr_llava.model import check_image_aspect_ratio
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class DataError(ValueError):
-    """A record of the LLaVA JSON data is malformed (the message names the record)."""
+class DataError(RecordError):
+    """A record of the LLaVA data is malformed, or its image unreadable.
+
+    A :class:`mmr_core.io.RecordError` (same arguments, same message shape
+    ``<file>:<record>: <field>: <what is wrong>, <what was expected>``, same ``cause`` for skip counts).
+    """
 
 
 # -- images ------------------------------------------------------------------------------------------
@@ -54,8 +75,8 @@ def to_tensor_image(image: Any) -> torch.Tensor:
             return image.float() / 255.0
         img = image.float()
         return img / 255.0 if img.max() > 1.5 else img
-    if hasattr(image, "convert"):  # PIL
-        image = np.asarray(image.convert("RGB"))
+    if hasattr(image, "convert"):  # PIL: 16-bit, float, palette, CMYK, ... by the core's documented rules
+        image = np.asarray(to_rgb(image))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"image array must be (H, W, 3), got {arr.shape}")
@@ -70,7 +91,7 @@ def to_pil_image(image: Any) -> Any:
     from PIL import Image
 
     if hasattr(image, "convert"):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
         return Image.fromarray(image)
     chw = to_tensor_image(image)
@@ -112,49 +133,241 @@ def preprocess_image(image: Any, size: int, image_aspect_ratio: str = "pad") -> 
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def load_image(ref: Any, image_folder: str | Path | None, record_id: str) -> Any:
-    if isinstance(ref, str | Path):
-        from PIL import Image
+def load_image(ref: Any, image_folder: str | Path | None, record: str = "prompt", file: str | Path = "<memory>"
+               ) -> Any:
+    """A record's image: a path (relative to ``image_folder``) read as 8-bit RGB, or the in-memory image itself.
 
+    Files are read with :func:`mmr_core.io.read_image` without EXIF rotation (the original feeds CLIP the
+    stored pixels, ``Image.open(...).convert("RGB")``), by its rules for 16-bit, float, palette and CMYK modes.
+
+    Raises:
+        DataError: The file is missing, empty, truncated or not an image (cause ``decode_image``); the message
+            names ``file``, ``record`` and the image path.
+    """
+    if isinstance(ref, str | Path):
         path = Path(image_folder or ".") / ref
-        if not path.is_file():
-            raise DataError(f"record {record_id}: image file {path} not found")
-        return Image.open(path).convert("RGB")
+        try:
+            return read_image(path, exif_orientation=False)
+        except ImageReadError as err:
+            raise DataError(file, record, "image", f"{path} cannot be read ({err.reason})",
+                            "expected an image file PIL can read", cause="decode_image") from None
+    if hasattr(ref, "convert"):
+        try:
+            return to_rgb(ref, f"{file}:{record}")
+        except ImageReadError as err:
+            raise DataError(file, record, "image", f"the in-memory image cannot be used ({err.reason})",
+                            "expected an RGB-convertible image", cause="decode_image") from None
     return ref
 
 
 # -- records -----------------------------------------------------------------------------------------
 
+_ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
+
+
+class _View(RecordView):
+    """A :class:`mmr_core.io.RecordView` whose errors are :class:`DataError`."""
+
+    def error(self, field: str, problem: str, expected: str, cause: str = "bad_value") -> DataError:
+        return DataError(self.file, self.record, field, problem, expected, cause)
+
+
+def _is_image(value: Any) -> bool:
+    """A path (non-blank string or Path), a PIL image, an array or a tensor (in-memory records)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, Path | np.ndarray | torch.Tensor) or hasattr(value, "convert")
+
+
+def _images(view: RecordView) -> list[Any]:
+    """The record's images, checked: ``image`` (one) or ``images`` (a list), or neither."""
+    if view.has("image") and view.has("images"):
+        raise view.error("images", "given together with 'image'",
+                         "expected either 'image' (one file) or 'images' (a list of files)")
+    if view.has("images"):
+        images = view.get("images", list, "a list of image files")
+        for k, ref in enumerate(images):
+            if not _is_image(ref):
+                raise view.error(f"images[{k}]", f"is {_describe(ref)}", "expected an image file path",
+                                 "wrong_type")
+        return list(images)
+    if not view.has("image"):
+        return []
+    ref = view.raw["image"]
+    if not _is_image(ref):
+        raise view.error("image", f"is {_describe(ref)}", "expected an image file path", "wrong_type")
+    return [ref]
+
+
+def _describe(value: Any) -> str:
+    """``a string ''``, ``a number 3``, ``null`` ... for error messages."""
+    if value is None:
+        return "null"
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def check_record(view: RecordView, template: str | None = None) -> dict[str, Any]:
+    """Validate one LLaVA record; return it unchanged (every later step may then index it freely).
+
+    Checks: ``conversations`` is a non-empty list of ``{"from", "value"}`` turns alternating human / gpt
+    (``user`` / ``assistant`` accepted) starting with the human; every value a string UTF-8 can encode; at
+    least one non-blank answer (a record without one would train on nothing; not for ``plain``, whose empty
+    caption still supervises its end-of-caption newline, as in the original); ``<image>`` only in human
+    turns, as many as the record has images (one image and no placeholder is allowed: the placeholder is
+    added); ``image`` or ``images``, not both. With ``template``: ``plain`` takes one question and one
+    answer (the original asserts it), ``llama_2`` a non-blank first question.
+
+    Raises:
+        DataError: The first problem found, naming the field (e.g. ``conversations[1].value``).
+    """
+    turns = view.get("conversations", list, "a list of turns")
+    if not turns:
+        raise view.error("conversations", "is empty", "expected a list of turns")
+    answered = False
+    placeholders = 0
+    for k, turn in enumerate(turns):
+        where = f"conversations[{k}]"
+        if not isinstance(turn, dict):
+            raise view.error(where, f"is {_describe(turn)}", "expected an object with 'from' and 'value'",
+                             "wrong_type")
+        who = turn.get("from")
+        if who is None:
+            raise view.error(f"{where}.from", "missing" if "from" not in turn else "is null",
+                             "expected 'human' or 'gpt'", "missing_field")
+        if not isinstance(who, str) or who not in _ROLES:
+            raise view.error(f"{where}.from", f"is {_describe(who)}",
+                             "expected 'human' or 'gpt' (or 'user' / 'assistant')", "bad_value")
+        if _ROLES[who] != k % 2:
+            raise view.error(f"{where}.from", f"is '{who}' as turn {k}",
+                             "expected turns alternating human, gpt, ... starting with the human")
+        value = turn.get("value")
+        if value is None:
+            raise view.error(f"{where}.value", "missing" if "value" not in turn else "is null",
+                             "expected a string", "missing_field")
+        if not isinstance(value, str):
+            raise view.error(f"{where}.value", f"is {_describe(value)}", "expected a string", "wrong_type")
+        check_text(value, view, f"{where}.value", allow_empty=True)
+        if _ROLES[who] == 1:
+            if IMAGE_PLACEHOLDER in value:
+                raise view.error(f"{where}.value", f"holds '{IMAGE_PLACEHOLDER}' in an answer",
+                                 "expected image placeholders only in human turns")
+            answered = answered or bool(value.strip())
+        placeholders += value.count(IMAGE_PLACEHOLDER)
+    style = get_template(template).style if template is not None else None
+    # plain supervises the caption's end "\n" even for an empty caption, as the original does
+    if not answered and style != "plain":
+        raise view.error("conversations", "has no non-blank answer",
+                         "expected at least one gpt turn with text to learn")
+    n_img = len(_images(view))
+    if placeholders != n_img and not (n_img == 1 and placeholders == 0):
+        raise view.error("conversations", f"has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for "
+                         f"{n_img} image(s)", "expected one placeholder per image")
+    if style == "plain" and len(turns) != 2:
+        raise view.error("conversations", f"has {len(turns)} turns",
+                         "expected one question and one answer for the plain (stage-1) template")
+    if style == "llama_2" and not turns[0]["value"].strip():
+        raise view.error("conversations[0].value", "is empty",
+                         "expected a non-blank first question for the llama_2 template")
+    return view.raw
+
+
+def record_name(record: Any, index: int) -> str:
+    """How errors name a record held in memory: ``id <id>`` when it has one, else ``record <index>``."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"id {rid}" if rid is not None else f"record {index}"
+
+
+@dataclass
+class LoadedRecords:
+    """Validated LLaVA records and what was skipped on the way (see :func:`load_records`).
+
+    Attributes:
+        records: The good records, in file order.
+        names: Each record's name in errors (``id 17``, ``record 3``, ``line 5``).
+        file: The data file (``<memory>`` for records handed over as a list).
+        skipped: The bad-record policy, holding the skip counts (``skipped.counts()``,
+            ``skipped.summary()``: ``skipped 2 of 500 (0.40%): missing_field=2``).
+    """
+
+    records: list[dict[str, Any]]
+    names: list[str]
+    file: str
+    skipped: BadRecordPolicy
+
+
+def load_records(source: str | Path | list[Any], template: str | None = None, on_bad_record: str = "error",
+                 max_bad_records: int | None = None, max_bad_fraction: float | None = 0.05,
+                 file: str | Path | None = None) -> LoadedRecords:
+    """Read and validate LLaVA records once, up front.
+
+    Args:
+        source: A ``.json`` file holding a list of records, a ``.jsonl`` file (one record per line), or the
+            records themselves.
+        template: Conversation template (checks what it needs, see :func:`check_record`).
+        on_bad_record: ``error`` (stop at the first bad record) or ``skip`` (drop it, counted by cause).
+        max_bad_records: With ``skip``: stop once more records than this were bad (None: no count limit).
+        max_bad_fraction: With ``skip``: stop once more than this fraction was bad (over the whole file at
+            the end, and while reading after 100 records).
+        file: Name used in errors for records handed over as a list (default ``<memory>``).
+
+    Raises:
+        DataError / RecordError: A bad record (mode ``error``), an undecodable file or invalid JSON.
+        mmr_core.data.TooManySkipsError: Mode ``skip`` past a limit.
+        FileNotFoundError: ``source`` is a path that does not exist.
+    """
+    policy = BadRecordPolicy(on_bad_record, max_skips=max_bad_records, max_fraction=max_bad_fraction)
+    if isinstance(source, str | Path):
+        file = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"LLaVA data file {path} does not exist")
+        items = read_jsonl(path, policy) if path.suffix == ".jsonl" else read_json_list(path, id_field="id")
+    elif isinstance(source, list):
+        file = str(file or "<memory>")
+        items = [(record_name(r, i), r) for i, r in enumerate(source)]
+    else:
+        raise DataError(file or "<memory>", "<document>", "records", f"is {_describe(source)}",
+                        "expected a JSON list of records (or a .json / .jsonl file)", cause="wrong_type")
+    records, names = [], []
+    for name, raw in items:
+        try:
+            records.append(check_record(_View(raw, file, name), template))
+        except RecordError as err:
+            policy.handle(err)
+            continue
+        names.append(name)
+        policy.accept()
+    policy.finish()
+    return LoadedRecords(records, names, file, policy)
+
+
 def record_images(record: dict[str, Any]) -> list[Any]:
-    if "image" in record and "images" in record:
-        raise DataError(f"record {record.get('id', '?')}: has both 'image' and 'images'")
-    if "images" in record:
-        return list(record["images"])
-    return [record["image"]] if record.get("image") is not None else []
+    """The images of a record (``image``, ``images`` or none); both keys at once is a DataError."""
+    return _images(_View(record, "<memory>", record_name(record, 0)))
 
 
-def normalize_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
-    """Check placeholders against images; put a turn's single image first, as the original does.
+def normalize_conversations(record: dict[str, Any], file: str | Path = "<memory>", name: str | None = None,
+                            template: str | None = None) -> list[dict[str, str]]:
+    """Check the record (:func:`check_record`); put a turn's single image first, as the original does.
+
+    Args:
+        record: One LLaVA record.
+        file: Its data file, for errors.
+        name: Its name in errors (default: ``id <id>``).
+        template: Conversation template (see :func:`check_record`).
 
     Returns:
         The conversation with each one-image turn as ``<image>\\n`` + its stripped text, and the
         placeholder added in front of the first question of a one-image record that has none.
     """
-    rid = record.get("id", "?")
-    convs = record.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        raise DataError(f"record {rid}: 'conversations' must be a non-empty list")
-    if not all(isinstance(c, dict) and isinstance(c.get("value"), str) for c in convs):
-        raise DataError(f"record {rid}: every conversation turn must be a dict with a string 'value'")
-    convs = [dict(c) for c in convs]
-    n_img = len(record_images(record))
-    n_ph = sum(c["value"].count(IMAGE_PLACEHOLDER) for c in convs)
-    if n_img == 1 and n_ph == 0:
+    view = _View(record, file, name or record_name(record, 0))
+    check_record(view, template)
+    convs = [dict(c) for c in record["conversations"]]
+    if len(_images(view)) == 1 and not any(IMAGE_PLACEHOLDER in c["value"] for c in convs):
         convs[0]["value"] = IMAGE_PLACEHOLDER + "\n" + convs[0]["value"]
-    elif n_ph != n_img:
-        raise DataError(f"record {rid}: {n_ph} '<image>' placeholder(s) but {n_img} image(s)")
-    if any(IMAGE_PLACEHOLDER in c["value"] for c in convs if c.get("from") in ("gpt", "assistant")):
-        raise DataError(f"record {rid}: '<image>' inside an assistant answer")
     for c in convs:
         if c["value"].count(IMAGE_PLACEHOLDER) == 1:  # preprocess_multimodal's rewrite ("<image>" alone stays so)
             c["value"] = (IMAGE_PLACEHOLDER + "\n" + c["value"].replace(IMAGE_PLACEHOLDER, "").strip()).strip()
@@ -162,7 +375,8 @@ def normalize_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int | None,
-             num_patches: int, record_id: str = "?", mode: str = "drop_images") -> tuple[list, list, int]:
+             num_patches: int, record_id: str = "?", mode: str = "drop_images", file: str | Path = "<memory>"
+             ) -> tuple[list, list, int]:
     """Cut a sample to ``max_length`` tokens keeping labels aligned and image blocks whole.
 
     Args:
@@ -182,7 +396,8 @@ def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id:
             start -= 1
         if start != cut:
             if mode == "error":
-                raise DataError(f"record {record_id}: max_length={max_length} cuts through an image")
+                raise DataError(file, record_id, "max_length", f"{max_length} cuts through an image",
+                                "expected a cut between images (mode 'drop_images' drops the images from the cut on)")
             cut = start
     ids, labels = ids[:cut], labels[:cut]
     kept = 0 if image_token_id is None else ids.count(image_token_id) // max(num_patches, 1)
@@ -190,10 +405,11 @@ def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id:
 
 
 class LlavaDataset(Dataset):
-    """Tokenized LLaVA JSON records.
+    """Tokenized LLaVA records, validated once when the dataset is built (see :func:`load_records`).
 
     Args:
-        records: A JSON file (list of records) or the list itself.
+        records: A ``.json`` file (list of records), a ``.jsonl`` file, the list itself, or
+            :func:`load_records`' result (used as it is: its records are already checked).
         tokenizer: A fast tokenizer prepared with :func:`mmr_llava.conversation.prepare_tokenizer`.
         template: Conversation template name.
         image_token_id: Id of ``<image>`` (``LlavaConfig.image_token_index``).
@@ -204,17 +420,24 @@ class LlavaDataset(Dataset):
         on_mismatch: ``error`` or ``warn`` (see :func:`tokenize_with_labels`).
         image_wrap: ``(im_start_id, im_end_id)`` around each image (``mm_use_im_start_end``), or None.
         image_aspect_ratio: ``pad`` or ``square`` (``LlavaConfig.image_aspect_ratio``; see :func:`preprocess_image`).
+        on_bad_record: ``error`` (default: the first bad record stops) or ``skip`` (dropped, counted by cause in
+            ``self.skipped``).
+        max_bad_records: With ``skip``: most bad records tolerated (None: no count limit).
+        max_bad_fraction: With ``skip``: largest fraction of bad records tolerated.
+
+    Attributes:
+        skipped: The :class:`mmr_core.io.BadRecordPolicy` holding the skip counts (``skipped.summary()``).
+        file: The data file (``<memory>`` for a list).
     """
 
-    def __init__(self, records: str | Path | list[dict[str, Any]], tokenizer, template: str, image_token_id: int,
-                 num_patches: int, image_size: int, image_folder: str | Path | None = None,
+    def __init__(self, records: str | Path | list[dict[str, Any]] | LoadedRecords, tokenizer, template: str,
+                 image_token_id: int, num_patches: int, image_size: int, image_folder: str | Path | None = None,
                  max_length: int = 2048, on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None,
-                 image_aspect_ratio: str = "pad"):
-        if isinstance(records, str | Path):
-            records = json.loads(Path(records).read_text())
-        if not isinstance(records, list):
-            raise DataError("LLaVA data must be a JSON list of records")
-        self.records = records
+                 image_aspect_ratio: str = "pad", on_bad_record: str = "error", max_bad_records: int | None = None,
+                 max_bad_fraction: float | None = 0.05):
+        loaded = records if isinstance(records, LoadedRecords) else load_records(
+            records, template, on_bad_record, max_bad_records, max_bad_fraction)
+        self.records, self.names, self.file, self.skipped = loaded.records, loaded.names, loaded.file, loaded.skipped
         self.tokenizer, self.template = tokenizer, template
         self.image_token_id, self.num_patches, self.image_size = image_token_id, num_patches, image_size
         self.image_folder, self.max_length, self.on_mismatch = image_folder, max_length, on_mismatch
@@ -234,16 +457,22 @@ class LlavaDataset(Dataset):
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        # Records replaced after construction (tests do) are named by their id.
+        name = self.names[i] if len(self.names) == len(self.records) else None
         return encode_record(self.records[i], self.tokenizer, self.template, self.image_token_id,
                              self.num_patches, self.image_size, self.image_folder, self.max_length,
-                             self.on_mismatch, self.image_wrap, self.image_aspect_ratio)
+                             self.on_mismatch, self.image_wrap, self.image_aspect_ratio, file=self.file, name=name)
 
 
 def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_id: int, num_patches: int,
                   image_size: int, image_folder: str | Path | None = None, max_length: int = 2048,
                   on_mismatch: str = "error", image_wrap: tuple[int, int] | None = None,
-                  image_aspect_ratio: str = "pad") -> dict[str, Any]:
+                  image_aspect_ratio: str = "pad", *, file: str | Path = "<memory>", name: str | None = None
+                  ) -> dict[str, Any]:
     """One record -> its tensors and what truncation removed.
+
+    ``file`` and ``name`` (default ``id <id>``) name the record in errors: a bad record, a tokenization
+    mismatch (with ``on_mismatch="error"``) or an unreadable image is a :class:`DataError`.
 
     Returns:
         ``{"input_ids", "labels", "pixel_values" (N, 3, S, S) or None, "id", "images_cut",
@@ -251,12 +480,19 @@ def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_
         ``supervision_cut`` is True when the record had supervised tokens and truncation removed them all
         (the sample then adds nothing to the loss).
     """
-    rid = str(record.get("id", "?"))
-    convs = normalize_conversations(record)
-    enc = tokenize_with_labels(tokenizer, template, convs, image_token_id=image_token_id,
-                               num_patches=num_patches, on_mismatch=on_mismatch, image_wrap=image_wrap)
+    rid = str(record.get("id", "?")) if isinstance(record, dict) else "?"
+    name = name or record_name(record, 0)
+    convs = normalize_conversations(record, file, name, template)
+    try:
+        enc = tokenize_with_labels(tokenizer, template, convs, image_token_id=image_token_id,
+                                   num_patches=num_patches, on_mismatch=on_mismatch, image_wrap=image_wrap)
+    except TokenizationMismatch as err:
+        raise DataError(file, name, "conversations", str(err).split(" (pass on_mismatch")[0],
+                        "expected answers whose tokens start and end inside them (on_mismatch='warn' trains "
+                        "on the overlap, counted)") from None
     n_images = enc["input_ids"].count(image_token_id) // max(num_patches, 1)
-    ids, labels, kept = truncate(enc["input_ids"], enc["labels"], max_length, image_token_id, num_patches, rid)
+    ids, labels, kept = truncate(enc["input_ids"], enc["labels"], max_length, image_token_id, num_patches, name,
+                                 file=file)
     supervised_before = any(lab != IGNORE_INDEX for lab in enc["labels"])
     refs = record_images(record)
     if template == "plain" and refs:
@@ -264,8 +500,8 @@ def encode_record(record: dict[str, Any], tokenizer, template: str, image_token_
     refs = refs[:kept]
     pixels = None
     if refs:
-        pixels = torch.stack([preprocess_image(load_image(r, image_folder, rid), image_size, image_aspect_ratio)
-                              for r in refs])
+        pixels = torch.stack([preprocess_image(load_image(r, image_folder, name, file), image_size,
+                                               image_aspect_ratio) for r in refs])
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixels, "id": rid, "images_cut": n_images - kept,
             "supervision_cut": supervised_before and all(lab == IGNORE_INDEX for lab in labels)}
