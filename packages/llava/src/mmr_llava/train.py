@@ -15,10 +15,11 @@ With ``init_from`` the checkpoint's own tokenizer is used (its embeddings follow
 must be named with ``tokenizer=``.
 
 Samples that truncation to ``max_length`` changes are counted, never dropped silently: images cut off
-(their positions removed with the image) and samples left with no supervised token. The counts go into
-every ``metrics.jsonl`` line and the end-of-run summary (``truncation``).
+(their positions removed with the image) and samples left with no supervised token. The first is said at
+once; the counts go into every ``metrics.jsonl`` line, travel in every checkpoint, and end in the run
+summary (``truncation``) and a warning.
 
-Both paths (one process, or DeepSpeed) run through ``mmr_core.distributed``'s :class:`ResumableRun`:
+Both paths (one process, or DeepSpeed) run through the shared loop, :func:`mmr_core.train.fit`:
 crash-safe checkpoints in ``output_dir/checkpoints`` (``save_every``, the newest ``keep_last`` kept; a
 resume takes the newest *complete* one), and preemption: SIGTERM, SIGUSR1 or an existing
 ``$MMR_PREEMPT_FILE`` stops every rank at the next step boundary, saves, and exits 75 (requeue). The
@@ -26,35 +27,32 @@ resume state is the step, the epoch and the position in it, every rank's RNG, op
 DataLoader workers (``num_workers``) seed each batch from its position, so they hold no state to save and
 a resumed run is bitwise the uninterrupted one. The LR schedule is the Hugging Face Trainer's cosine with
 warm-up (``mmr_core.schedules``). Every ``log_every`` steps a ``metrics.jsonl`` line records loss, LR,
-samples/s and tokens/s (over all ranks, since the previous line), skipped steps, peak memory and the
-truncation counts; ``metrics.png`` plots them at the end.
+samples/s, tokens/s, TFLOP/s and MFU (over all ranks, since the previous line), skipped steps and peak
+memory; ``metrics.png`` plots them at the end. A non-finite loss stops the run naming the step and records
+(``on_non_finite``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
-import random
 import shutil
-import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mmr_core import train as mmr_train
 from mmr_core.config import load_config
-from mmr_core.distributed import PreemptionHandler, ResumableRun, preset
-from mmr_core.flops import throughput_metrics
+from mmr_core.distributed import preset
+from mmr_core.guards import NonFiniteGuard
 from mmr_core.schedules import cosine_with_warmup, warmup_steps_for
-from mmr_core.utils import progress, seed_everything
+from mmr_core.train import LocalEngine, MapStyleSource
+from mmr_core.utils import seed_everything
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import add_vision_tokens, prepare_tokenizer
 from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
@@ -95,6 +93,10 @@ class TrainConfig:
         packing: Padding-free batches (a micro-batch's samples concatenated in one row, attention within
             each sample).
         on_mismatch: ``error`` or ``warn`` for tokenization mismatches.
+        on_non_finite: ``error`` stops at the first non-finite loss or gradient norm (naming the step and the
+            batch's record ids; the last checkpoint stays the last good one); ``skip`` leaves such a
+            micro-batch out, counted.
+        max_non_finite_skips: With ``skip``: stop once more micro-batches than this were left out.
         mm_use_im_start_end: ``<im_start>``/``<im_end>`` around image features (new tokens, embeddings
             initialised to the vocabulary mean; in stage 1 only their rows of the input embedding learn).
             A checkpoint that was trained with them keeps them.
@@ -140,6 +142,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     on_mismatch: str = "error"
+    on_non_finite: str = "error"
+    max_non_finite_skips: int = 10
     tokenizer_vocab: int = 256
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
@@ -374,177 +378,16 @@ class TruncationCounts:
                 "samples_without_supervision": counts[2], "examples": list(self.examples)}
 
 
-def epoch_order(ds: LlavaDataset, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[int]:
-    """This rank's sample order for an epoch (same global order on every rank, then strided)."""
+def epoch_order(ds: LlavaDataset, cfg: TrainConfig, epoch: int, world: int) -> list[int]:
+    """Every sample of an epoch in order (the same on every rank; the source strides it over the ranks).
+
+    With ``group_by_modality_length`` the mega-batches put one step's micro-batches of all ranks together.
+    """
     if cfg.group_by_modality_length:
         sampler = ModalityLengthGroupedSampler(ds.modality_lengths, cfg.micro_batch_size, world, cfg.seed)
         sampler.set_epoch(epoch)
-        order = list(sampler)
-    else:
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(ds), generator=g).tolist()
-    per_rank = len(order) // world
-    if per_rank == 0:
-        raise ValueError(f"{len(order)} samples cannot feed {world} processes")
-    # Strided: with grouping, the ranks' micro-batches of one step come from the same mega-batch.
-    return order[: per_rank * world][rank::world]
-
-
-# -- the loop --------------------------------------------------------------------------------------
-
-class LocalEngine:
-    """The single-process stand-in for a DeepSpeed engine's checkpoint interface.
-
-    ``mmr_core.distributed``'s crash-safe checkpoints (staging directory, fsync, completeness record,
-    ``latest`` written last, fallback to the newest complete one) and :class:`ResumableRun` drive an engine
-    through ``save_checkpoint`` / ``load_checkpoint`` and write files through ``checkpoint_engine.save``;
-    this class gives a plain model, optimizer and scheduler that interface, so one path serves both.
-
-    Args:
-        model: The model (only its trainable tensors are saved: the frozen ones are rebuilt from
-            ``init_from`` / the seed on resume).
-        optimizer: Its optimizer.
-        scheduler: Its LR scheduler.
-    """
-
-    class _TorchWriter:
-        """``checkpoint_engine.save``: the hook the core wraps to fsync (and, in tests, tear) each file."""
-
-        def save(self, state_dict: dict[str, Any], path: str) -> None:
-            torch.save(state_dict, path)
-
-    STATE_FILE = "state.pt"
-
-    def __init__(self, model: LlavaModel, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
-        self.checkpoint_engine = self._TorchWriter()
-
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any],
-                        save_latest: bool = False) -> None:
-        folder = Path(save_dir) / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        state = {"model": {k: v for k, v in self.module.state_dict().items() if k in trainable},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                 "client_state": client_state}
-        self.checkpoint_engine.save(state, str(folder / self.STATE_FILE))
-
-    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict[str, Any]]:
-        path = Path(load_dir) / tag / self.STATE_FILE
-        # Our own file, holding python / numpy RNG states (not tensors): weights_only cannot read those.
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        if set(saved["model"]) != trainable:
-            raise RuntimeError(f"{path} holds other trainable tensors than this run's model (different tune= "
-                               f"or model=?): {sorted(set(saved['model']) ^ trainable)[:5]}")
-        self.module.load_state_dict(saved["model"], strict=False)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.lr_scheduler.load_state_dict(saved["scheduler"])
-        return str(path), saved["client_state"]
-
-
-def _unchanged(loaded: dict[str, Any]) -> dict[str, Any]:
-    """The DataLoader's collate function: batches are collated inside :class:`EpochBatches` already."""
-    return loaded
-
-
-@contextlib.contextmanager
-def _position_seeded(*position: int) -> Iterator[None]:
-    """Seed python / numpy / torch from a batch's position for the body, then restore the caller's RNG.
-
-    Loading a batch is thereby a function of its position alone: the same in the main process or in any
-    DataLoader worker, however many workers there are and wherever a resumed epoch starts. Workers have no
-    RNG stream to save, and the training process's own streams (dropout) are untouched by loading.
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    seed = int(np.random.SeedSequence(list(position)).generate_state(1)[0])
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
-class EpochBatches(torch.utils.data.Dataset):
-    """One rank's micro-batches of one epoch from a position on, loaded and collated (in DataLoader workers).
-
-    Args:
-        ds: The samples.
-        collate: Turns a list of samples into a batch.
-        micro_batches: Sample indices of each micro-batch, from the first one to load.
-        position: ``(seed, rank, epoch, index of micro_batches[0] in the epoch)``; seeds each batch.
-    """
-
-    def __init__(self, ds: LlavaDataset, collate: Any, micro_batches: list[list[int]],
-                 position: tuple[int, int, int, int]) -> None:
-        self.ds, self.collate, self.micro_batches, self.position = ds, collate, micro_batches, position
-
-    def __len__(self) -> int:
-        return len(self.micro_batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        seed, rank, epoch, first = self.position
-        with _position_seeded(seed, rank, epoch, first + i):
-            items = [self.ds[j] for j in self.micro_batches[i]]
-            batch = self.collate(items)
-        return {"batch": batch, "samples": len(items),
-                "tokens": sum(len(it["input_ids"]) for it in items),  # real tokens, padding excluded
-                "cuts": [{k: it[k] for k in ("id", "images_cut", "supervision_cut")} for it in items]}
-
-
-def _sum_over_ranks(values: list[float], device: torch.device, distributed: bool) -> list[float]:
-    """``values`` summed over ranks (a collective under DeepSpeed: every rank must call it)."""
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-    return list(values)
-
-
-def _memory_mib(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: the accelerator's allocator on CUDA, else the process's peak resident set."""
-    if device.type == "cuda":
-        return {"max_memory_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    import resource
-
-    return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
-
-
-def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
-    """Loss, learning rate and tokens/s against the step, from ``metrics.jsonl``, as a PNG.
-
-    A resumed run appends the steps it repeats after its checkpoint; the last line of a step wins.
-    Returns the PNG's path, or None when there is nothing to plot.
-    """
-    if not metrics_path.is_file():
-        return None
-    by_step = {}
-    for line in metrics_path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    if not by_step:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = sorted(by_step)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("loss", "lr", "tokens_per_s")):
-        ax.plot(steps, [by_step[s].get(key, float("nan")) for s in steps])
-        ax.set_xlabel("step")
-        ax.set_title(key)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+        return list(sampler)
+    return mmr_train.epoch_order(len(ds), cfg.seed, epoch)
 
 
 def plan_steps(cfg: TrainConfig, dataset_size: int, world: int) -> tuple[int, int]:
@@ -553,19 +396,35 @@ def plan_steps(cfg: TrainConfig, dataset_size: int, world: int) -> tuple[int, in
     Raises:
         ValueError: When the data cannot fill one optimizer step per process.
     """
-    steps_per_epoch = dataset_size // world // (cfg.micro_batch_size * cfg.grad_accum)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{dataset_size} samples cannot fill one step of {world} process(es) x "
-                         f"micro_batch_size={cfg.micro_batch_size} x grad_accum={cfg.grad_accum}")
-    planned = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is None:
-        return steps_per_epoch, planned
-    if cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
-    if cfg.max_steps > planned:
-        warnings.warn(f"max_steps={cfg.max_steps} is more than epochs={cfg.epochs} x {steps_per_epoch} steps: "
-                      f"training runs {math.ceil(cfg.max_steps / steps_per_epoch)} epochs", stacklevel=2)
-    return steps_per_epoch, cfg.max_steps
+    return mmr_train.plan_steps(dataset_size, world, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs,
+                                cfg.max_steps)
+
+
+def _lm_flops_per_token(model: LlavaModel, cfg: TrainConfig) -> float:
+    """Training FLOPs per token of the language model: 2 N forward, and 2 N (input gradients, always needed to
+    reach the projector) + 2 N (weight gradients, only when the LM trains) backward -- the dense-transformer
+    count (attention's share is left out, as in the usual 6 N per token)."""
+    n = sum(p.numel() for p in model.language_model.parameters())
+    return 2.0 * n * (3.0 if cfg.tune in ("full", "lora") else 2.0)
+
+
+def _vision_flops_per_sample(model: LlavaModel) -> float:
+    """Forward FLOPs of the frozen vision tower for one image: 2 N per patch (no backward: it is frozen)."""
+    n = sum(p.numel() for p in model.vision_tower.parameters())
+    return 2.0 * n * (model.config.num_patches + 1)
+
+
+class _TruncationState:
+    """:class:`TruncationCounts` as a ``fit`` stateful: the counts travel in every checkpoint."""
+
+    def __init__(self) -> None:
+        self.counts = TruncationCounts()
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.counts)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = TruncationCounts(**state)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -623,118 +482,53 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                 lr_scheduler=scheduler, config=ds_cfg)
     else:
-        engine = LocalEngine(model.to(device), optimizer, scheduler)
-    preemption = PreemptionHandler().install()
-    try:
-        return _run(cfg, engine, model, optimizer, ds, collate, tok, total, device, rank, world, use_ds, preemption)
-    finally:
-        preemption.uninstall()
+        # Only the trainable tensors are saved: the frozen ones are rebuilt from init_from / the seed on resume.
+        engine = LocalEngine(model.to(device), optimizer, scheduler, grad_accum=cfg.grad_accum,
+                             clip_grad_norm=1.0, trainable_only=True)
 
+    def load(indices: list[int]) -> dict[str, Any]:
+        items = [ds[j] for j in indices]
+        cuts = [{k: it[k] for k in ("id", "images_cut", "supervision_cut")} for it in items]
+        return {"batch": {**collate(items), "cuts": cuts}, "ids": [it["id"] for it in items],
+                "tokens": sum(len(it["input_ids"]) for it in items)}  # real tokens, padding excluded
 
-def _run(cfg: TrainConfig, engine: Any, model: LlavaModel, optimizer: torch.optim.Optimizer, ds: LlavaDataset,
-         collate: Any, tok: Any, total: int, device: torch.device, rank: int, world: int, use_ds: bool,
-         preemption: PreemptionHandler) -> dict[str, Any]:
-    """The steps, logs, checkpoints and export of :func:`train` (which builds everything)."""
-    out_dir = Path(cfg.output_dir)
-    run = ResumableRun(engine, out_dir / "checkpoints", save_every=cfg.save_every, keep_last=cfg.keep_last,
-                       preemption=preemption)
-    resumed = run.resume() if cfg.resume else None
-    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "truncation": {}}
-    step = 0
-    if resumed is not None:
-        step = resumed["step"]
-        state.update(resumed["data_state"])
-    losses: list[float] = []
-    truncation = TruncationCounts(**state["truncation"])  # resumed runs go on counting
-    metrics_path = out_dir / "metrics.jsonl"
+    source = MapStyleSource(len(ds), load, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, rank, world,
+                            cfg.num_workers, order=lambda epoch: epoch_order(ds, cfg, epoch, world))
+    truncation = _TruncationState()
+
+    def loss_fn(engine: Any, batch: dict[str, Any]) -> torch.Tensor:
+        for cut in batch["cuts"]:
+            truncation.counts.add(cut)
+        out = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                     attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     position_ids=batch.get("position_ids"))
+        return out["loss"]
+
     model.train()
-    started, tokens_run = time.perf_counter(), 0
-    last_log, interval_samples, interval_tokens = started, 0, 0
-    bar_iter = progress(range(step, total), desc=f"llava {cfg.stage}", total=total - step)
-    ga, mb = cfg.grad_accum, cfg.micro_batch_size
-    forward = engine if use_ds else model
-    while step < total and step != cfg.stop_after_steps:
-        order = epoch_order(ds, cfg, state["epoch"], rank, world)
-        # The last micro-batch may be short; an epoch with no full optimizer step would loop forever.
-        micro_batches = [order[i: i + mb] for i in range(0, len(order), mb)]
-        steps_in_epoch = len(micro_batches) // ga
-        if steps_in_epoch == 0:
-            raise ValueError(f"{len(order)} samples per process cannot fill grad_accum={ga} micro-batches of {mb}")
-        first = state["step_in_epoch"] * ga
-        loader = torch.utils.data.DataLoader(
-            EpochBatches(ds, collate, micro_batches[first: steps_in_epoch * ga],
-                         (cfg.seed, rank, state["epoch"], first)),
-            batch_size=None, collate_fn=_unchanged, num_workers=cfg.num_workers,
-            # Its own generator: starting workers must not draw from the training process's RNG.
-            generator=torch.Generator().manual_seed(cfg.seed))
-        batches = iter(loader)
-        stop = False
-        for _ in range(state["step_in_epoch"], steps_in_epoch):
-            step_loss = 0.0
-            lr = optimizer.param_groups[0]["lr"]  # this step's LR (DeepSpeed's engine.step moves it on)
-            for _ in range(ga):
-                loaded = next(batches)
-                for cut in loaded["cuts"]:
-                    truncation.add(cut)
-                interval_samples += loaded["samples"]
-                interval_tokens += loaded["tokens"]
-                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in loaded["batch"].items()}
-                out = forward(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                              attention_mask=batch["attention_mask"], labels=batch["labels"],
-                              position_ids=batch.get("position_ids"))
-                loss = out["loss"]
-                if use_ds:
-                    engine.backward(loss)
-                    engine.step()
-                else:
-                    (loss / ga).backward()
-                step_loss += float(loss.detach()) / ga
-            if not use_ds:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-                optimizer.step()
-                engine.lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state["step_in_epoch"] += 1
-            if state["step_in_epoch"] == steps_in_epoch:
-                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-            losses.append(step_loss)
-            next(bar_iter, None)
-            state["truncation"] = dataclasses.asdict(truncation)
-            if step % cfg.log_every == 0 or step == total:
-                cut = truncation.totals(device, use_ds)  # all ranks: collectives under DeepSpeed
-                samples, tokens = _sum_over_ranks([interval_samples, interval_tokens], device, use_ds)
-                now = time.perf_counter()
-                if rank == 0:
-                    line = {"step": step, "epoch": state["epoch"], "loss": step_loss, "lr": lr,
-                            **throughput_metrics(max(now - last_log, 1e-9), int(samples), int(tokens)),
-                            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows
-                            **_memory_mib(device),
-                            "truncation": {k: v for k, v in cut.items() if k != "examples"}}
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(line) + "\n")
-                tokens_run += int(tokens)
-                last_log, interval_samples, interval_tokens = now, 0, 0
-            stop = run.after_step(step, state) or step >= total or step == cfg.stop_after_steps
-            if stop:
-                break
-        del batches, loader  # stops the workers of an epoch left early
-        if stop:
-            break
-    if run.preempted:
-        run.finish(step, state)  # saved already; leaves with exit status 75 on every rank
-    export_model(model, cfg, out_dir, rank, tok)
-    cut = truncation.totals(device, use_ds)
+    result = mmr_train.fit(
+        engine, source, loss_fn, total_steps=total, out_dir=out_dir, save_every=cfg.save_every,
+        keep_last=cfg.keep_last, log_every=cfg.log_every, resume=cfg.resume, device=device,
+        desc=f"llava {cfg.stage}", guard=NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_skips),
+        flops_per_token=_lm_flops_per_token(model, cfg), flops_per_sample=_vision_flops_per_sample(model),
+        stateful={"truncation": truncation}, export=lambda: export_model(model, cfg, out_dir, rank, tok),
+        stop_after_steps=cfg.stop_after_steps,
+        log_fields=lambda: {"truncation": {k: v for k, v in truncation.counts.totals(device, use_ds).items()
+                                           if k != "examples"}})
+    cut = truncation.counts.totals(device, use_ds)
     if rank == 0 and (cut["samples_with_images_cut"] or cut["samples_without_supervision"]):
         warnings.warn(f"max_length={cfg.max_length} cut {cut['images_cut']} image(s) from "
                       f"{cut['samples_with_images_cut']} sample(s) and left {cut['samples_without_supervision']} "
                       f"sample(s) with no supervised token (e.g. records {cut['examples']})", stacklevel=2)
-    if rank == 0:
-        plot_metrics(metrics_path, out_dir / "metrics.png")
-    result = {"losses": losses, "step": step, "output_dir": str(out_dir), "rank": rank, "world": world,
-              "tokens_per_s": tokens_run / max(time.perf_counter() - started, 1e-9), "truncation": cut}
-    run.finish(step, state, save_final=bool(cfg.save_every))
-    return result
+    if result.stopped_early:  # a test's stop: still leave a model to look at, as before
+        export_model(model, cfg, out_dir, rank, tok)
+    if use_ds:
+        from mmr_core.distributed import finalize_distributed
+
+        finalize_distributed()
+    return {"losses": result.losses, "step": result.step, "output_dir": str(out_dir), "rank": rank,
+            "world": world, "tokens_per_s": result.tokens_per_s or 0.0, "truncation": cut,
+            "non_finite_skipped": result.non_finite_skipped}
+
 
 def export_model(model: LlavaModel, cfg: TrainConfig, out_dir: Path, rank: int, tok) -> None:
     """Stage 1: ``mm_projector.bin`` + config.json; otherwise a full original-layout checkpoint (LoRA merged)."""

@@ -144,12 +144,14 @@ def fit(
     desc: str = "train",
     guard: NonFiniteGuard | None = None,
     flops_per_sample: float | None = None,
+    flops_per_token: float | None = None,
     peak_flops: float | None = None,
     precision: torch.dtype | str = torch.float32,
     stateful: Mapping[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
     export: Callable[[], None] | None = None,
     stop_after_steps: int | None = None,
+    log_fields: Callable[[], dict[str, Any]] | None = None,
     tensorboard: bool = False,
     preemption: PreemptionHandler | None = None,
 ) -> FitResult:
@@ -169,6 +171,7 @@ def fit(
         desc: Progress bar label.
         guard: Non-finite loss / gradient policy (default: stop with an error).
         flops_per_sample: Training FLOPs of one sample (forward + backward), for TFLOP/s and MFU.
+        flops_per_token: Training FLOPs per token the source counts (language models); added to the above.
         peak_flops: The device's peak FLOP/s for MFU (default: looked up, or measured on CPU).
         precision: The matrix-product dtype, to pick the peak.
         stateful: Extra objects with ``state_dict`` / ``load_state_dict`` saved with every checkpoint.
@@ -176,6 +179,8 @@ def fit(
         export: Called on every rank after the last step of a run that was not preempted or stopped early.
         stop_after_steps: End this process's run at this step (saved if ``save_every``), as a kill would
             between checkpoints; the schedule still spans ``total_steps``. For tests.
+        log_fields: Called on every rank at each logged step (it may run collectives); its dict joins the
+            metrics record (e.g. counts of samples that truncation changed).
         tensorboard: Also log to TensorBoard.
         preemption: The handler (default: a new one for SIGTERM, SIGUSR1 and ``$MMR_PREEMPT_FILE``).
 
@@ -214,7 +219,8 @@ def fit(
                 "stateful": {name: obj.state_dict() for name, obj in stateful.items()}}
 
     log = MetricsLog(out_dir, enabled=rank == 0, tensorboard=tensorboard)
-    if flops_per_sample is not None and peak_flops is None:
+    counts_flops = flops_per_sample is not None or flops_per_token is not None
+    if counts_flops and peak_flops is None:
         try:
             peak_flops = device_peak_flops(device, precision)
         except ValueError:  # an unknown card: TFLOP/s without MFU
@@ -276,11 +282,14 @@ def fit(
                     seconds = max(now - last_log, 1e-9)
                     figures = throughput_metrics(
                         seconds, int(samples), int(tokens) if counts_tokens else None,
-                        flops_per_step=None if flops_per_sample is None else flops_per_sample * samples,
+                        flops_per_step=(samples * (flops_per_sample or 0.0) + tokens * (flops_per_token or 0.0))
+                        if counts_flops else None,
                         peak_flops=peak_flops)
                     record = {"step": step, "epoch": state["epoch"], "loss": step_loss, "lr": lr,
                               "grad_norm": norm, **figures, "non_finite_skipped": non_finite_skipped,
                               "skipped_steps": int(getattr(engine, "skipped_steps", 0)), **memory_mib(device)}
+                    if log_fields is not None:
+                        record.update(log_fields())
                     if hasattr(source, "skip_summary"):
                         record["data_skips"] = source.skip_summary()
                     log.write(record)
