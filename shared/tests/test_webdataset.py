@@ -28,7 +28,7 @@ from mmr_core.data import (
     make_loader,
     write_shards,
 )
-from mmr_core.data.write_shards import main as write_shards_cli
+from mmr_core.data.cli import main as write_shards_cli
 
 
 def _sample(i: int, rng: np.random.Generator) -> dict:
@@ -474,7 +474,7 @@ def test_cli_as_a_module_with_progress_bar(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"key": "a", "audio": "a.ogg", "label": 1}) + "\n"
                         + json.dumps({"key": "b", "text": "only text"}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "mmr_core.data.write_shards", "--manifest", str(manifest),
+    proc = subprocess.run([sys.executable, "-m", "mmr_core.data", "--manifest", str(manifest),
                            "--out", str(tmp_path / "out"), "--prefix", "cli"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "MMR_NO_PROGRESS": "0"})
     assert proc.returncode == 0, proc.stderr
@@ -493,10 +493,17 @@ def test_endless_stream_of_missing_shards_stops_with_a_clear_error(tmp_path):
     assert pipe.skips.counts() == {"missing_shard": 100}
 
 
-def test_package_attribute_stays_callable_after_importing_the_cli_module(tmp_path):
-    import mmr_core.data
-    import mmr_core.data.write_shards  # noqa: F401  (rebinds the package attribute to the module)
+def test_importing_every_data_module_leaves_write_shards_the_function(tmp_path):
+    # A submodule named like a package attribute would replace it on import (the CLI once was write_shards.py).
+    import importlib
+    import inspect
+    import pkgutil
 
+    import mmr_core.data
+
+    for info in pkgutil.iter_modules(mmr_core.data.__path__):
+        importlib.import_module(f"mmr_core.data.{info.name}")
+    assert inspect.isfunction(mmr_core.data.write_shards)
     shards = mmr_core.data.write_shards([{"key": "x", "text": "t"}], tmp_path, show_progress=False)
     assert [p.name for p in shards] == ["shard-000000.tar"]
 

@@ -4,7 +4,7 @@ Writing::
 
     from mmr_core.data import write_shards
     shards = write_shards("manifest.jsonl", "shards/", prefix="train", maxcount=1000)
-    # or: python -m mmr_core.data.write_shards --manifest manifest.jsonl --out shards/ --prefix train
+    # or: python -m mmr_core.data --manifest manifest.jsonl --out shards/ --prefix train
 
 A manifest line is ``{"key": "s0", "image": "a.jpg", "audio": "a.flac", "depth": "d.png",
 "thermal": "t.png", "imu": "i.npy", "text": "...", "label": 3, "json": {...}}`` (any subset, paths

@@ -1,14 +1,14 @@
-"""Command line: ``python -m mmr_core.data.write_shards --manifest m.jsonl --out shards/``.
+"""Command line: ``python -m mmr_core.data --manifest m.jsonl --out shards/``.
 
 Writes ``<out>/<prefix>-000000.tar``, ... from a JSON Lines manifest (see :mod:`mmr_core.data.manifest`)
-with a progress bar, and prints the shards written.
+with a progress bar, and prints the shards written. The module is not named ``write_shards``: importing a
+submodule binds its name on the package, which would hide the function :func:`mmr_core.data.write_shards`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import types
 
 from mmr_core.data.manifest import MissingFileError
 from mmr_core.data.writer import write_shards
@@ -16,7 +16,7 @@ from mmr_core.data.writer import write_shards
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, write the shards, print a summary; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m mmr_core.data.write_shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mmr_core.data", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="JSON Lines manifest, one sample per line")
     parser.add_argument("--out", required=True, help="output folder for the shards")
     parser.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
@@ -37,17 +37,3 @@ def main(argv: list[str] | None = None) -> int:
     if shards.skipped:
         print(f"skipped {len(shards.skipped)} samples with missing files, e.g. {shards.skipped[0]}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    # `import mmr_core.data.write_shards` rebinds the package attribute `write_shards` from the function
-    # to this module; making the module callable keeps `mmr_core.data.write_shards(...)` working anyway.
-    def __call__(self, *args, **kwargs):
-        return write_shards(*args, **kwargs)
-
-
-if __name__ != "__main__":
-    sys.modules[__name__].__class__ = _CallableModule
-
-if __name__ == "__main__":
-    sys.exit(main())
