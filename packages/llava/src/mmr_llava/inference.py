@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmr_core.io import RecordView, read_jsonl
 from mmr_core.utils import progress
 from mmr_llava.checkpoint import load_pretrained, load_tokenizer
 from mmr_llava.conversation import (
@@ -184,14 +185,19 @@ def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[
     cfg = model.config
     wrap = add_vision_tokens(tok, cfg.mm_use_im_start_end) if cfg.mm_use_im_start_end else None
     image_id = image_token_id(tok, model)
+    if len(conversations) != len(images):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists; expected one list "
+                         "(maybe empty) per conversation")
+    encoded = [tokenize_with_labels(tok, template, conv, image_token_id=image_id, num_patches=cfg.num_patches,
+                                    add_generation_prompt=True, image_wrap=wrap)["input_ids"]
+               for conv in conversations]
+    _check_prompts_fit(model, encoded, [list(imgs) for imgs in images], conversations, image_id, cfg.num_patches)
     samples = []
-    for conv, imgs in zip(conversations, images):
-        enc = tokenize_with_labels(tok, template, conv, image_token_id=image_id,
-                                   num_patches=cfg.num_patches, add_generation_prompt=True, image_wrap=wrap)
-        pix = (torch.stack([preprocess_image(load_image(i, image_folder, "prompt"), cfg.image_size,
+    for k, (ids, imgs) in enumerate(zip(encoded, images)):
+        pix = (torch.stack([preprocess_image(load_image(i, image_folder, f"conversation {k}"), cfg.image_size,
                                              cfg.image_aspect_ratio) for i in imgs])
                if imgs else None)
-        samples.append({"input_ids": torch.tensor(enc["input_ids"]), "pixel_values": pix})
+        samples.append({"input_ids": torch.tensor(ids), "pixel_values": pix})
     batch = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, "left")(samples)
     stops = [*stop_strings(template), *options.stop]
     streamed: list[int] = []
@@ -222,6 +228,28 @@ def answer_batch(model: LlavaModel, tok, template: str, conversations: Sequence[
     if on_text is not None and len(conversations) == 1:
         emit(replies[0])  # what was held back, or everything (beam search does not stream)
     return replies
+
+
+def _check_prompts_fit(model: LlavaModel, encoded: Sequence[list[int]], images: Sequence[list[Any]],
+                       conversations: Sequence[Any], image_id: int, num_patches: int) -> None:
+    """Refuse, before any image is read, a prompt the model cannot take.
+
+    Raises:
+        ValueError: A conversation's ``<image>`` placeholders do not match its images, or its prompt is as
+            long as the model's context or longer (nothing would be left to generate), naming the conversation.
+    """
+    context = model.context_length
+    for k, (ids, imgs) in enumerate(zip(encoded, images)):
+        placeholders = ids.count(image_id) // max(num_patches, 1)
+        if placeholders != len(imgs):
+            raise ValueError(f"conversation {k}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for "
+                             f"{len(imgs)} image(s); expected one placeholder per image")
+        if context is not None and len(ids) >= context:
+            first = conversations[k][0]
+            text = first.get("value", first.get("content", "")) if isinstance(first, dict) else str(first[1])
+            raise ValueError(f"conversation {k} ({text[:30]!r}...): the prompt has {len(ids)} tokens (image "
+                             f"positions included) but the model's context is {context} "
+                             "(max_position_embeddings): shorten the conversation or use fewer images")
 
 
 def _decode_reply(tok, ids: list[int]) -> str:
@@ -291,23 +319,23 @@ def model_id_from_path(path: str | Path) -> str:
 
 def read_questions(path: str | Path) -> list[dict[str, Any]]:
     """A question file: JSON lines with ``question_id``, ``text`` and optionally ``image`` (a path relative to
-    the image folder).
+    the image folder). UTF-8, a byte-order mark tolerated.
 
     Raises:
-        ValueError: A line that is not JSON or lacks a field; the message names the file and line.
+        FileNotFoundError: No such file.
+        mmr_core.io.RecordError: A line that is not UTF-8, not JSON, not an object, or whose fields are missing
+            or of the wrong type, as ``<file>:line N: <field>: <what is wrong>, <what was expected>``.
     """
     questions = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line: {err}") from None
-        missing = [k for k in ("question_id", "text") if k not in record]
-        if missing:
-            raise ValueError(f"{path}:{number}: question lacks {missing} (needs question_id, text, optional image)")
-        questions.append(record)
+    for name, raw in read_jsonl(path):
+        view = RecordView(raw, path, name)
+        qid = view.get("question_id", (int, str), "an integer or a string id")
+        view.text("text")
+        if view.has("image"):
+            view.text("image")
+        if isinstance(qid, str) and not qid.strip():
+            raise view.error("question_id", "is empty", "expected an integer or a non-blank string id")
+        questions.append(raw)
     return questions
 
 
