@@ -9,8 +9,9 @@ the dataclass defaults (or a named preset), ``--config FILE.yaml``, ``key=value`
 positional words, ``--key value`` options. Values are YAML scalars (``2e-5``, ``[a, b]``, ``null``).
 
 User mistakes (a :class:`~mmr_core.config.ConfigError`, a missing file, a malformed record, a bad
-image, or whatever the package adds to ``user_errors``) print one line ``error: ...`` on stderr and
-exit 2; anything else is a bug and keeps its traceback.
+image, an untrusted checkpoint, too many skipped records, or whatever the package adds to ``user_errors``)
+print one line ``error: ...`` on stderr and exit 2; anything else is a bug and keeps its traceback. Every
+package's ``main`` goes through :func:`run_guarded` (directly, or through :meth:`CommandLine.main`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _FIELD_DEST_PREFIX = "config_field:"
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """The core's user-mistake exceptions (imported lazily: the io package pulls in PIL)."""
+    from mmr_core.data.skips import TooManySkipsError
     from mmr_core.io.images import ImageReadError
     from mmr_core.io.records import RecordError
     from mmr_core.io.safe_load import UntrustedCheckpointError
@@ -47,6 +49,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         RecordError,
         ImageReadError,
         UntrustedCheckpointError,
+        TooManySkipsError,
     )
 
 
@@ -309,12 +312,13 @@ def run_guarded(body: Callable[[], Any], user_errors: Sequence[type[BaseExceptio
     """Run ``body``; a user mistake prints ``error: <message>`` to stderr and returns 2.
 
     User mistakes are the core's (config errors, missing files, malformed records and images, untrusted
-    checkpoints) plus ``user_errors``; other exceptions propagate with their traceback.
+    checkpoints, too many skipped records) plus ``user_errors``; other exceptions propagate with their
+    traceback. Every package's ``main`` runs through here, so the four commands share one error path.
     """
     try:
         status = body()
     except (*_user_error_types(), *user_errors) as exc:
-        message = str(exc) or type(exc).__name__
+        message = error_message(exc)
         if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in message:
             message = f"{message}: {exc.filename}"
         print(f"error: {message}", file=sys.stderr)
@@ -323,3 +327,16 @@ def run_guarded(body: Callable[[], Any], user_errors: Sequence[type[BaseExceptio
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(status or 0)
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line printed after ``error:`` for a user mistake.
+
+    A ``KeyError``'s own text is its key's ``repr`` (quoted); the message it was raised with is shown
+    instead. An exception without a message is named by its type.
+    """
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        message = exc.args[0]
+    else:
+        message = str(exc)
+    return message or type(exc).__name__

@@ -127,7 +127,15 @@ def _generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, 
     parser.add_argument("--stop", action="append", help="extra string that ends the reply (repeatable)")
 
 
-def main(argv: list[str] | None = None) -> None:
+# User mistakes besides mmr_core.cli's own: bad data, settings and prompts are ValueErrors (DataError, RecordError,
+# ImageReadError among them), a checkpoint that does not match the model a KeyError naming the file.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mmr-llava``; a user mistake prints ``error: ...`` and returns 2 (``mmr_core.cli.run_guarded``)."""
+    from mmr_core.cli import run_guarded
+
     parser = argparse.ArgumentParser(prog="mmr-llava", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat about images with a checkpoint (streams the reply)")
@@ -165,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     train = sub.add_parser("train", help="train (same options as packages/llava/train.py)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    return run_guarded(lambda: _run(args), USER_ERRORS)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "chat":
         _chat(args)
     elif args.command == "infer":
@@ -182,4 +194,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
