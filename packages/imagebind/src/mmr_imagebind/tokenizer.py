@@ -1,3 +1,4 @@
+# Hand-written because exact: the official SimpleTokenizer's ids (0 padding, end-of-text kept when cut).
 """The CLIP byte-pair-encoding tokenizer that ImageBind's text encoder expects.
 
 The merges file is CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (MIT licence, shipped by the official ImageBind,

@@ -1,3 +1,4 @@
+# Hand-written because exact: the original LLaVA's prompt strings, per-image token ids and loss spans.
 """Conversation templates and leak-free loss masks.
 
 Each template renders the exact prompt strings of the LLaVA formats (``plain``, ``v0`` with ``###``,

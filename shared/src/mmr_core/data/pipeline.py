@@ -1,3 +1,4 @@
+# _TarReader is hand-written because exact: it counts the samples a broken shard lost (webdataset: one event).
 """Reader pipelines over WebDataset shards: split, shuffle, read, decode, skip, batch.
 
 Stage order of :func:`build_pipeline` (a :class:`webdataset.DataPipeline`)::
