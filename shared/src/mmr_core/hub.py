@@ -326,13 +326,23 @@ def weight_files(folder: str | Path) -> dict[str, list[str]]:
 
 
 def iter_pretrained_tensors(
-    folder: str | Path, device: str | torch.device = "cpu"
+    folder: str | Path, device: str | torch.device = "cpu", select: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from the folder's safetensors files one at a time (lazy, shard by shard)."""
+    """Yield ``(name, tensor)`` from the folder's safetensors files one at a time (lazy, shard by shard).
+
+    Args:
+        folder: A folder written by :func:`save_pretrained`.
+        device: Where the tensors are read to.
+        select: Read only the names it accepts (e.g. one encoder of a multi-encoder model); a shard
+            holding none of them is not opened. Default: every tensor.
+    """
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
-    for filename, names in weight_files(folder).items():
+    for filename, all_names in weight_files(folder).items():
+        names = [name for name in all_names if select is None or select(name)]
+        if not names:
+            continue
         path = folder / filename
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as handle:
@@ -436,6 +446,7 @@ def load_pretrained(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> M:
     """Rebuild a model saved by :func:`save_pretrained` from a folder or a hub id.
 
@@ -446,6 +457,9 @@ def load_pretrained(
         device: Where the model is built and the tensors are read to.
         dtype: Floating dtype of the loaded model; default: the checkpoint's (``torch_dtype``).
         revision: Hub revision. cache_dir: Hugging Face cache folder. local_files_only: cache only.
+        select: Read only the tensor names it accepts, for a ``build`` that makes part of the saved model
+            (ImageBind with some of its encoders); the loading stays strict, so ``build``'s model must hold
+            exactly the selected names (missing or extra ones are an error naming them).
 
     Returns:
         The model in eval mode.
@@ -455,7 +469,7 @@ def load_pretrained(
     want = parse_dtype(dtype) or parse_dtype(reserved.get("torch_dtype"))
     with skip_weight_init(), torch.device(device), _default_dtype(want):
         model = build(config)
-    load_state_into(model, iter_pretrained_tensors(folder, device), where=str(folder), dtype=want)
+    load_state_into(model, iter_pretrained_tensors(folder, device, select), where=str(folder), dtype=want)
     return model.eval()
 
 

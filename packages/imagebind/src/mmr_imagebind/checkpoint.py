@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import MODALITIES, ImageBind, ImageBindConfig
+from .model import MODALITIES, ImageBind, ImageBindConfig, modality_of
 
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 
@@ -90,11 +90,6 @@ def unwrap_state_dict(state: Mapping) -> dict[str, torch.Tensor]:
     return out
 
 
-def _modality_of(key: str) -> str | None:
-    parts = key.split(".")
-    return parts[1] if len(parts) > 2 and parts[1] in MODALITIES else None
-
-
 def load_state_dict_strict(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "<state dict>", assign: bool = False
 ) -> None:
@@ -112,7 +107,7 @@ def load_state_dict_strict(
     state = unwrap_state_dict(state)
     built = set(getattr(model, "modalities", MODALITIES))
     own = model.state_dict()
-    kept = {k: v for k, v in state.items() if k in own or _modality_of(k) not in MODALITIES or _modality_of(k) in built}
+    kept = {k: v for k, v in state.items() if k in own or modality_of(k) not in MODALITIES or modality_of(k) in built}
     missing = sorted(set(own) - set(kept))
     unexpected = sorted(set(kept) - set(own))
     shapes = sorted(
@@ -209,10 +204,10 @@ def _load_pretrained_folder(
     cache_dir: str | Path | None,
 ) -> ImageBind:
     """:func:`load_imagebind` for a ``save_pretrained`` folder or hub id, reading the built modalities only."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     from mmr_core.config import ConfigError
-    from mmr_core.hub import PretrainedError, read_config_json, resolve_pretrained, weight_files
+    from mmr_core.hub import PretrainedError, iter_pretrained_tensors, read_config_json, resolve_pretrained
 
     try:
         folder = resolve_pretrained(source, cache_dir=cache_dir)
@@ -226,15 +221,10 @@ def _load_pretrained_folder(
     with torch.device("meta"):
         model = ImageBind(config, modalities)
     built = set(model.modalities)
-    state = {}
     try:
         # One tensor at a time, and only the built modalities' (and any key outside the modality dicts):
         # loading the 86M-parameter audio encoder from ImageBind-Huge does not read its 1.2B parameters.
-        for filename, names in weight_files(folder).items():
-            with safe_open(str(folder / filename), framework="pt") as f:
-                for name in names:
-                    if _modality_of(name) not in MODALITIES or _modality_of(name) in built:
-                        state[name] = f.get_tensor(name)
+        state = dict(iter_pretrained_tensors(folder, select=lambda name: modality_of(name) in (None, *built)))
     except (PretrainedError, SafetensorError, OSError) as e:
         raise CheckpointReadError(f"cannot read checkpoint {folder}: {e}") from e
     load_state_dict_strict(model, state, str(folder), assign=True)

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmr_core.hub import PretrainedMixin
+from mmr_core.hub import PretrainedMixin, load_pretrained
 from mmr_core.transformer import Transformer, count_parameters
 from mmr_core.utils import get_logger
 
@@ -33,6 +34,13 @@ from .config import MODALITIES, NAMED_CONFIGS, ImageBindConfig
 from .encoders import L2Normalize, build_head, build_postprocessor, build_preprocessor
 
 log = get_logger(__name__)
+
+def modality_of(key: str) -> str | None:
+    """The modality a state-dict key belongs to (``modality_trunks.audio.blocks.0...`` -> ``audio``), or None for
+    a key outside the per-modality dictionaries."""
+    parts = key.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in MODALITIES else None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -44,9 +52,9 @@ class ImageBind(PretrainedMixin, nn.Module):
 
     ``save_pretrained(dir)`` writes ``config.json`` (this config's fields) and ``model.safetensors`` (sharded
     above ``max_shard_size``, with transformers' index) in the official key layout; ``from_pretrained(dir or
-    "org/name")`` reads it back (a hub id from the local Hugging Face cache under ``HF_HUB_OFFLINE=1``), see
-    :mod:`mmr_core.hub`. :func:`mmr_imagebind.checkpoint.load_imagebind` reads the same folders (and the
-    official ``.pth``) for a subset of the modalities.
+    "org/name", modalities=...)`` reads it back, all encoders or some (a hub id from the local Hugging Face cache
+    under ``HF_HUB_OFFLINE=1``), see :mod:`mmr_core.hub`. :func:`mmr_imagebind.checkpoint.load_imagebind` reads
+    the same folders and the official ``.pth`` for a subset of the modalities.
 
     Args:
         config: Sizes; ``config.modalities`` lists the encoders to build unless ``modalities`` is given.
@@ -54,6 +62,54 @@ class ImageBind(PretrainedMixin, nn.Module):
     """
 
     config_class = ImageBindConfig
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        modalities: tuple[str, ...] | list[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+    ) -> ImageBind:
+        """A model written by ``save_pretrained``, from a folder or a hub id (see :func:`mmr_core.hub.load_pretrained`).
+
+        Args:
+            source: Folder or hub id (``org/name``; offline from the cache with ``HF_HUB_OFFLINE=1``).
+            modalities: Build only these encoders, e.g. ``("vision", "audio")``, and read only their tensors
+                (selected by name; the other encoders' bytes are never read). Default: every saved encoder.
+            device: Where the model is built and the tensors are read to.
+            dtype: Floating dtype of the loaded model; default: the checkpoint's.
+            revision: Hub revision. cache_dir: Hugging Face cache folder. local_files_only: cache only.
+
+        Raises:
+            ValueError: A name that is not an ImageBind modality.
+            mmr_core.hub.PretrainedError: A modality the checkpoint does not hold (the message lists those it
+                does), or tensors that do not fit.
+        """
+        if modalities is None:
+            return super().from_pretrained(source, device=device, dtype=dtype, revision=revision,
+                                           cache_dir=cache_dir, local_files_only=local_files_only)
+        chosen = tuple(dict.fromkeys(modalities))
+        unknown = [m for m in chosen if m not in MODALITIES]
+        if unknown or not chosen:
+            raise ValueError(f"modalities {unknown or list(chosen)}: choose one or more of {list(MODALITIES)}")
+
+        def build(config: ImageBindConfig) -> ImageBind:
+            absent = [m for m in chosen if m not in config.modalities]
+            if absent:
+                from mmr_core.hub import PretrainedError
+
+                raise PretrainedError(f"{source}: no {absent} encoder in this checkpoint; it holds "
+                                      f"{list(config.modalities)}")
+            return cls(config, chosen)
+
+        return load_pretrained(build, cls.config_class, source, device=device, dtype=dtype, revision=revision,
+                               cache_dir=cache_dir, local_files_only=local_files_only,
+                               select=lambda name: modality_of(name) in (None, *chosen))
 
     def __init__(self, config: ImageBindConfig, modalities: tuple[str, ...] | list[str] | None = None) -> None:
         super().__init__()
@@ -254,5 +310,6 @@ __all__ = [
     "ImageBindConfig",
     "NAMED_CONFIGS",
     "build_imagebind",
+    "modality_of",
     "parameter_counts",
 ]
