@@ -9,6 +9,7 @@ Examples::
         --num-chunks 8 --chunk-idx 0
     mmr-llava eval-sqa --model runs/s2/model --problems problems.json --split-file pid_splits.json \\
         --split test --image-folder scienceqa/images/test --out answers.jsonl
+    mmr-llava demo --model runs/s2/model --port 7860                    # web chat on http://127.0.0.1:7860
     mmr-llava convert SRC DST --to hf
     mmr-llava train --preset finetune data=... output_dir=...
 """
@@ -97,6 +98,14 @@ def _eval_sqa(args: argparse.Namespace) -> None:
     print(format_table(res["scores"]))
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from mmr_llava.demo import launch, require_gradio
+
+    require_gradio()  # before a model of many GB is loaded
+    model, tok = _load(args)
+    launch(model, tok, args.template, _generation_options(args), host=args.host, port=args.port)
+
+
 _VISION_TOWER_HELP = ("CLIP folder (or cached Hub name) for a checkpoint saved without its vision tower, as LLaVA's "
                       "released ones are (default: the config's mm_vision_tower)")
 
@@ -167,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     sqa.add_argument("--max-new-tokens", type=int, default=8)
     sqa.add_argument("--limit", type=int, default=0)
     sqa.add_argument("--out", default=None, help="answers JSON-lines file")
+    demo = sub.add_parser("demo", help="web chat (Gradio) about an image: upload, multi-turn, streaming, "
+                          "sampling controls; needs the demo extra")
+    _model_arguments(demo)
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s: this machine "
+                      "only; 0.0.0.0 serves the network)")
+    demo.add_argument("--port", type=int, default=7860, help="default %(default)s")
+    # The original demo's defaults: temperature 0.2, 512 new tokens; the page's sliders start here.
+    _generation_arguments(demo, max_new_tokens=512, temperature=0.2)
     conv = sub.add_parser("convert", help="convert between the original and Hugging Face layouts",
                           add_help=False)
     conv.add_argument("rest", nargs=argparse.REMAINDER)
@@ -183,6 +200,8 @@ def _run(args: argparse.Namespace) -> None:
         _infer(args)
     elif args.command == "eval-sqa":
         _eval_sqa(args)
+    elif args.command == "demo":
+        _demo(args)
     elif args.command == "convert":
         from mmr_llava.checkpoint import main as convert_main
 
