@@ -20,10 +20,11 @@ from mmcot_testlib import PROBLEMS, tokenizer  # noqa: F401 (fixture)
 from mmr_core.data import TooManySkipsError
 from mmr_core.guards import NonFiniteLossError
 from mmr_core.io import BadRecordPolicy, RecordError, UntrustedCheckpointError
+from mmr_core.train import epoch_order
 from mmr_mmcot.data import Collator, DataError, ScienceQA, ScienceQADataset, VisionFeatures, render_pair
 from mmr_mmcot.inference import answer_question
 from mmr_mmcot.model import VISION_SHAPES, MMCoTConfig, MMCoTModel
-from mmr_mmcot.train import TrainConfig, build_for_run, epoch_order, fit, main
+from mmr_mmcot.train import TrainConfig, build_for_run, main, train_stage
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "bad-inputs.md"
 
@@ -298,13 +299,20 @@ def test_case_untrusted_pickle(tmp_path):
     (tmp_path / "name_map.json").write_text("{}")
     with pytest.raises(UntrustedCheckpointError, match=r"feats.pt: refusing to unpickle .*trust_pickle=True"):
         VisionFeatures.load(tmp_path / "feats.pt", tmp_path / "name_map.json")
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    torch.save({"model": _Payload(marker), "step": 2}, ckpt / "step_2.pt")
-    data = ScienceQA(problems={"11": PROBLEMS["11"]}, splits={})
-    ds = ScienceQADataset(data, ["11"], _WordTokenizer(), "QCM-A", zero_shape=(8, 16))
-    with pytest.raises(UntrustedCheckpointError, match=r"step_2.pt: refusing to unpickle"):
-        fit(MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=64)), ds, TrainConfig(max_steps=3), ckpt, Collator(0))
+    # A resume checkpoint (complete: its record lists the file at its new size) whose state.pt holds the payload.
+    ds = _train_set(2)
+    cfg = TrainConfig(model="tiny", max_steps=3, batch_size=2, save_every=1)
+    train_stage(MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=64)), ds, cfg, tmp_path / "run", Collator(0),
+                stop_after_steps=1)
+    state = tmp_path / "run" / "checkpoints" / "step000000001" / "state.pt"
+    torch.save({"model": _Payload(marker), "step": 1}, state)
+    record = json.loads((state.parent / "mmr_complete.json").read_text())
+    record["files"]["state.pt"] = state.stat().st_size
+    (state.parent / "mmr_complete.json").write_text(json.dumps(record))
+    # mmr_core.distributed.load_checkpoint reports it inside a RuntimeError naming the checkpoint (any type passes
+    # here as long as the message says what was refused and the payload did not run).
+    with pytest.raises(Exception, match=r"state.pt: refusing to unpickle type exec"):  # noqa: B017
+        train_stage(MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=64)), ds, cfg, tmp_path / "run", Collator(0))
     assert not marker.exists()
 
 
@@ -330,18 +338,19 @@ def test_case_non_finite_loss_stops(tmp_path):
     # Features that bypass the loader's check (built in memory) reach the trainer: it stops at that step.
     ds = _train_set()
     cfg = TrainConfig(model="tiny", max_steps=4, batch_size=2, save_every=2, keep_last=2, lr=1e-3)
-    third = epoch_order(len(ds), 0, cfg.seed)[4:6]  # the batch of step 3 (4 batches per epoch)
+    third = epoch_order(len(ds), cfg.seed, 0)[4:6]  # the batch of step 3 (4 batches per epoch)
     ds.examples[third[0]]["image_features"] = torch.full((8, 16), float("nan"))
     model = MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=64, dropout_rate=0.0))
     with pytest.raises(NonFiniteLossError) as info:
-        fit(model, ds, cfg, tmp_path, Collator(0))
+        train_stage(model, ds, cfg, tmp_path, Collator(0))
     pids = [ds.examples[i]["pid"] for i in third]
-    assert str(info.value) == (f"step 3: loss is nan and gradient norm is nan for the batch of samples [{pids[0]}, "
-                               f"{pids[1]}]; stopped before the update, so the weights and the last checkpoint are the "
-                               "last good ones")
+    assert str(info.value) == (f"step 3: loss is nan for the batch of samples [{pids[0]}, {pids[1]}]; stopped before "
+                               "the update, so the weights and the last checkpoint are the last good ones")
     assert info.value.step == 3 and info.value.sample_ids == pids
-    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_2.pt"]
-    saved = torch.load(tmp_path / "step_2.pt", weights_only=True)  # our resume state loads without unpickling
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == ["step000000002"]
+    assert not (tmp_path / "final").exists()
+    # Our resume state loads without unpickling.
+    saved = torch.load(tmp_path / "checkpoints" / "step000000002" / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     # No update at step 3: the weights in memory are still those of the last good checkpoint.
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
@@ -355,8 +364,9 @@ def test_case_non_finite_loss_skip(tmp_path):
 
     guard = NonFiniteGuard("skip", max_skips=3)
     model = MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=64, dropout_rate=0.0))
-    losses = fit(model, ds, cfg, tmp_path, Collator(0), guard=guard)
-    assert guard.num_skipped == 1 and len(losses) == 3 and all(np.isfinite(losses))
+    result = train_stage(model, ds, cfg, tmp_path, Collator(0), guard=guard)
+    assert guard.num_skipped == 1 and result.non_finite_skipped == 1 and result.step == 4
+    assert all(np.isfinite(result.losses))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

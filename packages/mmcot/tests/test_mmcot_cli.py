@@ -34,7 +34,7 @@ def test_console_help_lists_every_train_setting():
     assert done.returncode == 0, done.stderr
     text = _flat(done.stdout)
     fields = list(config_fields(TrainConfig))
-    assert len(fields) == len(dataclasses.fields(TrainConfig)) == 48
+    assert len(fields) == len(dataclasses.fields(TrainConfig)) == 51
     for doc in fields:
         assert doc.meaning, f"TrainConfig.{doc.name} has no line in the Attributes section"
         assert f"--{doc.name} " in text

@@ -1,4 +1,4 @@
-"""Recipe tests: exact resume, the two-stage run end to end on a generated release, stage-2 inputs."""
+"""Recipe tests: bitwise resume with workers, preemption, the two-stage run end to end, stage-2 inputs."""
 
 import json
 from dataclasses import replace
@@ -11,7 +11,7 @@ from mmr_mmcot.data import Collator, ScienceQA, ScienceQADataset, VisionFeatures
 from mmr_mmcot.miniature.synthetic import corpus, write_release
 from mmr_mmcot.model import VISION_SHAPES, MMCoTConfig, MMCoTModel
 from mmr_mmcot.tokenizer import train_sentencepiece
-from mmr_mmcot.train import TrainConfig, _features, build_for_run, fit, main
+from mmr_mmcot.train import TrainConfig, _features, build_for_run, main, train_stage
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +45,90 @@ def _cfg(files, tok, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_resume_continues_exactly(synthetic, tmp_path):
-    files, tok = synthetic
-    cfg = _cfg(files, tok, tmp_path, max_steps=4)
+def _train_set(files, tok) -> ScienceQADataset:
     data = ScienceQA.load(files.problems, files.pid_splits)
     feats = VisionFeatures.load(files.features, files.name_map)
-    ds = ScienceQADataset(data, data.split("train"), tok, "QCM-E", feats, source_len=96, target_len=24)
-    model_cfg = MMCoTConfig.from_name("tiny", vocab_size=tok.vocab_size)  # dropout on: RNG must be restored
+    return ScienceQADataset(data, data.split("train"), tok, "QCM-E", feats, source_len=96, target_len=24)
 
-    torch.manual_seed(0)
-    full = fit(MMCoTModel(model_cfg), ds, cfg, tmp_path / "a", Collator(0))
-    assert len(full) == 4 and (tmp_path / "a" / "step_2.pt").is_file()
-    torch.manual_seed(123)  # a different fresh model: everything must come from the checkpoint
-    resumed = fit(MMCoTModel(model_cfg), ds, cfg, tmp_path / "a", Collator(0))
-    assert resumed == pytest.approx(full[2:], rel=1e-6)
+
+def _fresh_model(tok, seed: int) -> MMCoTModel:
+    torch.manual_seed(seed)
+    return MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=tok.vocab_size))  # dropout on: RNG must be restored
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def test_stop_and_resume_with_two_workers_is_bitwise_exact(synthetic, tmp_path):
+    """1 process x 2 DataLoader workers, 2 epochs of 6 steps: stopped mid-epoch 2 at step 7 (as a kill between
+    checkpoints would leave it), resumed on a model of other random weights, it ends with the very weights and
+    losses of a run that never stopped. Also: the logged LR is transformers' linear schedule, step for step."""
+    files, tok = synthetic
+    ds = _train_set(files, tok)  # 24 problems, micro-batches of 4: 6 steps an epoch
+    cfg = _cfg(files, tok, tmp_path, epochs=2, num_workers=2, save_every=100, log_every=1, warmup_ratio=0.3)
+    full_model = _fresh_model(tok, 0)
+    full = train_stage(full_model, ds, cfg, tmp_path / "full", Collator(0))
+    assert full.step == 12 and len(full.losses) == 12
+
+    stopped = train_stage(_fresh_model(tok, 0), ds, cfg, tmp_path / "run", Collator(0), stop_after_steps=7)
+    assert stopped.stopped_early and stopped.step == 7
+    assert stopped.losses == full.losses[:7]
+    resumed_model = _fresh_model(tok, 123)  # everything must come from the checkpoint
+    resumed = train_stage(resumed_model, ds, cfg, tmp_path / "run", Collator(0))
+    assert resumed.start_step == 7 and resumed.losses == full.losses[7:]
+    _assert_bitwise_equal(resumed_model.state_dict(), full_model.state_dict())
+
+    # Warm-up as the Hugging Face Trainer (which mm-cot used): ceil(0.3 x 12) = 4 steps of step / warmup, then
+    # linear decay. The same float64 operations in the same order: equal, no tolerance.
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=4, num_training_steps=12)
+    expected = []
+    for _ in range(12):
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["lr"] for r in records] == expected and expected[0] == 0.0
+    assert [r["loss"] for r in records] == full.losses
+    # Throughput with MFU from the counted FLOPs per sample (count_flops on the meta device).
+    assert all(r["samples_per_s"] > 0 and r["tflops_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert (tmp_path / "full" / "metrics.png").is_file()
+
+
+def test_preempted_stage2_exits_75_and_resumes_it_exactly(synthetic, tmp_path, monkeypatch):
+    """``$MMR_PREEMPT_FILE`` during stage 2: it saves after its next step and exits 75; the rerun reuses the
+    finished stage 1 (not retrained, not regenerated), resumes stage 2 and exports the very weights, and the same
+    answers, as an uninterrupted run."""
+    files, tok = synthetic
+    monkeypatch.setenv("MMR_NO_PROGRESS", "1")
+    words = lambda out, **kw: [f"{k}={v}" for k, v in vars(_cfg(files, tok, out, **kw)).items() if v is not None]  # noqa: E731
+    common = dict(max_steps=3, save_every=0, num_workers=2, similarity_model="")
+    reference = main(words(tmp_path / "full", **common))
+
+    run = tmp_path / "run"
+    main(words(run, stages="rationale", **common))
+    stage1_files = {p: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*") if p.is_file()}
+    flag = tmp_path / "preempt"
+    flag.touch()
+    monkeypatch.setenv("MMR_PREEMPT_FILE", str(flag))
+    with pytest.raises(SystemExit) as exit_info:
+        main(words(run, **common))
+    assert exit_info.value.code == 75
+    assert (run / "stage2" / "checkpoints" / "latest").read_text() == "step000000001"
+    assert not (run / "stage2" / "final").exists()
+    flag.unlink()
+    assert main(words(run, **common)) == reference
+    # Stage 1 was neither retrained nor regenerated: its files are untouched.
+    assert {p: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*") if p.is_file()} == stage1_files
+    for stage in ("stage1", "stage2"):
+        _assert_bitwise_equal(MMCoTModel.from_pretrained(run / stage / "final").state_dict(),
+                              MMCoTModel.from_pretrained(tmp_path / "full" / stage / "final").state_dict())
 
 
 def test_two_stage_run_end_to_end(synthetic, tmp_path):
@@ -85,10 +155,14 @@ def test_two_stage_run_end_to_end(synthetic, tmp_path):
     again = main(overrides + ["max_steps=3", "stage2_train_rationales=generated"])
     assert again == metrics and losses_file.stat().st_mtime_ns == before
 
-    # The run ends with exported models (save_pretrained) that `mmr-mmcot eval` reads: same answers.
+    # The run ends with exported models (save_pretrained) and their tokenizer: `mmr-mmcot eval` needs only the
+    # folders (no tokenizer= setting) and gives the same answers.
     run = tmp_path / "run"
-    assert (run / "stage1" / "final" / "config.json").is_file()
-    settings = ["tokenizer", "problems", "pid_splits", "captions", "features", "name_map", "source_len",
+    for stage in ("stage1", "stage2"):
+        final = run / stage / "final"
+        assert (final / "config.json").is_file() and (final / "spiece.model").read_bytes() == tok_bytes(tok)
+        assert json.loads((run / stage / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    settings = ["problems", "pid_splits", "captions", "features", "name_map", "source_len",
                 "rationale_len", "answer_len", "eval_batch_size"]  # fmt: skip
     cfg = _cfg(files, tok, run)
     words = [f"{'batch_size' if k == 'eval_batch_size' else k}={getattr(cfg, k)}" for k in settings]
@@ -98,6 +172,10 @@ def test_two_stage_run_end_to_end(synthetic, tmp_path):
     evaluated = json.loads((run / "eval" / "metrics.json").read_text())
     assert evaluated["answer"] == metrics["answer"]
     assert evaluated["extraction_failures"] == metrics["extraction_failures"]
+
+
+def tok_bytes(tok) -> bytes:
+    return open(tok.model_file, "rb").read()
 
 
 def test_stage2_sees_generated_rationales(synthetic):

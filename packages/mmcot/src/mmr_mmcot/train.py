@@ -2,15 +2,20 @@
 
 Single process::
 
-    python -m mmr_mmcot.train --config run.yaml output_dir=runs/base epochs=20
+    mmr-mmcot train --config run.yaml output_dir=runs/base epochs=20     # or python -m mmr_mmcot.train ...
 
 Two CPU processes (gloo) or several GPUs, via DeepSpeed ZeRO-2 (``mmr_core.distributed``)::
 
     deepspeed --num_gpus 2 --module mmr_mmcot.train --config run.yaml deepspeed=true
 
-Both are resumable: rerunning the same command continues from the newest checkpoint of the unfinished
-stage (optimizer, schedule, data position and RNG streams restored); a finished stage (``final/``) and
-its generated rationales are reused.
+Each stage trains through the shared loop, :func:`mmr_core.train.fit` (a ``LocalEngine`` or the DeepSpeed
+engine, a ``MapStyleSource`` over the tokenized split, the non-finite guard, ``metrics.jsonl`` with MFU,
+crash-safe checkpoints in ``stage{1,2}/checkpoints``, preemption by SIGTERM / SIGUSR1 /
+``$MMR_PREEMPT_FILE`` -> save and exit 75). What this module keeps is MM-CoT's own: the model, the batch,
+the loss, the export (``stage{1,2}/final``: the model and its tokenizer, which ``mmr-mmcot eval`` reads)
+and the two-stage order. Rerunning the same command resumes: a finished stage (``final/``) and its
+generated rationales are reused, an unfinished one continues from its newest complete checkpoint
+(weights, optimizer, schedule, data position and RNG streams restored, bitwise).
 
 Stage 2 always sees stage-1 *generated* rationales at evaluation (the paper's setting). For training,
 ``stage2_train_rationales`` chooses ``"gold"`` (the official scripts: the training set is rendered with
@@ -22,153 +27,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mmr_core.cli import add_config_arguments
 from mmr_core.config import ConfigError
 from mmr_core.data.skips import TooManySkipsError
-from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
-from mmr_core.guards import NonFiniteGuard, NonFiniteLossError, total_grad_norm
+from mmr_core.guards import NonFiniteGuard, NonFiniteLossError
 from mmr_core.hub import CONFIG_NAME
 from mmr_core.io import BadRecordPolicy, RecordError, UntrustedCheckpointError, safe_torch_load
-from mmr_core.utils import get_logger, progress, seed_everything
+from mmr_core.schedules import linear_with_warmup, warmup_steps_for
+from mmr_core.train import FitResult, LocalEngine, MapStyleSource, fit, plan_steps
+from mmr_core.utils import get_logger, is_main_process, seed_everything
 
+from .config import TrainConfig
 from .data import Collator, DataError, ScienceQA, ScienceQADataset, VisionFeatures, collapse_whitespace, render_pair
-from .metrics import SIMILARITY_MODEL, category_accuracy, extract_predictions, rationale_scores
+from .inference import generate_texts
+from .metrics import category_accuracy, extract_predictions, rationale_scores
 from .model import POOLED_VISION, VISION_SHAPES, MMCoTConfig, MMCoTModel
+from .tokenizer import load_tokenizer, save_tokenizer
+
+__all__ = ["TrainConfig", "build_for_run", "main", "run", "run_stage", "train_stage"]
 
 log = get_logger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    """Everything a two-stage run needs (YAML keys and ``key=value`` overrides use these names).
-
-    Attributes:
-        model: Named size (``MMCoTConfig.names()``: flan-alpaca-base/large, unifiedqa-base/large, tiny, ...).
-        vision: Feature extractor (detr, clip, resnet, vit) setting the feature shape; None: vit for the
-            named checkpoints, 8x16 stand-in features for the test sizes.
-        patch_num: Image tokens per example for a custom extractor (0: from vision).
-        patch_dim: Feature size per image token for a custom extractor (0: from vision).
-        use_vision: Feed the vision features (false: text only, zero features).
-        fusion_mask: Mask absent images and text padding in the fusion (false: the official unmasked fusion).
-        init_checkpoint: Start from a save_pretrained folder or an official mm-cot state dict file.
-        t5_pretrained: Local Hugging Face T5 folder (UnifiedQA / FLAN-T5 / FLAN-Alpaca) for the backbone.
-        tokenizer: A SentencePiece .model file or a Hugging Face tokenizer folder (required).
-        problems: ScienceQA problems.json.
-        pid_splits: ScienceQA pid_splits.json.
-        captions: Captions JSON (the official captions.json), or None.
-        features: Vision features .npy (from mmr-mmcot features or the released files), or None.
-        name_map: JSON mapping pid to the features row, or None.
-        use_caption: Put the caption into the context, as the official scripts do.
-        train_split: Split trained on.
-        eval_split: Split generated on and scored.
-        stage1_format: Prompt format of stage 1 (QCM-E: question, context, options to the rationale).
-        stage2_format: Prompt format of stage 2 (QCMG-A: with the generated rationale, to the answer).
-        stages: Which stages run: both, rationale or answer.
-        stage2_train_rationales: Stage-2 training rationales: gold (official) or generated (stage 1's own).
-        epochs: Passes over the training split.
-        max_steps: Optimizer steps per stage (0: from epochs).
-        batch_size: Training examples per step (per process).
-        eval_batch_size: Examples per generation batch.
-        lr: Peak learning rate of AdamW (linear decay).
-        weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of the steps spent warming up.
-        grad_clip: Gradient-norm clip (0: none).
-        source_len: Input tokens kept.
-        rationale_len: Rationale tokens (stage-1 target and generation length).
-        answer_len: Answer tokens (stage-2 target and generation length).
-        dynamic_padding: Pad each batch to its longest input (false: to source_len, as the official code).
-        seed: Seed of initialisation, shuffling and dropout.
-        output_dir: Run folder: stage1/ and stage2/ (checkpoints, final/ exported models, generations),
-            metrics.json.
-        save_every: Steps between resumable checkpoints.
-        keep_last: Resumable checkpoints kept.
-        deepspeed: Train through DeepSpeed (launch with the deepspeed launcher).
-        ds_preset: DeepSpeed preset of mmr_core.distributed (cpu_zero2, v100_zero2, a100_zero3, ...).
-        random_fallback: An answer that names no option counts as a random option (official) instead of wrong.
-        num_threads: Torch CPU threads (0: torch's default).
-        on_bad_record: A bad problem, caption or features row: error (stop, naming file and pid) or skip
-            (counted in metrics.json).
-        max_bad_records: With skip, stop after more bad records than this (0: no count limit).
-        max_bad_fraction: With skip, stop once more than this fraction of the problems was bad.
-        on_non_finite: A non-finite loss or gradient norm: error (stop before the update) or skip (counted).
-        max_non_finite_steps: With skip, stop after more non-finite steps than this.
-        trust_pickle: Unpickle an init_checkpoint with weights_only=False (only a file from a trusted source).
-        similarity_model: Rationale-similarity model, a local folder or a Hugging Face id in the local cache
-            (never downloaded); empty to skip.
-    """
-
-    model: str = "flan-alpaca-base"
-    vision: str | None = None
-    patch_num: int = 0
-    patch_dim: int = 0
-    use_vision: bool = True
-    fusion_mask: bool = True
-    init_checkpoint: str | None = None
-    t5_pretrained: str | None = None
-    tokenizer: str = ""
-    problems: str = "data/scienceqa/problems.json"
-    pid_splits: str = "data/scienceqa/pid_splits.json"
-    captions: str | None = None
-    features: str | None = None
-    name_map: str | None = None
-    use_caption: bool = True
-    train_split: str = "train"
-    eval_split: str = "test"
-    stage1_format: str = "QCM-E"
-    stage2_format: str = "QCMG-A"
-    stages: str = "both"
-    stage2_train_rationales: str = "gold"
-    epochs: int = 20
-    max_steps: int = 0
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    lr: float = 8e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
-    grad_clip: float = 1.0
-    source_len: int = 512
-    rationale_len: int = 512
-    answer_len: int = 64
-    dynamic_padding: bool = True
-    seed: int = 42
-    output_dir: str = "runs/mmcot"
-    save_every: int = 200
-    keep_last: int = 2
-    deepspeed: bool = False
-    ds_preset: str = "cpu_zero2"
-    random_fallback: bool = False
-    num_threads: int = 0
-    on_bad_record: str = "error"
-    max_bad_records: int = 0
-    max_bad_fraction: float = 0.01
-    on_non_finite: str = "error"
-    max_non_finite_steps: int = 10
-    trust_pickle: bool = False
-    similarity_model: str = SIMILARITY_MODEL
-
-
 # ---- building blocks ---------------------------------------------------------------------------------
-
-
-def load_tokenizer(spec: str) -> Any:
-    """A SentencePiece ``.model`` file (our T5-layout wrapper) or a Hugging Face tokenizer directory."""
-    if not spec:
-        raise ConfigError("tokenizer is required: a SentencePiece .model file or a Hugging Face tokenizer dir")
-    if spec.endswith(".model"):
-        from .tokenizer import SentencePieceTokenizer
-
-        return SentencePieceTokenizer(spec)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(spec)
 
 
 def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel:
@@ -198,108 +88,25 @@ def build_for_run(cfg: TrainConfig, vocab_size: int | None = None) -> MMCoTModel
     return model
 
 
-def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Shuffled example order of one epoch, sharded by rank; a pure function so resume is exact."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    shard = perm[rank::world]
-    return shard[: len(perm) // world]  # equal shard sizes keep ranks in lockstep
+class BatchLoader:
+    """``load(indices)`` of :class:`mmr_core.train.MapStyleSource`: one collated micro-batch of a split.
 
-
-def _linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        return max(0.0, (total - step) / max(total - warmup, 1))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states in a form ``torch.load(weights_only=True)`` reads (numpy keys as a tensor)."""
-    state = capture_rng_state()
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    state["numpy"] = [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    restore_rng_state({**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)})
-
-
-def fit(
-    model: MMCoTModel,
-    dataset: ScienceQADataset,
-    cfg: TrainConfig,
-    ckpt_dir: Path,
-    collator: Collator,
-    desc: str = "train",
-    guard: NonFiniteGuard | None = None,
-) -> list[float]:
-    """Train (single process, or DeepSpeed when ``cfg.deepspeed``); resumes from ``ckpt_dir``.
-
-    Every step's loss and gradient norm are checked before the update (``guard``, by default from
-    ``cfg.on_non_finite``): a non-finite one raises ``NonFiniteLossError`` naming the step and the batch's
-    problem ids, with the weights and the newest checkpoint still the last good ones.
-
-    Returns:
-        Loss of each optimizer step run in this call (skipped non-finite steps left out).
+    A class rather than a closure so that DataLoader workers can receive it under any start method.
+    ``tokens`` counts the real (unpadded) source and target tokens of the micro-batch.
     """
-    guard = guard or NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_steps)
-    if cfg.deepspeed:
-        return _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc, guard)
-    per_epoch = max(len(dataset) // cfg.batch_size, 1)
-    total = cfg.max_steps or per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = _linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
-    start = 0
-    ckpts = sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if ckpts:
-        # Our own file, but still read with weights_only=True: a resume folder may have been copied from anywhere.
-        state = safe_torch_load(ckpts[-1], map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"])
-        start = state["step"]
-        log.info("resumed %s from %s (step %d/%d)", desc, ckpts[-1].name, start, total)
-    model.train()
-    losses = []
-    for step in progress(range(start, total), desc=desc, total=total, initial=start):
-        epoch, index = divmod(step, per_epoch)
-        order = epoch_order(len(dataset), epoch, cfg.seed)
-        batch = collator([dataset[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]])
-        loss = _loss(model, batch)
-        loss.backward()
-        norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if cfg.grad_clip
-            else total_grad_norm(model.parameters())
-        )
-        done = step + 1
-        if guard.check(done, loss, norm, sample_ids=batch["pids"]):
-            optimizer.step()
-            losses.append(loss.item())
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if done % cfg.save_every == 0 and done < total:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "step": done,
-            }
-            torch.save(state, ckpt_dir / f"step_{done}.pt")
-            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[: -cfg.keep_last]:
-                old.unlink()
-    model.eval()
-    return losses
+
+    def __init__(self, dataset: ScienceQADataset, collator: Collator) -> None:
+        self.dataset, self.collator = dataset, collator
+
+    def __call__(self, indices: list[int]) -> dict[str, Any]:
+        batch = self.collator([self.dataset[i] for i in indices])
+        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        return {"batch": batch, "ids": list(batch["pids"]), "tokens": tokens}
 
 
-def _loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    return model(
+def stage_loss(engine: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Teacher-forced cross-entropy of one micro-batch (``engine(...)`` runs the model)."""
+    return engine(
         batch["input_ids"],
         batch["attention_mask"],
         batch["image_features"],
@@ -308,87 +115,141 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     ).loss
 
 
-def _fit_deepspeed(model, dataset, cfg, ckpt_dir, collator, desc, guard: NonFiniteGuard) -> list[float]:
-    import deepspeed
+def flops_per_sample(config: MMCoTConfig, dataset: ScienceQADataset) -> float:
+    """Training FLOPs of one sample (forward + backward, 3 x forward) at the split's mean lengths.
+
+    Counted once with ``mmr_core.flops.count_flops`` on a copy built on the meta device (no memory, no
+    weights), teacher-forced on one sample of the mean source and target length of ``dataset``.
+    """
+    from mmr_core.flops import count_flops, training_step_flops
+
+    examples = dataset.examples
+    source = max(1, round(sum(len(e["input_ids"]) for e in examples) / max(len(examples), 1)))
+    target = max(1, round(sum(len(e["labels"]) for e in examples) / max(len(examples), 1)))
+    with torch.device("meta"):
+        model = MMCoTModel(config).eval()
+        ids = torch.ones(1, source, dtype=torch.long)
+        feats = torch.zeros(1, config.patch_num, config.patch_dim)
+        dec = torch.ones(1, target, dtype=torch.long)
+    count = count_flops(model, (ids, ids, feats, dec), forward=lambda m, i, a, f, d: m(i, a, f, decoder_input_ids=d).logits)
+    return training_step_flops(count)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """The device's peak FLOP/s for MFU (None for an unknown GPU), without drawing from the training RNG.
+
+    On CPU ``mmr_core.flops`` measures a GEMM on ``torch.randn`` matrices the first time it is asked; drawn
+    from the global stream inside ``fit`` (after the resume restored it) that would shift every later dropout
+    mask of a resumed run, so it is measured here under a forked RNG.
+    """
+    from mmr_core.flops import device_peak_flops
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return device_peak_flops(device)
+        except (KeyError, ValueError):  # a GPU without a datasheet figure: TFLOP/s without MFU
+            return None
+
+
+def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    from mmr_core.distributed import init_distributed, load_checkpoint, preset, save_checkpoint
-
-    env = init_distributed()
-    per_epoch = max(len(dataset) // (cfg.batch_size * env.world_size), 1)
-    total = cfg.max_steps or per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = _linear_schedule(optimizer, total, int(cfg.warmup_ratio * total))
-    config = preset(cfg.ds_preset, micro_batch_size=cfg.batch_size, grad_accum=1, grad_clip=cfg.grad_clip)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    resumed = load_checkpoint(engine, ckpt_dir)
-    start = resumed["step"] if resumed else 0
-    losses = []
-    engine.train()
-    for step in progress(range(start, total), desc=desc, total=total, initial=start):
-        epoch, index = divmod(step, per_epoch)
-        order = epoch_order(len(dataset), epoch, cfg.seed, env.rank, env.world_size)
-        batch = collator([dataset[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]])
-        loss = _loss(engine, batch)
-        done = step + 1
-        # Every rank must take the same branch (a rank that stops alone leaves the others in all-reduce), so
-        # the ranks agree on the worst loss before the backward pass.
-        worst = loss.detach().float().clone()
-        if dist.is_initialized():
-            finite = torch.isfinite(worst).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            worst = worst if bool(finite) else torch.tensor(float("nan"))
-        if not guard.check(done, worst, sample_ids=batch["pids"]):
-            continue  # skipped (counted): no backward, no update on any rank
-        engine.backward(loss)
-        engine.step()
-        # DeepSpeed computes the gradient norm inside step(); a non-finite one (from a finite loss) is caught
-        # here, after the update: the run stops and the newest checkpoint is still the last good one.
-        norm = engine.get_global_grad_norm()
-        if norm is not None:
-            guard.check(done, loss, norm, sample_ids=batch["pids"])
-        losses.append(loss.item())
-        if done % cfg.save_every == 0 and done < total:
-            save_checkpoint(engine, ckpt_dir, done, {"epoch": epoch, "index": index + 1}, keep_last=cfg.keep_last)
-    engine.eval()
-    return losses
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-@torch.no_grad()
-def generate_texts(
+def _export(model: MMCoTModel, tokenizer: Any, final: Path) -> None:
+    """Write ``final`` (the model and its tokenizer) on rank 0, atomically: a folder is there whole or not at all.
+
+    ``final/`` is what marks a stage as done, so it is written as ``final.tmp`` and renamed into place; a
+    kill during the export leaves no ``final`` and the rerun exports again from the last checkpoint.
+    """
+    if is_main_process():
+        staging = final.with_name(final.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)  # the exported model `mmr-mmcot eval` and from_pretrained read
+        save_tokenizer(tokenizer, staging)
+        os.replace(staging, final)
+    _, world = _world()
+    if world > 1:
+        from mmr_core.distributed import barrier
+
+        barrier()  # no rank reads final/ (or moves on to the next stage) before it is there
+
+
+def train_stage(
     model: MMCoTModel,
     dataset: ScienceQADataset,
-    tokenizer: Any,
+    cfg: TrainConfig,
+    stage_dir: Path,
     collator: Collator,
-    batch_size: int,
-    max_new_tokens: int,
-    desc: str = "generate",
-) -> dict[str, str]:
-    """``{pid: decoded output}`` over ``dataset`` (sharded across ranks when distributed, then gathered)."""
-    import torch.distributed as dist
+    tokenizer: Any = None,
+    desc: str = "train",
+    guard: NonFiniteGuard | None = None,
+    stop_after_steps: int | None = None,
+) -> FitResult:
+    """Train one stage through :func:`mmr_core.train.fit` (single process, or DeepSpeed when ``cfg.deepspeed``).
 
-    model.eval()
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    indices = list(range(len(dataset)))[rank::world]
-    outputs: dict[str, str] = {}
-    starts = range(0, len(indices), batch_size)
-    for start in progress(starts, desc=desc, total=len(starts)):
-        batch = collator([dataset[i] for i in indices[start : start + batch_size]])
-        ids = model.generate(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["image_features"],
-            image_mask=batch["image_mask"],
-            max_new_tokens=max_new_tokens,
+    Resumes from ``stage_dir/checkpoints``; writes ``stage_dir/metrics.jsonl`` and ``metrics.png``; when
+    ``tokenizer`` is given, ends a completed run by exporting ``stage_dir/final`` (model and tokenizer).
+
+    Every step's loss and gradient norm are checked (``guard``, by default from ``cfg.on_non_finite``): a
+    non-finite one raises ``NonFiniteLossError`` naming the step and the batch's problem ids, before the
+    update, so the weights and the newest checkpoint are still the last good ones.
+
+    Args:
+        stop_after_steps: End (and save) at this step, as a kill between checkpoints would (tests).
+
+    Raises:
+        ConfigError: The split cannot fill one optimizer step.
+        SystemExit: Status 75 after saving, on preemption.
+    """
+    guard = guard or NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_steps)
+    if cfg.deepspeed:
+        from mmr_core.distributed import init_distributed
+
+        init_distributed()  # idempotent; run() has usually done it already
+    rank, world = _world()
+    try:
+        _, total = plan_steps(len(dataset), world, cfg.batch_size, cfg.grad_accum, max(cfg.epochs, 1),
+                              cfg.max_steps or None)
+    except ValueError as exc:
+        raise ConfigError(f"{desc}: {exc}") from exc
+    if not cfg.deepspeed:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # transformers' linear schedule (the Trainer's, which mm-cot used): warm-up step / warmup, then decay to 0.
+    schedule = linear_with_warmup(warmup_steps_for(total, cfg.warmup_ratio), total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if cfg.deepspeed:
+        import deepspeed
+
+        from mmr_core.distributed import preset
+
+        config = preset(cfg.ds_preset, micro_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                        grad_clip=cfg.grad_clip)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        device = engine.device
+    else:
+        engine = LocalEngine(model, optimizer, scheduler, grad_accum=cfg.grad_accum,
+                             clip_grad_norm=cfg.grad_clip or None)
+        device = next(model.parameters()).device
+    source = MapStyleSource(len(dataset), BatchLoader(dataset, collator), micro_batch_size=cfg.batch_size,
+                            grad_accum=cfg.grad_accum, seed=cfg.seed, rank=rank, world=world,
+                            num_workers=cfg.num_workers)
+    engine.train()
+    try:
+        result = fit(
+            engine, source, stage_loss, total_steps=total, out_dir=stage_dir, save_every=cfg.save_every or None,
+            keep_last=cfg.keep_last, log_every=cfg.log_every, device=device, desc=desc, guard=guard,
+            flops_per_sample=flops_per_sample(model.config, dataset), peak_flops=_peak_flops(device),
+            export=None if tokenizer is None else partial(_export, model, tokenizer, stage_dir / "final"),
+            stop_after_steps=stop_after_steps,
         )
-        for pid, row in zip(batch["pids"], ids.tolist()):
-            outputs[pid] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    if world > 1:
-        gathered: list[dict[str, str]] = [{} for _ in range(world)]
-        dist.all_gather_object(gathered, outputs)
-        outputs = {k: v for part in gathered for k, v in part.items()}
-    return outputs
+    finally:
+        model.eval()
+    return result
 
 
 # ---- the two-stage run -------------------------------------------------------------------------------
@@ -416,8 +277,6 @@ def _features(cfg: TrainConfig, model_cfg: MMCoTConfig) -> VisionFeatures | None
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    from mmr_core.utils import is_main_process
-
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1, allow_nan=False))  # standard JSON: a NaN here is a bug
@@ -438,7 +297,8 @@ def run_stage(
     """Train one stage (or reuse ``stage_dir/final``) and generate on the eval split (and extra splits).
 
     Problems whose features row is unusable (missing, out of range, NaN or infinite) raise, or are
-    dropped from every split under ``cfg.on_bad_record="skip"`` (``data.skipped``).
+    dropped from every split under ``cfg.on_bad_record="skip"`` (``data.skipped``). A stage preempted
+    during training saves and exits 75 (``SystemExit``); the rerun resumes it.
 
     Returns:
         The model and ``{split: {pid: generated text}}``.
@@ -446,6 +306,9 @@ def run_stage(
     vocab = getattr(tokenizer, "vocab_size", None)
     final = stage_dir / "final"
     exported = (final / CONFIG_NAME).is_file()
+    # Each stage starts from the run's seed, so its initial weights (and a resumed stage's rebuild) do not
+    # depend on whether an earlier stage ran in this process or in an earlier, preempted one.
+    seed_everything(cfg.seed)
     model = MMCoTModel.from_pretrained(final) if exported else build_for_run(cfg, vocab)
     feats = _features(cfg, model.config)
     if feats is not None:
@@ -465,12 +328,8 @@ def run_stage(
         train_ds = ScienceQADataset(
             data, data.split(cfg.train_split), tokenizer, prompt_format, rationales=train_rationales, **common
         )
-        losses = fit(model, train_ds, cfg, stage_dir / "ckpt", collator, f"train {stage_dir.name}", guard)
-        from mmr_core.utils import is_main_process
-
-        if is_main_process():
-            model.save_pretrained(final)  # the exported model `mmr-mmcot eval` and from_pretrained read
-            _write_json(stage_dir / "losses.json", losses)
+        result = train_stage(model, train_ds, cfg, stage_dir, collator, tokenizer, f"train {stage_dir.name}", guard)
+        _write_json(stage_dir / "losses.json", result.losses)  # this call's steps (from the resume point on)
     generated = {}
     for split in (cfg.eval_split, *extra_generate_splits):
         cache = stage_dir / f"generated_{split}.json"
@@ -487,16 +346,16 @@ def run_stage(
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the configured stages; returns (and writes to ``output_dir/metrics.json``) the metrics."""
-    if cfg.stages not in ("both", "rationale", "answer"):
-        raise ConfigError(f"stages must be 'both', 'rationale' or 'answer', got {cfg.stages!r}")
-    if cfg.stage2_train_rationales not in ("gold", "generated"):
-        raise ConfigError(f"stage2_train_rationales must be 'gold' or 'generated', got {cfg.stage2_train_rationales!r}")
-    if cfg.on_bad_record not in ("error", "skip") or cfg.on_non_finite not in ("error", "skip"):
-        raise ConfigError(
-            f"on_bad_record and on_non_finite must be 'error' or 'skip', got {cfg.on_bad_record!r} and "
-            f"{cfg.on_non_finite!r}"
-        )
+    """Run the configured stages; returns (and writes to ``output_dir/metrics.json``) the metrics.
+
+    Raises:
+        SystemExit: Status 75 when preempted (the stage saved; rerunning the command resumes it).
+    """
+    cfg.check()
+    if cfg.deepspeed:
+        from mmr_core.distributed import init_distributed
+
+        init_distributed()  # before anything is sharded over ranks (training data, generation)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
