@@ -18,6 +18,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -268,8 +269,20 @@ def _copy_into(own: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor
 
 def convert(src: str | Path, dst: str | Path, layout: str,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Rewrite a checkpoint folder in the other layout (``original`` or ``hf``), in its own dtype."""
-    return save_pretrained(load_pretrained(src, dtype="auto"), dst, layout=layout, max_shard_size=max_shard_size)
+    """Rewrite a checkpoint folder in the other layout (``original`` or ``hf``), in its own dtype.
+
+    The tokenizer files beside the weights come along: a served HF-layout folder must hold its tokenizer.
+    """
+    out = save_pretrained(load_pretrained(src, dtype="auto"), dst, layout=layout, max_shard_size=max_shard_size)
+    for name in _TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and Path(src).resolve() != out.resolve():
+            shutil.copyfile(Path(src) / name, out / name)
+    return out
+
+
+# What tokenizer.save_pretrained writes (SentencePiece or fast tokenizers); copied as they are.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -610,11 +610,28 @@ def save_pretrained(model: LlavaModel, folder: str | Path, layout: str = "origin
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     if layout == "hf":  # the HF layout keeps image preprocessing beside the weights, as transformers does
         (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(hf_preprocessor_config(model.config), indent=2))
+        # LlavaProcessor (what AutoProcessor and vLLM/SGLang-style servers load) reads how many <image> tokens
+        # an image becomes from this file; without it the prompt keeps one <image> and the model refuses it.
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps(hf_processor_config(model.config), indent=2))
     _write_weights(weights, folder, max_shard_size, weight_bytes(model, torch.float32)[0])
     return folder
 
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+def hf_processor_config(cfg: LlavaConfig) -> dict[str, Any]:
+    """transformers' ``LlavaProcessor`` settings: one ``<image>`` becomes ``cfg.num_patches`` image tokens.
+
+    The processor counts (side / patch)^2 patches + ``num_additional_image_tokens`` (CLIP's class token), less
+    one for the ``default`` strategy (patch features only, LLaVA's ``mm_vision_select_feature="patch"``).
+    """
+    return {
+        "processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": int(cfg.vision["patch_size"]),
+        "num_additional_image_tokens": 1,
+        "vision_feature_select_strategy": "default" if cfg.vision_select_feature == "patch" else "full",
+    }
 
 
 def hf_preprocessor_config(cfg: LlavaConfig) -> dict[str, Any]:
