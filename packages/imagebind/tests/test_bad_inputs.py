@@ -46,12 +46,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only spin-wait on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny tensors
 
 
 @pytest.fixture(scope="module")
@@ -352,17 +347,17 @@ def test_case_non_finite_loss(shards: str, tmp_path: Path, monkeypatch) -> None:
         train_module.train(cfg)
     assert err.value.step == 3 and len(err.value.sample_ids) == 8
     assert all(re.fullmatch(r"s\d{4}", k) for k in err.value.sample_ids)
-    assert str(err.value).startswith("step 3: loss is nan and gradient norm is nan for the batch of samples [s")
+    assert str(err.value).startswith("step 3: loss is nan for the batch of samples [s")
     # Stopped before the update: the newest checkpoint is step 2's, finite, and no final model was written.
-    found = sorted((tmp_path / "run" / "checkpoints").glob("step*.pt"))
-    assert [p.name for p in found] == ["step000000001.pt", "step000000002.pt"]
-    last = torch.load(found[-1], weights_only=True)
+    found = sorted((tmp_path / "run" / "checkpoints").glob("step*"))
+    assert [p.name for p in found] == ["step000000001", "step000000002"]
+    last = torch.load(found[-1] / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert not (tmp_path / "run" / "model.safetensors").exists()
     # Opt-in: drop that update, counted, and finish.
     skip = tiny_config(shards, tmp_path / "skip", epochs=2, on_non_finite="skip")
     result = train_module.train(skip)
-    assert result["non_finite_skipped"] == [3] and result["steps"] == 4
+    assert result["non_finite_skipped"] == 1 and result["steps"] == 4 and len(result["losses"]) == 4
     from safetensors.torch import load_file
 
     final = load_file(result["model_path"])  # (the text causal mask holds -inf by design: look for NaN)
@@ -377,9 +372,9 @@ def test_case_resume_state_safe(shards: str, tmp_path: Path) -> None:
 
     cfg = tiny_config(shards, tmp_path / "run", epochs=2, stop_at_step=1)
     train(cfg)
-    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step*.pt")
-    state = torch.load(ckpt, weights_only=True)
-    assert isinstance(state["rng"]["numpy"][1], torch.Tensor) and state["step"] == 1
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step*/state.pt")
+    state = torch.load(ckpt, weights_only=True)["client_state"]["mmr"]
+    assert isinstance(state["rng_states"][0]["numpy"][1], torch.Tensor) and state["step"] == 1
     cfg.stop_at_step = None
     assert train(cfg)["resumed_from"] == 1
 

@@ -25,13 +25,7 @@ from mmr_imagebind.lora import (
 )
 from mmr_imagebind.model import ImageBind, ImageBindConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: more threads only spin-wait on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny tensors
 
 
 class LegacyLoRA(nn.Module):
@@ -165,7 +159,10 @@ def test_bad_lora_settings_are_clear_errors() -> None:
 
 
 def test_resume_from_a_legacy_lora_checkpoint(tmp_path) -> None:
-    """A resume checkpoint with parametrize-era LoRA keys continues exactly like an uninterrupted run."""
+    """A checkpoint of the former loop (``step*.pt``) with parametrize-era LoRA keys is carried into the shared
+    loop's layout and continues exactly like an uninterrupted run."""
+    import shutil
+
     from test_train import tiny_config, write_pairs
 
     from mmr_imagebind.lora import lora_parameter_names
@@ -174,25 +171,37 @@ def test_resume_from_a_legacy_lora_checkpoint(tmp_path) -> None:
     shards = write_pairs(tmp_path / "shards", n=16)
     lora = LoRAConfig(rank=2, modalities=["vision"], last_blocks=1)
     full = train(tiny_config(shards, tmp_path / "full", epochs=2, save_every=100, lora=lora))
-    part = tiny_config(shards, tmp_path / "part", epochs=2, save_every=100, stop_at_step=2, lora=lora)
+    part = tiny_config(shards, tmp_path / "part", epochs=2, save_every=100, stop_at_step=3, lora=lora)
     first = train(part)
-    # Rewrite the checkpoint as the former implementation named its adapters.
+    # Rewrite the checkpoint as the former loop wrote it, with the adapters named as before peft.
     model = build_model(part)
     configure_trainable(model, part)
     legacy_name = {
         new: f"{weight.rpartition('.')[0]}.parametrizations.{weight.rpartition('.')[2]}.0.lora_{ab}"
         for (weight, ab), new in lora_parameter_names(model).items()
     }
-    (ckpt,) = (tmp_path / "part" / "checkpoints").glob("step*.pt")
-    state = torch.load(ckpt, weights_only=True)
-    state["model"] = {legacy_name.get(k, k): v for k, v in state["model"].items()}
-    assert sum(".parametrizations." in k for k in state["model"]) == 8  # 4 targets x (A, B)
-    torch.save(state, ckpt)
+    root = tmp_path / "part" / "checkpoints"
+    (folder,) = root.glob("step*")
+    state = torch.load(folder / "state.pt", weights_only=True)
+    ours = state["client_state"]["mmr"]
+    position = ours["data_state"]
+    former = {
+        "model": {legacy_name.get(k.removeprefix("model."), k.removeprefix("model.")): v for k, v in state["model"].items()},
+        "optimizer": state["optimizer"], "scheduler": state["scheduler"], "step": ours["step"],
+        "data_state": {"epoch": position["epoch"], "batch_in_epoch": position["step_in_epoch"]},
+        "rng": ours["rng_states"][0],
+    }  # fmt: skip
+    assert sum(".parametrizations." in k for k in former["model"]) == 8  # 4 targets x (A, B)
+    shutil.rmtree(folder)
+    (root / "latest").unlink()
+    torch.save(former, root / "step000000003.pt")
     part.stop_at_step = None
-    second = train(part)
-    assert second["resumed_from"] == 2
-    # As test_train.test_resume_equals_uninterrupted: the same float32 operations from equal states, up to
-    # kernel choice in a fresh process (InfoNCE losses ~1-3 from K <= 64-term dot products): rtol 1e-5.
-    torch.testing.assert_close(
-        torch.tensor(first["losses"] + second["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=1e-6
-    )
+    with pytest.warns(UserWarning, match="a checkpoint of the former training loop"):
+        second = train(part)
+    assert second["resumed_from"] == 3
+    # The same process, the same float32 operations from equal states: bitwise.
+    assert first["losses"] + second["losses"] == full["losses"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(full["model_path"]), load_file(second["model_path"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

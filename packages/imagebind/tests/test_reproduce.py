@@ -19,12 +19,7 @@ SR = 16000
 COLOURS = {"drum": (200, 40, 40), "flute": (40, 200, 40), "siren": (40, 40, 200), "horn": (200, 200, 40)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only spin-wait on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny tensors
 
 
 def make_folder(root: Path) -> Path:

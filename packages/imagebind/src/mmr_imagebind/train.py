@@ -5,19 +5,46 @@ The official repository ships no training code. This module is the recipe of the
 frozen, the X encoder trained with a symmetric InfoNCE at the modality's fixed temperature, AdamW with
 betas (0.9, 0.95), linear warm-up then cosine decay, gradient clipping, sample replication (an epoch is
 ``replication x dataset size`` samples), stochastic depth in the trained trunk, and the recipe's
-augmentations. Optionally LoRA adapters (peft, :mod:`mmr_imagebind.lora`) or selective fine-tuning (``finetune`` name
-patterns) of any trunk, the frozen ones included.
+augmentations. Optionally LoRA adapters (peft, :mod:`mmr_imagebind.lora`) or selective fine-tuning
+(``finetune`` name patterns) of any trunk, the frozen ones included.
 
-One code path runs
+The loop is the shared one, :func:`mmr_core.train.fit`: this module builds the model, the data source
+(:class:`mmr_imagebind.training_data.PairBatches`: samples read by position from local tar shards), the
+loss and the engine (:class:`mmr_core.train.LocalEngine` in one process, DeepSpeed ZeRO-2 under a
+launcher). What the loop gives every run:
 
-* single-process on CPU: ``python -m mmr_imagebind.train --recipe tiny_audio train_shards=DIR out_dir=OUT``;
-* under the ``deepspeed`` launcher (ZeRO-2 via :mod:`mmr_core.distributed`, gloo on CPU, nccl on GPU, or
-  ``srun`` on SLURM): ``deepspeed --num_gpus 2 -m mmr_imagebind.train --recipe audioset deepspeed=true ...``.
+* crash-safe checkpoints in ``out_dir/checkpoints`` every ``save_every`` steps (trainable tensors only in
+  one process: the frozen towers are rebuilt from ``init_checkpoint`` on resume);
+* exact resume with any number of DataLoader workers and ranks: a micro-batch, its augmentations
+  included, is a function of its position ``(seed, epoch, index, rank)`` only;
+* preemption: SIGTERM, SIGUSR1 or an existing ``$MMR_PREEMPT_FILE`` stops every rank at the next step,
+  saves, and exits with status 75 (requeue); a rerun with the same ``out_dir`` resumes bitwise;
+* ``out_dir/metrics.jsonl`` (loss, LR, samples/s, TFLOP/s and MFU from the recipe's FLOPs per sample,
+  skipped samples, memory) and ``metrics.png``; ``model.safetensors`` (LoRA merged) at the end.
 
-Resuming: a checkpoint holds the trainable weights, optimizer, schedule, the data position
-(epoch, batch within the epoch) and the RNG states; augmentation randomness is drawn from a generator
-seeded by ``(seed, epoch, sample key)``, so skipping the consumed batches on resume replays exactly the
-batches an uninterrupted run would have seen.
+Runs:
+
+* a laptop smoke run on the tiny model (random towers, so it says nothing about quality; seconds)::
+
+      python - <<'EOF'   # 32 random (image, audio) pairs as shards in pairs/
+      import numpy as np
+      from mmr_core.data import write_shards
+      rng = np.random.default_rng(0)
+      write_shards(({"key": f"s{i:03d}", "image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                     "audio": ((rng.normal(size=8000) * 3000).astype(np.int16), 16000)} for i in range(32)),
+                   "pairs", prefix="train")
+      EOF
+      python -m mmr_imagebind.train --recipe tiny_audio model=tiny allow_random_init=true \
+          train_shards=pairs out_dir=runs/smoke
+
+* the AudioSet recipe on the official weights, under the ``deepspeed`` launcher (ZeRO-2 via
+  :mod:`mmr_core.distributed`, gloo on CPU, nccl on GPU, or ``srun`` on SLURM)::
+
+      deepspeed --num_gpus 8 -m mmr_imagebind.train --recipe audioset deepspeed=true ds_preset=a100_zero2 \\
+          init_checkpoint=imagebind_huge.pth train_shards=audioset/ out_dir=runs/audio
+
+Frozen towers with random weights (no ``init_checkpoint``) are refused unless ``allow_random_init=true``:
+binding to them learns nothing, and at the named sizes they cost minutes per step.
 """
 
 from __future__ import annotations
@@ -27,37 +54,30 @@ import json
 import math
 import re
 import sys
-import tarfile
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from mmr_core.config import save_config
-from mmr_core.data import build_pipeline, derive_seed, expand_shards, make_loader
-from mmr_core.distributed.checkpoint import capture_rng_state, restore_rng_state
-from mmr_core.guards import NonFiniteGuard, total_grad_norm
-from mmr_core.io import safe_torch_load
+from mmr_core.config import ConfigError, save_config
+from mmr_core.data import SkipCounter
+from mmr_core.guards import NonFiniteGuard
 from mmr_core.losses import ContrastiveLoss
-from mmr_core.utils import get_logger, progress, seed_everything
+from mmr_core.utils import get_logger, seed_everything
 
-from . import data as T
 from .lora import (
     LORA_TARGETS,
     LoRAConfig,
     apply_lora,
-    convert_legacy_lora_state,
     frozen_by_lora,
-    is_legacy_lora_state,
+    has_lora,
     merge_lora,
 )
 from .model import ImageBind, ImageBindConfig
-from .recipes import AugmentConfig, Recipe, get_recipe
+from .recipes import Recipe, get_recipe
+from .training_data import PairBatches, PairTransform, ShardSamples, count_samples, expand_shards, frequency_mask
 
 log = get_logger(__name__)
 
@@ -74,27 +94,37 @@ class TrainConfig:
         model_overrides: Extra ``ImageBindConfig`` fields.
         init_checkpoint: Weights for the frozen encoders (official ``.pth`` or our ``.safetensors``); the
             trained encoder is also taken from it when its shapes match, else initialised at random.
-        train_shards: WebDataset shards of (image, X) pairs (brace pattern, glob, folder or ``::`` list).
-        dataset_size: Samples in the shards (counted from the tar files when ``None``).
-        out_dir: Checkpoints, config and the final ``model.safetensors`` go here.
+        allow_random_init: Train without ``init_checkpoint``, against frozen towers of random weights (smoke
+            tests only: nothing useful is learnt). Without it, a missing ``init_checkpoint`` is an error.
+        train_shards: Local uncompressed WebDataset tar shards of (image, X) pairs (brace pattern, glob,
+            folder or ``::`` list); samples are read by position, so remote shards must be copied first.
+        dataset_size: Samples per epoch before replication (default: the samples found in the shards).
+        out_dir: Checkpoints, config, metrics and the final ``model.safetensors`` go here.
         seed: Base seed (weights, data order, augmentation).
-        max_steps: Train for this many optimizer steps in all (``None``: the recipe's epochs); sets the schedule.
+        max_steps: Train for this many optimizer steps in all (``None``: the recipe's epochs); sets the
+            schedule. More than the recipe's epochs give runs further epochs (with a warning).
         stop_at_step: Leave (after a checkpoint) once this step is reached, as a preemption would; a later
             run with the same config resumes. The schedule is unaffected.
         save_every: Checkpoint every N steps (and at the end).
         keep_last: Checkpoints kept.
-        log_every: Log the loss every N steps.
-        num_workers: DataLoader workers.
+        log_every: Write a ``metrics.jsonl`` record every N steps.
+        num_workers: DataLoader workers (any number gives the same batches).
+        grad_accum: Micro-batches per optimizer step (the recipe's batch is split over processes and these);
+            the contrastive negatives of a micro-batch are those of all ranks' micro-batches of that round.
         lora: LoRA adapters.
         finetune: Regular expressions of parameter names to train in addition to the bound encoder
             (selective fine-tuning, e.g. ``modality_trunks\\.vision\\.blocks\\.31\\.``).
         deepspeed: Run through DeepSpeed (needed for more than one process).
         ds_preset: :func:`mmr_core.distributed.preset` name (``cpu_zero2``, ``a100_zero2``, ...).
-        resume: Continue from the latest checkpoint in ``out_dir/checkpoints`` if there is one.
+        resume: Continue from the newest complete checkpoint in ``out_dir/checkpoints`` if there is one.
         on_non_finite: A non-finite loss or gradient norm ``"error"`` (stop before the update, naming the step
-            and the batch's sample keys; the last checkpoint stays the last good one) or ``"skip"`` (drop that
-            update, counted; at most ``max_non_finite_skips``; single process only).
-        max_non_finite_skips: With ``"skip"``: stop once more updates than this were dropped.
+            and the batch's sample keys; the last checkpoint stays the last good one) or ``"skip"`` (leave
+            that batch out, counted; at most ``max_non_finite_skips``; single process only).
+        max_non_finite_skips: With ``"skip"``: stop once more batches than this were left out.
+        max_skip_fraction: Stop once more than this fraction of the samples failed to load (bad members)
+            or was lost with broken shards (judged separately; after 100 samples).
+        count_flops: Count the training FLOPs per sample once (fvcore, on one sample) so that the metrics
+            carry TFLOP/s and MFU.
         trust_pickle: Unpickle any object in a ``.pth`` ``init_checkpoint`` (default: tensors only).
     """
 
@@ -102,6 +132,7 @@ class TrainConfig:
     model: str = "imagebind_huge"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    allow_random_init: bool = False
     train_shards: str = ""
     dataset_size: int | None = None
     out_dir: str = "runs/imagebind"
@@ -112,6 +143,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     num_workers: int = 0
+    grad_accum: int = 1
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     finetune: list[str] = field(default_factory=list)
     deepspeed: bool = False
@@ -119,6 +151,8 @@ class TrainConfig:
     resume: bool = True
     on_non_finite: str = "error"
     max_non_finite_skips: int = 10
+    max_skip_fraction: float = 0.05
+    count_flops: bool = True
     trust_pickle: bool = False
 
 
@@ -135,9 +169,22 @@ def model_config(cfg: TrainConfig) -> ImageBindConfig:
 
 
 def build_model(cfg: TrainConfig) -> ImageBind:
-    """Vision + text + the bound modality, from ``init_checkpoint`` where shapes allow."""
+    """Vision + text + the bound modality, from ``init_checkpoint`` where shapes allow.
+
+    Raises:
+        ConfigError: No ``init_checkpoint`` and no ``allow_random_init``.
+        FileNotFoundError: ``init_checkpoint`` does not exist.
+        KeyError: ``init_checkpoint`` lacks frozen-encoder tensors.
+    """
     from .checkpoint import read_state_dict
 
+    if not cfg.init_checkpoint and not cfg.allow_random_init:
+        raise ConfigError(
+            f"init_checkpoint is not set, so the frozen vision and text encoders of model={cfg.model} would be "
+            "random weights: binding a modality to them learns nothing (and at the named sizes costs minutes a "
+            "step). Give init_checkpoint=<the official imagebind_huge.pth or a model.safetensors>, or "
+            "allow_random_init=true for a smoke test (e.g. model=tiny)"
+        )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ImageBind(model_config(cfg))
     if cfg.init_checkpoint:
@@ -189,8 +236,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up to 1, then half a cosine down to ``min_ratio``."""
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LR multiplier: linear warm-up to 1 (``(step + 1) / warmup``), then half a cosine down to ``min_ratio``.
+
+    The paper's schedule, not the Hugging Face Trainer's (``mmr_core.schedules`` has that one): ImageBind
+    was not trained with it, and the miniature's verdicts were measured with this warm-up.
+    """
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -201,243 +252,67 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -
     return factor
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: per-sample transforms with the recipe's augmentations
-# ----------------------------------------------------------------------------------------------------------
+class BindingStep(nn.Module):
+    """The training forward: ``(images, xs) -> InfoNCE loss`` of the bound modality against the images.
 
-
-def frequency_mask(fbank: torch.Tensor, max_width: int, generator: torch.Generator) -> torch.Tensor:
-    """SpecAugment frequency masking: zero one band of up to ``max_width`` mel bins (``(..., M, T)``)."""
-    if max_width <= 0:
-        return fbank
-    mel = fbank.shape[-2]
-    width = int(torch.randint(0, min(max_width, mel) + 1, (), generator=generator))
-    start = int(torch.randint(0, mel - width + 1, (), generator=generator))
-    out = fbank.clone()
-    out[..., start : start + width, :] = 0.0
-    return out
-
-
-def _spatial_augment(image, partner: torch.Tensor | None, aug: AugmentConfig, size: int, gen: torch.Generator):
-    """RandomResizedCrop + flip applied identically to a PIL image and an optional (C, H, W) partner."""
-    from torchvision.transforms import RandomResizedCrop
-    from torchvision.transforms import functional as TF
-
-    interp = TF.InterpolationMode.BICUBIC if aug.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
-    src_h, src_w = image.height, image.width
-    i, j, h, w = RandomResizedCrop.get_params(image, scale=list(aug.crop_scale), ratio=[3 / 4, 4 / 3])
-    image = TF.resized_crop(image, i, j, h, w, [size, size], interp)
-    if partner is not None:  # the same box in the partner's own resolution
-        sy, sx = partner.shape[-2] / src_h, partner.shape[-1] / src_w
-        box = (round(i * sy), round(j * sx), max(1, round(h * sy)), max(1, round(w * sx)))
-        partner = TF.resized_crop(partner, *box, [size, size], TF.InterpolationMode.BILINEAR, antialias=True)
-    if float(torch.rand((), generator=gen)) < aug.hflip:
-        image = TF.hflip(image)
-        partner = TF.hflip(partner) if partner is not None else None
-    return image, partner
-
-
-class PairTransform:
-    """Decoded shard sample -> ``(image (3, S, S), X)`` model inputs, with the recipe's augmentations.
-
-    Randomness comes from a generator (and a forked global RNG for torchvision's transforms) seeded by
-    ``(seed, epoch, sample key)``: the same sample in the same epoch is always augmented the same way,
-    whatever happened before, which makes resuming exact.
+    The engine (DeepSpeed's or :class:`mmr_core.train.LocalEngine`) wraps this module, so ``engine(images,
+    xs)`` is one micro-batch's loss. Inputs are cast to the weights' dtype (bf16/fp16 under DeepSpeed), the
+    loss is computed in float32; the frozen image encoder runs without building a graph.
 
     Args:
-        recipe: Augmentations and the bound modality.
-        mcfg: Model config (input sizes).
-        seed: Base seed.
-        train: Augment (``False``: the deterministic evaluation transform).
+        model: The ImageBind model (``self.model``; checkpoint keys start with ``model.``).
+        modality: The bound modality.
+        loss: The contrastive loss (``loss(x_emb, image_emb)``).
+        vision_trains: Whether any vision parameter trains (LoRA / fine-tuning); else no graph for it.
     """
 
-    def __init__(self, recipe: Recipe, mcfg: ImageBindConfig, seed: int = 0, train: bool = True) -> None:
-        self.recipe, self.mcfg, self.seed, self.train = recipe, mcfg, seed, train
-        self.epoch = 0
+    def __init__(self, model: ImageBind, modality: str, loss: nn.Module, vision_trains: bool) -> None:
+        super().__init__()
+        self.model, self.modality, self.loss, self.vision_trains = model, modality, loss, vision_trains
 
-    def _image(self, img, partner, gen: torch.Generator):
-        from torchvision import transforms
+    def embeddings(self, images: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_emb, image_emb)`` before the postprocessors (the loss normalises and scales them)."""
+        dtype = next(self.model.parameters()).dtype
+        with torch.set_grad_enabled(self.vision_trains and torch.is_grad_enabled()):
+            image_emb = self.model.encode("vision", images.to(dtype), postprocess=False)
+        x_emb = self.model.encode(self.modality, xs.to(dtype) if xs.is_floating_point() else xs, postprocess=False)
+        return x_emb, image_emb
 
-        aug, size = self.recipe.augment, self.mcfg.vision_image_size
-        if self.train and aug.random_resized_crop:
-            img, partner = _spatial_augment(img, partner, aug, size, gen)
-            if aug.color_jitter:
-                c = aug.color_jitter
-                img = transforms.ColorJitter(c, c, c)(img)
-            if aug.randaugment_ops:
-                img = transforms.RandAugment(aug.randaugment_ops, aug.randaugment_magnitude)(img)
-        x = T.vision_transform(size)(img)
-        if self.train and aug.random_erase:
-            x = transforms.RandomErasing(p=aug.random_erase)(x)
-        return x, partner
-
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        m, mc = self.recipe.modality, self.mcfg
-        key = str(sample.get("__key__"))
-        s = derive_seed("augment", self.seed, self.epoch, key)
-        gen = torch.Generator().manual_seed(s)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)  # torchvision's random transforms draw from the global generator
-            if "image" not in sample or m not in sample:
-                raise KeyError(f"sample {key} needs 'image' and {m!r}, has {sorted(sample)}")
-            partner = sample[m] if m in ("depth", "thermal") else None
-            if m == "depth":  # metric disparity; Omnivore's SUN RGB-D transform runs DepthNorm before cropping
-                partner = T.depth_norm(torch.as_tensor(partner).float())
-            image, partner = self._image(T.load_image(sample["image"]), partner, gen)
-            if m == "audio":
-                x = self._audio(sample["audio"], int(sample["sample_rate"]), gen)
-            elif m in ("depth", "thermal"):
-                size = getattr(mc, f"{m}_image_size")
-                p = partner[0] if partner.ndim == 3 else partner
-                x = T.transform_depth(p, size, normalize=False)
-                if m == "depth":
-                    x = (x - T.DEPTH_MEAN) / T.DEPTH_STD
-                if self.train and self.recipe.augment.random_erase:
-                    from torchvision import transforms
-
-                    x = transforms.RandomErasing(p=self.recipe.augment.random_erase)(x)
-            elif m == "imu":
-                x = T.transform_imu(sample["imu"], length=mc.imu_length, fit_length=True, name=key)
-            else:
-                raise ValueError(f"no transform for modality {m!r}")
-        return image, x
-
-    def _audio(self, wav: torch.Tensor, sr: int, gen: torch.Generator) -> torch.Tensor:
-        """One random clip of ``audio_target_len`` frames in training (time shift); all clips otherwise."""
-        mc = self.mcfg
-        seconds = mc.audio_target_len * T.AUDIO_FRAME_SHIFT_MS / 1000
-        if self.train:
-            wav = wav.mean(0, keepdim=True) if wav.ndim == 2 else wav[None]
-            n = int(round(seconds * sr))
-            if wav.shape[-1] > n:
-                start = int(torch.randint(0, wav.shape[-1] - n + 1, (), generator=gen))
-                wav = wav[..., start : start + n]
-            x = T.transform_audio(wav, sr, clips=1, clip_duration=seconds, num_mel_bins=mc.audio_num_mel_bins,
-                                  target_length=mc.audio_target_len)[0]  # fmt: skip
-            return frequency_mask(x, self.recipe.augment.frequency_masking, gen)
-        return T.transform_audio(wav, sr, clip_duration=seconds, num_mel_bins=mc.audio_num_mel_bins,
-                                 target_length=mc.audio_target_len)  # fmt: skip
+    def forward(self, images: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        x_emb, image_emb = self.embeddings(images, xs)
+        return self.loss(x_emb.float(), image_emb.float())
 
 
-def count_samples(shards: Iterable[str]) -> int:
-    """Number of distinct sample keys in local tar shards."""
-    keys = set()
-    remote = [u for u in shards if "://" in u or u.startswith("pipe:")]
-    if remote:
-        raise ValueError(f"cannot count the samples of remote shards such as {remote[0]}; set dataset_size")
-    for url in shards:
-        with tarfile.open(url) as tf:
-            for name in tf.getnames():
-                base = Path(name).name
-                keys.add((url, str(Path(name).parent), base.split(".", 1)[0]))
-    return len(keys)
+def example_inputs(mcfg: ImageBindConfig, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image and one input of ``modality`` at the config's training sizes (for counting FLOPs)."""
+    size = mcfg.vision_image_size
+    x = {
+        "audio": lambda: torch.zeros(1, 1, mcfg.audio_num_mel_bins, mcfg.audio_target_len),
+        "depth": lambda: torch.zeros(1, 1, mcfg.depth_image_size, mcfg.depth_image_size),
+        "thermal": lambda: torch.zeros(1, 1, mcfg.thermal_image_size, mcfg.thermal_image_size),
+        "imu": lambda: torch.zeros(1, mcfg.imu_channels, mcfg.imu_length),
+    }[modality]()
+    return torch.zeros(1, 3, size, size), x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------------------
+def training_flops_per_sample(model: ImageBind, modality: str, vision_trains: bool) -> float:
+    """Training FLOPs of one (image, X) pair: the bound encoder forward + backward (3 x forward), the image
+    encoder forward only while it is frozen (3 x with LoRA / fine-tuning in it).
 
-
-@dataclass
-class _Plan:
-    world: int
-    batch_per_rank: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-
-def plan_steps(cfg: TrainConfig, world: int, dataset_size: int) -> _Plan:
-    """Steps per epoch from the dataset size and sample replication; warm-up and total steps."""
-    r = cfg.recipe
-    if r.batch_size % world:
-        raise ValueError(f"batch size {r.batch_size} is not divisible by {world} processes")
-    spe = max(1, math.ceil(r.sample_replication * dataset_size / r.batch_size))
-    total = r.epochs * spe if cfg.max_steps is None else min(cfg.max_steps, r.epochs * spe)
-    return _Plan(world, r.batch_size // world, spe, total, int(round(r.warmup_epochs * spe)))
-
-
-def _checkpoint_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.out_dir) / "checkpoints"
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
-
-
-def _save_plain(cfg, model, opt, sched, step, data_state) -> Path:
-    d = _checkpoint_dir(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step{step:09d}.pt"
-    state = {"model": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "step": step, "data_state": data_state, "rng": _rng_to_tensors(capture_rng_state())}  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written "latest" checkpoint
-    for old in sorted(d.glob("step*.pt"))[: -cfg.keep_last]:
-        old.unlink()
-    return path
-
-
-def _rng_to_tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """RNG states in types ``torch.load(weights_only=True)`` accepts (numpy's key array as a tensor)."""
-    out = dict(state)
-    if "numpy" in out and isinstance(out["numpy"][1], np.ndarray):
-        kind, key, pos, has_gauss, gauss = out["numpy"]
-        out["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
-    return out
-
-
-def _rng_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`_rng_to_tensors`."""
-    out = dict(state)
-    if "numpy" in out and isinstance(out["numpy"][1], torch.Tensor):
-        kind, key, pos, has_gauss, gauss = out["numpy"]
-        out["numpy"] = (kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss)
-    return out
-
-
-def _load_plain(cfg, model, opt, sched) -> dict | None:
-    found = sorted(_checkpoint_dir(cfg).glob("step*.pt"))
-    if not found:
-        return None
-    # Our own file, but read as any file is: tensors and plain containers only, nothing that can run code.
-    state = safe_torch_load(found[-1])
-    weights = state["model"]
-    if is_legacy_lora_state(weights):  # written before LoRA went through peft: same tensors, other names
-        weights = convert_legacy_lora_state(weights, model)
-        log.info("converted the parametrize-era LoRA keys of %s to peft's", found[-1])
-    own = model.state_dict()
-    missing = set(weights) - set(own)
-    if missing:
-        raise KeyError(f"checkpoint {found[-1]} has keys this model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(weights, strict=False)
-    _check_optimizer_state(state["optimizer"], opt, found[-1])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    restore_rng_state(_rng_from_tensors(state["rng"]))
-    log.info("resumed from %s (step %d)", found[-1], state["step"])
-    return {"step": state["step"], "data_state": state["data_state"]}
-
-
-def _check_optimizer_state(saved: dict, opt: torch.optim.Optimizer, source: Path) -> None:
-    """The saved optimiser state is by position: each saved moment must have its parameter's shape here.
-
-    torch checks only the group sizes, so a checkpoint of a run with other trainable tensors (other LoRA or
-    fine-tuning settings) would otherwise load moments into the wrong parameters.
+    Counted once with fvcore (:func:`mmr_core.flops.count_flops`) on a batch of one, in the modes training
+    uses (:func:`set_train_mode` first: a frozen encoder in eval mode takes the cheaper pooled path), with
+    the RNG streams left as they were (stochastic depth draws while counting).
     """
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for index, moments in saved["state"].items():
-        shape = tuple(moments["exp_avg"].shape) if "exp_avg" in moments else None
-        if shape is not None and (index >= len(params) or tuple(params[index].shape) != shape):
-            raise ValueError(
-                f"resume checkpoint {source}: optimizer state {index} has shape {shape}, which the trainable "
-                "parameters of this run do not have at that position; resume with the run's own LoRA / finetune settings"
-            )
+    from mmr_core.flops import count_flops, training_step_flops
+
+    image, x = example_inputs(model.config, modality)
+    with torch.random.fork_rng(devices=[]):
+        vision = count_flops(model, (image,), forward=lambda m, t: m.encode("vision", t, postprocess=False))
+        bound = count_flops(model, (x,), forward=lambda m, t: m.encode(modality, t, postprocess=False))
+    return training_step_flops(bound) + (training_step_flops(vision) if vision_trains else float(vision.flops))
 
 
-def _set_train_mode(model: ImageBind, trainable: list[str]) -> None:
+def set_train_mode(model: ImageBind, trainable: list[str]) -> None:
     """Training mode (dropout, stochastic depth) only for encoders that have something to train."""
     model.train()
     active = {n.split(".")[1] for n in trainable}
@@ -447,160 +322,156 @@ def _set_train_mode(model: ImageBind, trainable: list[str]) -> None:
                 part[m].eval()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """Batch split and step counts of a run.
+
+    Attributes:
+        world: Processes.
+        micro_batch_size: Samples per micro-batch and process.
+        grad_accum: Micro-batches per optimizer step.
+        steps_per_epoch: ``ceil(replication x samples / batch)`` optimizer steps.
+        total_steps: Steps of the run (the schedule's length).
+        warmup_steps: ``round(warmup_epochs x steps_per_epoch)``.
+    """
+
+    world: int
+    micro_batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(cfg: TrainConfig, world: int, dataset_size: int) -> RunPlan:
+    """Steps per epoch from the dataset size and sample replication; warm-up and total steps.
+
+    ``max_steps`` beyond the recipe's ``epochs x steps_per_epoch`` runs further epochs (warned), never capped.
+
+    Raises:
+        ConfigError: The recipe's batch does not split evenly over processes and accumulation rounds, or
+            ``max_steps`` / ``grad_accum`` is not positive.
+    """
+    from mmr_core.train import plan_steps as core_plan
+
+    r = cfg.recipe
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    if r.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"batch size {r.batch_size} is not divisible by {world} processes x grad_accum="
+                          f"{cfg.grad_accum}")  # fmt: skip
+    micro = r.batch_size // (world * cfg.grad_accum)
+    spe = max(1, math.ceil(r.sample_replication * dataset_size / r.batch_size))
+    try:
+        spe_, total = core_plan(spe * r.batch_size, world, micro, cfg.grad_accum, r.epochs, cfg.max_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    assert spe_ == spe, (spe_, spe)
+    return RunPlan(world, micro, cfg.grad_accum, spe, total, int(round(r.warmup_epochs * spe)))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a binding run.
 
     Returns:
-        ``{"losses": [per-step loss], "steps": total, "resumed_from": step or None, "model_path": ...}``
-        (losses of this invocation only; rank 0's view of the global loss).
+        ``{"losses": [per-step loss], "steps": total, "resumed_from": step or None, "model_path": path or
+        None (stopped early), "stopped_at": step where ``stop_at_step`` ended it (else None), "skips": the
+        data's skip summary, "non_finite_skipped": batches left out, "metrics_path": ...}`` (losses of this
+        invocation only; the global loss as every rank sees it).
+
+    Raises:
+        ConfigError: A settings mistake (no shards, random towers without ``allow_random_init``, ...).
+        SystemExit: Status 75 after saving, when preempted.
     """
+    from mmr_core.train import LocalEngine, fit
+
     if not cfg.train_shards:
-        raise ValueError("train_shards is empty: give the (image, X) WebDataset shards")
+        raise ConfigError("train_shards is empty: give the (image, X) WebDataset shards")
+    if cfg.on_non_finite == "skip" and cfg.deepspeed:
+        raise ConfigError("on_non_finite='skip' is for single-process runs; under DeepSpeed use 'error'")
     shards = expand_shards(cfg.train_shards)
+    model = build_model(cfg)  # before any process group: a settings mistake costs nothing
     env = None
     if cfg.deepspeed:
         from mmr_core.distributed import init_distributed
 
         env = init_distributed()
     rank, world = (env.rank, env.world_size) if env else (0, 1)
-    size = cfg.dataset_size or count_samples(shards)
+    device = env.device if env else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = ShardSamples(shards, SkipCounter(max_fraction=cfg.max_skip_fraction))
+    size = cfg.dataset_size or len(samples)
     plan = plan_steps(cfg, world, size)
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    model = build_model(cfg)
     trainable = configure_trainable(model, cfg)
     r = cfg.recipe
+    vision_trains = any(n.split(".")[1] == "vision" for n in trainable)
+    set_train_mode(model, trainable)
+    flops = training_flops_per_sample(model, r.modality, vision_trains) if cfg.count_flops else None
+    step_module = BindingStep(model, r.modality, ContrastiveLoss(temperature=r.temperature), vision_trains)
     opt = torch.optim.AdamW(parameter_groups(model, r.weight_decay), lr=r.peak_lr, betas=tuple(r.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(plan.warmup_steps, plan.total_steps, r.min_lr_ratio))
-    loss_fn = ContrastiveLoss(temperature=r.temperature)
-    if cfg.on_non_finite == "skip" and cfg.deepspeed:
-        raise ValueError("on_non_finite='skip' is for single-process runs; under DeepSpeed use 'error'")
-    guard = NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_skips)
-
-    engine = None
     if cfg.deepspeed:
         import deepspeed
 
-        from mmr_core.distributed import load_checkpoint, preset
+        from mmr_core.distributed import preset
 
-        ds_cfg = preset(cfg.ds_preset, micro_batch_size=plan.batch_per_rank, grad_clip=r.grad_clip or None)
-        engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
-        resumed = load_checkpoint(engine, _checkpoint_dir(cfg)) if cfg.resume else None
-        net = engine.module
+        ds_cfg = preset(cfg.ds_preset, micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
+                        grad_clip=r.grad_clip or None)  # fmt: skip
+        engine, opt, _, sched = deepspeed.initialize(model=step_module, optimizer=opt, lr_scheduler=sched,
+                                                     config=ds_cfg)  # fmt: skip
+        net = engine.module.model
     else:
-        resumed = _load_plain(cfg, model, opt, sched) if cfg.resume else None
+        engine = LocalEngine(step_module.to(device), opt, sched, grad_accum=plan.grad_accum,
+                             clip_grad_norm=r.grad_clip or None, trainable_only=True)  # fmt: skip
         net = model
-    if resumed is None:
-        seed_everything(cfg.seed, rank)  # distinct stochastic-depth streams per rank; a resume restores its own
-    start_step = resumed["step"] if resumed else 0
-    epoch0 = resumed["data_state"]["epoch"] if resumed else 0
-    skip = resumed["data_state"]["batch_in_epoch"] if resumed else 0
-    log.info("%s: %d samples, %d steps/epoch, %d steps (%d warm-up), %d process(es), resume at %d; trainable %d "
-             "tensors", r.name, size, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps, world, start_step,
-             len(trainable))  # fmt: skip
-
+    # Distinct stochastic-depth streams per rank; a resume restores every rank's own streams.
+    seed_everything(cfg.seed, rank)
     transform = PairTransform(r, net.config, cfg.seed, train=True)
-    pipe = build_pipeline(shards, batch_size=plan.batch_per_rank, fields=("image", r.modality, "__key__"), as_tuple=True, image="pil",
-                          transform=_KeyedTransform(transform), seed=cfg.seed, resampled=world > 1,
-                          epoch_samples=plan.steps_per_epoch, partial=False, shuffle_buffer=min(1000, size))  # fmt: skip
-    loader = make_loader(pipe, num_workers=cfg.num_workers)
-    _set_train_mode(net, trainable)
-    losses: list[float] = []
-    step = start_step
-    bar = progress(range(plan.total_steps), desc=f"bind {r.modality}", initial=start_step, total=plan.total_steps)
-    t0 = time.perf_counter()
-    epoch = epoch0
-    while step < plan.total_steps:
-        pipe.set_epoch(epoch)
-        transform.epoch = epoch
-        with torch.random.fork_rng(devices=[]):
-            # A new DataLoader iterator draws a base seed from the global RNG; isolating that draw keeps the
-            # stochastic-depth stream identical whether or not the run was interrupted at an epoch boundary.
-            batches = iter(loader)
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue  # already trained on before the interruption
-            if step >= plan.total_steps:
-                break
-            images, xs, keys = batch
-            if not isinstance(images, torch.Tensor):
-                raise RuntimeError("batch images have different shapes; check the transform")
-            vision_frozen = not any(n.split(".")[1] == "vision" for n in trainable)
-            with torch.set_grad_enabled(not vision_frozen):
-                img_emb = net.encode("vision", images, postprocess=False)
-            x_emb = net.encode(r.modality, xs, postprocess=False)
-            loss = loss_fn(x_emb, img_emb)
-            if engine is not None:
-                guard.check(step + 1, loss, sample_ids=keys)  # raises before the update (DeepSpeed: "error" only)
-                engine.backward(loss)
-                engine.step()
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for p in net.parameters() if p.requires_grad]
-                norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip) if r.grad_clip else total_grad_norm(params)
-                if guard.check(step + 1, loss, norm, sample_ids=keys):
-                    opt.step()
-                sched.step()  # a dropped update still counts as a step: the schedule and data position stay planned
-            step += 1
-            losses.append(float(loss.detach()))
-            next(bar, None)
-            if step % cfg.log_every == 0 and rank == 0:
-                log.info("step %d/%d loss %.4f lr %.2e (%.1f s)", step, plan.total_steps, losses[-1],
-                         sched.get_last_lr()[0], time.perf_counter() - t0)  # fmt: skip
-            stopping = step == cfg.stop_at_step
-            if step % cfg.save_every == 0 or step == plan.total_steps or stopping:
-                data_state = {"epoch": epoch, "batch_in_epoch": i + 1}
-                if i + 1 >= plan.steps_per_epoch:
-                    data_state = {"epoch": epoch + 1, "batch_in_epoch": 0}
-                _save(cfg, engine, net, opt, sched, step, data_state)
-            if stopping and step < plan.total_steps:
-                log.info("stopping at step %d as asked; run again to resume", step)
-                if cfg.deepspeed:
-                    from mmr_core.distributed import finalize_distributed
+    source = PairBatches(samples, transform, plan.micro_batch_size, plan.grad_accum, plan.steps_per_epoch,
+                         seed=cfg.seed, rank=rank, world=world, num_workers=cfg.num_workers,
+                         skips=SkipCounter(max_fraction=cfg.max_skip_fraction))  # fmt: skip
+    log.info("%s: %d samples, %d steps/epoch, %d steps (%d warm-up), %d process(es) x %d micro-batch(es) of %d; "
+             "trainable %d tensors", r.name, size, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps, world,
+             plan.grad_accum, plan.micro_batch_size, len(trainable))  # fmt: skip
+    set_train_mode(net, trainable)
+    if cfg.resume and not cfg.deepspeed:
+        from .former_checkpoints import migrate_former_checkpoint
 
-                    finalize_distributed()
-                return {"losses": losses, "steps": plan.total_steps, "resumed_from": start_step if resumed else None,
-                        "model_path": None, "stopped_at": step, "skips": pipe.skips.summary(),
-                        "non_finite_skipped": guard.skipped_steps}  # fmt: skip
-        skip = 0
-        epoch += 1
-    model_path = out / "model.safetensors"
-    if rank == 0:
-        from .checkpoint import save_safetensors
+        migrate_former_checkpoint(engine, out / "checkpoints", {"data_skips": source})
+    result = fit(
+        engine, source, lambda eng, batch: eng(*batch), total_steps=plan.total_steps, out_dir=out,
+        save_every=cfg.save_every, keep_last=cfg.keep_last, log_every=cfg.log_every, resume=cfg.resume,
+        device=device, desc=f"bind {r.modality}", guard=NonFiniteGuard(cfg.on_non_finite, cfg.max_non_finite_skips),
+        flops_per_sample=flops, precision=next(net.parameters()).dtype, stateful={"data_skips": source},
+        stop_after_steps=cfg.stop_at_step,
+    )  # fmt: skip
+    model_path = None
+    if not result.stopped_early:
+        model_path = out / "model.safetensors"
+        if rank == 0:  # after fit's final save: merging LoRA changes the trainable tensors
+            from .checkpoint import save_safetensors
 
-        merge_lora(net)
-        save_safetensors(net, model_path)
-        (out / "losses.json").write_text(json.dumps(losses))
+            save_safetensors(merge_lora(net) if has_lora(net) else net, model_path)
+            (out / "losses.json").write_text(json.dumps(result.losses))
     if cfg.deepspeed:
         from mmr_core.distributed import finalize_distributed
 
         finalize_distributed()
-    return {"losses": losses, "steps": plan.total_steps, "resumed_from": start_step if resumed else None,
-            "model_path": str(model_path), "skips": pipe.skips.summary(), "non_finite_skipped": guard.skipped_steps}  # fmt: skip
-
-
-class _KeyedTransform:
-    """Picklable wrapper: the pipeline's transform gets the decoded dict; we return the tuple fields."""
-
-    def __init__(self, transform: PairTransform) -> None:
-        self.transform = transform
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, x = self.transform(sample)
-        return {"image": image, self.transform.recipe.modality: x, "__key__": sample["__key__"]}
-
-
-def _save(cfg, engine, net, opt, sched, step, data_state) -> None:
-    if engine is not None:
-        from mmr_core.distributed import save_checkpoint
-
-        save_checkpoint(engine, _checkpoint_dir(cfg), step, data_state, keep_last=cfg.keep_last)
-    else:
-        _save_plain(cfg, net, opt, sched, step, data_state)
+    if result.stopped_early:
+        log.info("stopped at step %d as asked; run again to resume", result.step)
+    return {"losses": result.losses, "steps": plan.total_steps, "resumed_from": result.start_step or None,
+            "model_path": str(model_path) if model_path else None,
+            "stopped_at": result.step if result.stopped_early else None, "skips": source.skip_summary(),
+            "non_finite_skipped": result.non_finite_skipped, "metrics_path": str(result.metrics_path)}  # fmt: skip
 
 
 RECIPE_HELP = "the paper's recipe whose settings are the defaults: audioset/AS, sunrgbd/SUN, llvip/LLVIP, ego4d/Ego4D, tiny_audio"
@@ -626,7 +497,6 @@ def config_from_train_args(args: argparse.Namespace) -> TrainConfig:
         ConfigError: An unknown recipe or key, or a bad value (the message names it).
     """
     from mmr_core.cli import config_from_args
-    from mmr_core.config import ConfigError
 
     try:
         recipe = get_recipe(args.recipe)
@@ -649,13 +519,14 @@ def run(cfg: TrainConfig) -> int:
     """Train and print the run's summary (steps, resume point, model path, first and last loss) as JSON."""
     result = train(cfg)
     if result["losses"]:
-        print(json.dumps({k: result[k] for k in ("steps", "resumed_from", "model_path")} |
+        print(json.dumps({k: result[k] for k in ("steps", "resumed_from", "model_path", "stopped_at")} |
                          {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}))  # fmt: skip
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mmr_imagebind.train``; a mistake in the settings prints ``error: ...`` and returns 2."""
+    """``python -m mmr_imagebind.train``; a mistake in the settings prints ``error: ...`` and returns 2;
+    a preempted run saves and exits with status 75."""
     from mmr_core.cli import run_guarded
 
     return run_guarded(lambda: run(parse_args(argv)))
@@ -667,16 +538,21 @@ if __name__ == "__main__":
 
 __all__ = [
     "LORA_TARGETS",
+    "BindingStep",
     "LoRAConfig",
     "PairTransform",
+    "RunPlan",
     "TrainConfig",
     "apply_lora",
     "build_model",
     "configure_trainable",
+    "count_samples",
     "frequency_mask",
     "merge_lora",
     "parameter_groups",
+    "set_train_mode",
     "plan_steps",
     "train",
+    "training_flops_per_sample",
     "warmup_cosine",
 ]
