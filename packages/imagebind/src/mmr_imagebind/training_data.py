@@ -7,17 +7,17 @@ order depends on how shards are split over workers), so the shards are read here
 1. :class:`ShardSamples` scans the tar headers of every shard once (no member data is read) and keeps
    each sample's members as ``(extension, byte offset, size)``. A missing shard, a truncated one or a
    compressed one is found here; what it lost is counted in samples (from the shard index written
-   beside the shards, :mod:`mmr_core.data.shard_index`, else as "unknown"), once per run.
-2. :class:`PairBatches` is the run's data source for :func:`mmr_core.train.fit` (``steps_per_epoch`` and
-   ``micro_batches(epoch, first_micro_batch)``). An epoch is ``steps_per_epoch x global batch`` sample
-   positions (the recipe's sample replication: whole shuffled passes over the samples, concatenated, the
-   last one cut), seeded by ``(seed, epoch)``; a step's positions are split into ranks and
-   gradient-accumulation micro-batches. Each position's augmentation is drawn from a generator seeded by
-   ``(seed, epoch, position)``, so two copies of one sample in an epoch are augmented differently and
-   nothing depends on which worker loads what.
-3. A sample that fails to decode or transform is left out of its micro-batch and counted (in the main
-   process, when the micro-batch is used, so prefetched-but-unused batches never count): a
-   :class:`mmr_core.data.SkipCounter` with its count and fraction limits.
+   beside the shards, :mod:`mmr_core.data.shard_index`, else as "unknown"), once, at start.
+2. :class:`PairBatches` is the run's data source for :func:`mmr_core.train.fit`: a
+   :class:`mmr_core.train.MapStyleSource` over the epoch's ``steps_per_epoch x global batch`` positions. The
+   recipe's sample replication makes an epoch longer than the data: :func:`replicated_order` fills it with
+   shuffled whole passes, seeded by ``(seed, epoch)``. Each micro-batch is loaded under
+   :func:`mmr_core.train.position_seeded`, and every sample's augmentation seed is drawn there, so two copies
+   of one sample in an epoch are augmented differently and nothing depends on which worker loads what.
+3. A sample that fails to decode or transform is replaced by a sample drawn at random (position-seeded, so
+   micro-batches keep their size: the contrastive loss all-gathers equal shapes from every rank) and
+   counted in the training process when its micro-batch is used (prefetched but unused batches never
+   count): a :class:`mmr_core.data.SkipCounter` with its count and fraction limits, carried in checkpoints.
 
 :class:`PairTransform` (decoded sample -> model inputs with the recipe's augmentations) also lives here.
 """
