@@ -61,7 +61,7 @@ def _ds(tok, records, **kw) -> data.LlavaDataset:
 
 def _raises(tok, record: dict, message: str, cause: str, tmp_path: Path, template: str = "v1") -> None:
     """``record`` (third in a data file) stops building the dataset with exactly ``message`` (after the file)."""
-    path = _write(tmp_path / "train.json", [_good("a"), _good("b"), record])
+    path = _write(tmp_path / "train.json", [_good("a", "a.png"), _good("b", "b.png"), record])
     with pytest.raises(data.DataError) as info:
         data.LlavaDataset(path, tok, template, 4, NUM_PATCHES, SIZE)
     assert str(info.value) == f"{path}:{message}"
@@ -151,8 +151,15 @@ def test_case_no_answer_to_learn(tok, tmp_path):
 
 def test_case_template_shape(tok, tmp_path):
     four = {"id": "c", "image": "a.png", "conversations": _turns("<image>", "a cube.", "more?", "no.")}
-    _raises(tok, four, "id c: conversations: has 4 turns, expected one question and one answer for the plain "
-            "(stage-1) template", "bad_value", tmp_path, template="plain")
+    # plain always renders image positions: a text-only record would put them in without an image
+    for record, message, cause in [
+            (four, "id c: conversations: has 4 turns, expected one question and one answer for the plain "
+             "(stage-1) template", "bad_value"),
+            (_good("e"), "id e: image: missing, expected an image for the plain (stage-1) template", "missing_field")]:
+        path = _write(tmp_path / "plain.json", [_good("a", "a.png"), record])
+        with pytest.raises(data.DataError) as info:
+            data.LlavaDataset(path, tok, "plain", 4, NUM_PATCHES, SIZE)
+        assert (str(info.value), info.value.cause) == (f"{path}:{message}", cause)
     _raises(tok, {"id": "d", "conversations": _turns(" ", "yes.")},
             "id d: conversations[0].value: is empty, expected a non-blank first question for the llama_2 template",
             "bad_value", tmp_path, template="llama_2")

@@ -55,7 +55,7 @@ def test_placeholder_mismatch_is_named(tok):
     bad = dict(RECORDS[1], id="bad", images=[_img(1)])
     ds, _ = _ds(tok)
     ds.records = [bad]
-    with pytest.raises(data.DataError, match="^<memory>:id bad: conversations: has 2 '<image>' placeholder\(s\) for 1 image"):
+    with pytest.raises(data.DataError, match=r"^<memory>:id bad: conversations: has 2 '<image>' placeholder"):
         ds[0]
 
 

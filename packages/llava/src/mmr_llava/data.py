@@ -218,7 +218,7 @@ def check_record(view: RecordView, template: str | None = None) -> dict[str, Any
     caption still supervises its end-of-caption newline, as in the original); ``<image>`` only in human
     turns, as many as the record has images (one image and no placeholder is allowed: the placeholder is
     added); ``image`` or ``images``, not both. With ``template``: ``plain`` takes one question and one
-    answer (the original asserts it), ``llama_2`` a non-blank first question.
+    answer about at least one image (the original asserts both), ``llama_2`` a non-blank first question.
 
     Raises:
         DataError: The first problem found, naming the field (e.g. ``conversations[1].value``).
@@ -268,6 +268,8 @@ def check_record(view: RecordView, template: str | None = None) -> dict[str, Any
     if style == "plain" and len(turns) != 2:
         raise view.error("conversations", f"has {len(turns)} turns",
                          "expected one question and one answer for the plain (stage-1) template")
+    if style == "plain" and not n_img:  # plain always renders image positions (the original asserts one)
+        raise view.error("image", "missing", "expected an image for the plain (stage-1) template", "missing_field")
     if style == "llama_2" and not turns[0]["value"].strip():
         raise view.error("conversations[0].value", "is empty",
                          "expected a non-blank first question for the llama_2 template")
