@@ -133,3 +133,12 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path) -> None:
     source = MapStyleSource(NUM_SAMPLES, _load(*_data()), micro_batch_size=3)
     with pytest.raises(RuntimeError, match="other tensors than this run's model"):
         fit(engine, source, lambda eng, b: eng(b["x"]).sum(), total_steps=3, out_dir=tmp_path)
+
+
+def test_measuring_the_cpu_peak_draws_from_no_global_stream() -> None:
+    # fit measures the CPU's GEMM peak after a resume restored the RNG streams: it must leave them alone.
+    from mmr_core.flops import _time_gemm
+
+    before = torch.get_rng_state()
+    _time_gemm(64, 1, torch.float32)
+    assert torch.equal(before, torch.get_rng_state())

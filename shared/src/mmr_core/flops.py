@@ -377,8 +377,11 @@ def measure_cpu_gemm_flops(size: int = 2048, repeats: int = 5, dtype: torch.dtyp
 
 
 def _time_gemm(size: int, repeats: int, dtype: torch.dtype) -> float:
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    # A private generator: measuring must not move the global stream (a resumed run measures after restoring
+    # its RNG state, and its dropout masks would then differ from the uninterrupted run's).
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, generator=generator)
     torch.mm(a, b)
     best = math.inf
     for _ in range(repeats):

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmr_core.io.safe_load import UntrustedCheckpointError
+
 _CLIENT_KEY = "mmr"
 _TAG_RE = re.compile(r"^step(\d+)$")
 #: The pointer file; the same name and format (the bare tag) as DeepSpeed's, so its tools still read it.
@@ -441,6 +443,8 @@ def load_checkpoint(engine: Any, directory: str | Path, tag: str | None = None) 
     where = Path(directory) / tag
     try:
         load_path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    except UntrustedCheckpointError:  # a user's file, not our bug: its own error (the CLIs print it, exit 2)
+        raise
     except Exception as err:  # DeepSpeed raises EOFError, RuntimeError, AssertionError, KeyError...
         raise RuntimeError(f"DeepSpeed could not load checkpoint {where}: {type(err).__name__}: {err}") from err
     if load_path is None:

@@ -199,6 +199,13 @@ def fit(
     guard = guard or NonFiniteGuard()
     stateful = dict(stateful or {})
     ga = _grad_accum(engine)
+    # Measured (on CPU) before the resume restores the RNG streams; the measurement draws from none of them.
+    counts_flops = flops_per_sample is not None or flops_per_token is not None
+    if counts_flops and peak_flops is None:
+        try:
+            peak_flops = device_peak_flops(device, precision)
+        except ValueError:  # an unknown card: TFLOP/s without MFU
+            peak_flops = None
     run = ResumableRun(engine, out_dir / "checkpoints", save_every=save_every, keep_last=keep_last,
                        preemption=preemption)
     state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0}
@@ -219,12 +226,6 @@ def fit(
                 "stateful": {name: obj.state_dict() for name, obj in stateful.items()}}
 
     log = MetricsLog(out_dir, enabled=rank == 0, tensorboard=tensorboard)
-    counts_flops = flops_per_sample is not None or flops_per_token is not None
-    if counts_flops and peak_flops is None:
-        try:
-            peak_flops = device_peak_flops(device, precision)
-        except ValueError:  # an unknown card: TFLOP/s without MFU
-            peak_flops = None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, dynamic_ncols=True,
