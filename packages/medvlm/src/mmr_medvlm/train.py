@@ -2,34 +2,38 @@
 
 The paper fine-tunes GLIP-T with GLIP's settings: AdamW, a base learning rate with a 10x smaller one for
 the language backbone, linear warmup, step decay at 67% / 89% of training, gradient clipping and an EMA
-of the weights used for evaluation. Runs single-process (``mmr-medvlm train`` is the same command)::
+of the weights used for evaluation. Single process (``mmr-medvlm train`` is the same command)::
 
     python -m mmr_medvlm.train --config run.yaml mode=k_shot k=10 seed=1
     mmr-medvlm train --preset cpu tokenizer=bert-base-uncased train_annotations=... prompt_file=...
 
-or under DeepSpeed (gloo on CPU, NCCL on GPU) via ``mmr_core.distributed``::
+or under DeepSpeed (gloo on CPU, NCCL on GPU; ZeRO-2 presets of ``mmr_core.distributed``)::
 
     deepspeed --num_gpus 2 -m mmr_medvlm.train --config run.yaml deepspeed=true
 
-Training is resumable: the single-process run keeps ``<output_dir>/last.pt`` (model, EMA, optimizer,
-scheduler, step, RNG; tensors and plain values only, read back with ``weights_only=True``); the DeepSpeed run
-uses ``mmr_core.distributed.save_checkpoint``. A non-finite loss or gradient norm stops training before the
-update, naming the step and the batch's image ids (``on_non_finite=skip`` drops such steps instead, counted).
-A run ends by exporting the EMA weights to ``<output_dir>/model`` (:func:`export_model`), the folder
-``GLIP.from_pretrained``, ``mmr-medvlm predict`` and ``mmr-medvlm eval`` read. Zero-shot without
+Both run :func:`mmr_core.train.fit` (one loop; a :class:`~mmr_core.train.LocalEngine` or DeepSpeed's
+engine). What is MedVLM's own lives here: the batch (images, the dataset's one prompt, boxes), the loss
+(GLIP's, summed), the EMA of the weights (saved with every checkpoint and resumed exactly), periodic
+evaluation of the EMA weights (``eval_every``), the export of the EMA weights to ``<output_dir>/model``
+(:func:`export_model`: the folder ``GLIP.from_pretrained``, ``mmr-medvlm predict`` and ``mmr-medvlm eval``
+read) and the FLOPs of one sample for MFU. The loop gives the rest: crash-safe checkpoints in
+``<output_dir>/checkpoints`` (resumed from the newest complete one), ``metrics.jsonl`` / ``metrics.png``,
+preemption (SIGTERM, SIGUSR1, ``$MMR_PREEMPT_FILE``: save, exit 75), bitwise-exact resume with any
+number of DataLoader workers, and the non-finite guard (a NaN loss stops before the update, naming the step
+and the batch's image ids; ``on_non_finite=skip`` drops the micro-batch, counted). Zero-shot without
 ``init_checkpoint`` is refused (:func:`check_config`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
-import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,20 +42,25 @@ import torch
 
 from mmr_core.cli import CommandLine, config_from_args
 from mmr_core.config import ConfigError
-from mmr_core.guards import NonFiniteGuard, total_grad_norm
-from mmr_core.hub import skip_weight_init
-from mmr_core.io import safe_torch_load
-from mmr_core.utils import get_logger, progress, seed_everything
-from mmr_medvlm.data import CocoGroundingDataset, sample_k_shot
+from mmr_core.flops import count_flops, device_peak_flops, training_step_flops
+from mmr_core.guards import NonFiniteGuard
+from mmr_core.train import LocalEngine, MapStyleSource, epoch_order, read_metrics
+from mmr_core.train import fit as fit_loop
+from mmr_core.utils import get_logger, seed_everything
+from mmr_medvlm.data import CocoGroundingDataset, Sample, sample_k_shot
 from mmr_medvlm.evaluate import GLIPDetector, evaluate
 from mmr_medvlm.model import _NAMED, GLIP, GLIPConfig, Targets, load_official_checkpoint
 from mmr_medvlm.predict import PROMPT_NAME
-from mmr_medvlm.prompts import PromptSet, PromptTooLongError
+from mmr_medvlm.prompts import PromptEncoding, PromptSet, PromptTooLongError
 
 log = get_logger(__name__)
 
 #: Where training writes the exported model, inside ``output_dir``.
 EXPORT_NAME = "model"
+#: Where the loop keeps its checkpoints, inside ``output_dir``.
+CHECKPOINTS_NAME = "checkpoints"
+#: Periodic evaluations of the EMA weights (``eval_every``), one JSON line each, inside ``output_dir``.
+EVAL_LOG_NAME = "eval.jsonl"
 #: The label zero-shot metrics carry when measured on random weights (``allow_random_weights``).
 RANDOM_WEIGHTS_LABEL = "random (no init_checkpoint): not a zero-shot result of pretrained GLIP"
 
@@ -102,19 +111,34 @@ class TrainConfig:
         val_annotations: COCO instances JSON evaluated at the end (and in zero_shot mode).
         val_images: Folder the validation file_name entries are relative to.
         prompt_file: A prompt set JSON/YAML covering the dataset's categories (see mmr_medvlm.prompts).
-        output_dir: Where last.pt (resumable), metrics.json and the exported model (model/) go.
-        batch_size: Images per step.
-        max_steps: Training steps.
-        save_every: Write last.pt every this many steps.
+        output_dir: Where checkpoints/ (resumable), metrics.jsonl, metrics.png, metrics.json and the
+            exported model (model/) go.
+        batch_size: Images per micro-batch on each process.
+        grad_accum: Micro-batches per optimizer step (one step sees batch_size x grad_accum x processes
+            images).
+        num_workers: DataLoader worker processes per training process (0: load in the training process);
+            the batches, and so the run, are the same for any number.
+        max_steps: Optimizer steps (runs as many epochs as that takes).
+        save_every: Checkpoint every this many steps (0: only on preemption).
+        keep_last: Complete checkpoints to keep.
+        log_every: Write a metrics.jsonl record every this many steps.
+        eval_every: Evaluate the EMA weights on val_annotations every this many steps, into eval.jsonl
+            (0: only at the end).
+        stop_after_steps: End this run at this step, saved, without the export (a time-boxed job; the
+            schedule still spans max_steps; the next run resumes there).
+        count_flops: Count one sample's FLOPs once (fvcore, at the first training image's size) for the
+            TFLOP/s and MFU columns of metrics.jsonl.
+        tensorboard: Also log the metrics to TensorBoard (output_dir/tensorboard).
         max_size: Longer side limit; with min_size null, larger images are downscaled to it.
         min_size: GLIP's resize: shorter side to this unless the longer passes max_size (null: off).
         allow_random_weights: Let zero_shot run without init_checkpoint; its AP is labelled as from random
             weights.
         deepspeed: Train under DeepSpeed (launch with the deepspeed launcher).
-        deepspeed_preset: The mmr_core.distributed ZeRO preset.
+        deepspeed_preset: The mmr_core.distributed ZeRO preset (a ZeRO-2 one: the EMA and the export read
+            whole weights on every rank).
         on_bad_record: Bad annotation records: error stops at the first, skip drops them counted.
         on_non_finite: A non-finite loss or gradient norm: error stops before the update, skip drops the
-            step, counted.
+            micro-batch, counted.
         export: Export the trained model (EMA weights) to output_dir/model with save_pretrained.
     """
 
@@ -132,8 +156,16 @@ class TrainConfig:
     prompt_file: str = ""
     output_dir: str = "runs/medvlm"
     batch_size: int = 4
+    grad_accum: int = 1
+    num_workers: int = 0
     max_steps: int = 2000
     save_every: int = 200
+    keep_last: int = 3
+    log_every: int = 1
+    eval_every: int = 0
+    stop_after_steps: int | None = None
+    count_flops: bool = True
+    tensorboard: bool = False
     max_size: int | None = 800
     min_size: int | None = None
     allow_random_weights: bool = False
@@ -192,7 +224,11 @@ def lr_factor(step: int, max_steps: int, optim: OptimConfig) -> float:
 
 
 class ModelEMA:
-    """Exponential moving average of a model's parameters and buffers."""
+    """Exponential moving average of a model's parameters and buffers.
+
+    A ``stateful`` of :func:`mmr_core.train.fit`: :meth:`state_dict` / :meth:`load_state_dict` carry the
+    averaged tensors through every checkpoint, so a resumed run continues the same average bitwise.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
@@ -205,90 +241,247 @@ class ModelEMA:
         ema_state = self.model.state_dict()
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
-                ema_state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+                # .to(): under a DeepSpeed fp16/bf16 preset the trained weights are half, the average fp32
+                ema_state[k].mul_(self.decay).add_(v.detach().to(ema_state[k].dtype), alpha=1 - self.decay)
             else:
                 ema_state[k].copy_(v)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "model": self.model.state_dict()}
 
-def batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Seeded shuffled index batches for one epoch; each rank takes a strided share."""
-    order = list(range(n))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    order = order[rank::world]
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
 
 
-def train_step(model: GLIP, samples: Sequence[Any], encoding: Any, device: torch.device) -> dict[str, torch.Tensor]:
+def epoch_passes(num_samples: int, images_per_step: int) -> int:
+    """Passes over the data that make one epoch: 1, or as many as one optimizer step needs.
+
+    A 1-shot set can hold fewer images than one step takes (1 image per class, batch 4, 2 processes);
+    GLIP's iteration-based sampler then cycles the data within the step. Here an epoch of such data is
+    that many shuffled passes, so every step is full and the run keeps its planned length.
+    """
+    if num_samples < 1:
+        raise ConfigError("the training set holds no image with a box; nothing to train on")
+    return max(1, math.ceil(images_per_step / num_samples))
+
+
+def epoch_indices(num_samples: int, seed: int, epoch: int, passes: int) -> list[int]:
+    """All sample indices of ``epoch`` in order: ``passes`` seeded permutations back to back."""
+    if passes == 1:
+        return epoch_order(num_samples, seed, epoch)
+    return [i for p in range(passes) for i in epoch_order(num_samples, seed, epoch * passes + p)]
+
+
+def make_source(dataset: CocoGroundingDataset, cfg: TrainConfig, rank: int = 0, world: int = 1) -> MapStyleSource:
+    """This process's micro-batches: lists of :class:`~mmr_medvlm.data.Sample`, ids the COCO image ids."""
+    n = len(dataset)
+    passes = epoch_passes(n, cfg.batch_size * cfg.grad_accum * world)
+
+    def load(indices: list[int]) -> dict[str, Any]:
+        samples = [dataset[i] for i in indices]
+        return {"batch": samples, "ids": [s.image_id for s in samples], "tokens": None}
+
+    return MapStyleSource(n * passes, load, micro_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                          seed=cfg.seed, rank=rank, world=world, num_workers=cfg.num_workers,
+                          order=lambda epoch: epoch_indices(n, cfg.seed, epoch, passes))
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+            grad_accum: int = 1) -> list[list[int]]:
+    """The dataset indices of each micro-batch of one epoch on ``rank`` (what :func:`make_source` loads)."""
+    passes = epoch_passes(n, batch_size * grad_accum * world)
+    source = MapStyleSource(n * passes, lambda indices: {}, micro_batch_size=batch_size, grad_accum=grad_accum,
+                            seed=seed, rank=rank, world=world,
+                            order=lambda e: epoch_indices(n, seed, e, passes))
+    return source.epoch_micro_batches(epoch)
+
+
+def train_step(model: GLIP, samples: Sequence[Sample], encoding: PromptEncoding, device: torch.device,
+               forward: Callable[..., Any] | None = None) -> dict[str, torch.Tensor]:
+    """GLIP's losses on one batch of samples, all grounded in the dataset's one prompt.
+
+    Args:
+        model: The GLIP (its ``preprocess`` normalises and pads the images).
+        samples: The batch.
+        encoding: The prompt's tokens and positive map.
+        device: Where the model is.
+        forward: What runs the forward (a DeepSpeed or local engine); default ``model`` itself.
+    """
     images = model.preprocess([s.image for s in samples])
+    # Under a DeepSpeed fp16/bf16 preset the weights are half: the batch follows them.
+    images = images.to(next(model.parameters()).dtype)
     n = len(samples)
     ids = encoding.input_ids.to(device).expand(n, -1)
     mask = encoding.attention_mask.to(device).expand(n, -1)
     targets = [Targets(s.targets.boxes.to(device), s.targets.labels.to(device)) for s in samples]
-    return model(images, ids, mask, [encoding.positive_map] * n, targets)
+    return (forward or model)(images, ids, mask, [encoding.positive_map] * n, targets)
+
+
+def _head_outputs(model: GLIP, images: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> Any:
+    """The network up to the head outputs (anchors, the loss and NMS are data-dependent and left out)."""
+    return model.rpn.head(model.backbone(images), model.language_backbone(input_ids, attention_mask))
+
+
+@contextlib.contextmanager
+def _eval_mode_and_own_rng(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and forked RNG streams for the body, then the model's mode back: the training streams
+    (dropout) are the same whether or not the body runs, so counting or evaluating never moves a run."""
+    was_training = model.training
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def flops_per_sample(model: GLIP, dataset: CocoGroundingDataset, encoding: PromptEncoding) -> float:
+    """Training FLOPs of one sample (forward + 2x forward for the backward; every part is trained).
+
+    Counted once with :func:`mmr_core.flops.count_flops`, batch 1, at the first training image's size
+    (images of other sizes cost in proportion to their padded area, roughly), with the prompt's tokens.
+    """
+    device = model.pixel_mean.device
+    images = model.preprocess([dataset[0].image])
+    inputs = (images, encoding.input_ids.to(device).view(1, -1), encoding.attention_mask.to(device).view(1, -1))
+    with _eval_mode_and_own_rng(model):
+        count = count_flops(model, inputs, forward=_head_outputs)
+    return training_step_flops(count)
+
+
+def _peak_flops(device: torch.device, precision: torch.dtype) -> float | None:
+    """The device's peak FLOP/s for MFU (``None`` for an unknown GPU), measured without touching the run's RNG.
+
+    On a CPU the peak is a timed GEMM of random matrices drawn from torch's global generator; drawn in the
+    loop, after the resume restored that generator, it would shift every later dropout mask of a resumed
+    run against the uninterrupted one (found by the exact-resume test). Measured here, on forked streams.
+    """
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return device_peak_flops(device, precision)
+        except ValueError:  # a card without a datasheet entry: TFLOP/s without MFU
+            return None
+
+
+def _deepspeed_engine(model: GLIP, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> Any:
+    """DeepSpeed's engine under the run's ZeRO-2 preset (stage 3 is refused: see :func:`check_config`)."""
+    import deepspeed
+
+    from mmr_core.distributed import preset
+
+    ds_cfg = preset(cfg.deepspeed_preset, micro_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                    grad_clip=cfg.optim.grad_clip)
+    if ds_cfg.get("zero_optimization", {}).get("stage", 0) >= 3:
+        # Stage 3 keeps a shard of each weight per rank: the EMA, the evaluation and the export read whole
+        # weights. GLIP-T (232 M parameters) fits a GPU whole; the optimizer state is what ZeRO-2 splits.
+        raise ConfigError(f"deepspeed_preset={cfg.deepspeed_preset!r} (or $MMR_DS_PRESET) is ZeRO stage 3, which "
+                          "partitions the weights the EMA averages; use a ZeRO-2 preset (cpu_zero2, v100_zero2, "
+                          "a100_zero2)")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    return engine
 
 
 def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: TrainConfig,
         val_set: CocoGroundingDataset | None = None) -> dict[str, Any]:
-    """Single-process training loop (resumable) followed by evaluation with the EMA weights."""
-    seed_everything(cfg.seed)
+    """Train ``model`` on ``train_set`` with :func:`mmr_core.train.fit`, then evaluate and export the EMA.
+
+    Single process with a :class:`~mmr_core.train.LocalEngine` on the model's device, or, with
+    ``cfg.deepspeed``, every rank of a DeepSpeed launch (the process group is set up here). Resumes from
+    ``<output_dir>/checkpoints`` when a complete checkpoint is there.
+
+    Args:
+        model: The GLIP to train (its initial weights: ``init_checkpoint`` or the seed's).
+        tokenizer: The prompt's tokenizer (exported beside the model).
+        train_set: Training images with boxes.
+        cfg: The run's settings.
+        val_set: Evaluated with the EMA weights every ``eval_every`` steps and at the end (rank 0).
+
+    Returns:
+        ``steps``, ``start`` (the step this run began at), ``losses`` (this run's, per step), ``rank``,
+        ``world_size``, the data's load summary and skip counts, ``non_finite_skipped`` (micro-batches),
+        ``metrics_path``; on rank 0 also ``history`` (``step`` and ``loss`` of every step of the run, across
+        resumes), and ``model_dir`` / ``metrics`` when exported / evaluated.
+
+    Raises:
+        SystemExit: Status 75 after saving, when preempted (SIGTERM, SIGUSR1, ``$MMR_PREEMPT_FILE``).
+        mmr_core.guards.NonFiniteLossError: A non-finite loss or gradient norm (``on_non_finite=error``).
+    """
+    if cfg.deepspeed:
+        from mmr_core.distributed import init_distributed
+
+        env = init_distributed()
+        rank, world, device = env.rank, env.world_size, env.device
+    else:
+        rank, world, device = 0, 1, model.pixel_mean.device
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = model.pixel_mean.device
     encoding = train_set.encode_prompt(tokenizer, model.cfg.max_query_len)
+    source = make_source(train_set, cfg, rank, world)
+    flops = flops_per_sample(model, train_set, encoding) if cfg.count_flops else None
+    # The training streams (dropout) start from the seed; the model's initialisation came before.
+    seed_everything(cfg.seed, rank=rank)
+    # The EMA starts from the initial weights, copied before DeepSpeed flattens the model into its buffers.
+    ema = ModelEMA(model, cfg.optim.ema_decay)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.max_steps, cfg.optim))
-    ema = ModelEMA(model, cfg.optim.ema_decay)
-    step, history = 0, []
-    ckpt = out / "last.pt"
-    if ckpt.exists():
-        state = safe_torch_load(ckpt, map_location=device)  # our own file, but it may have been replaced
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", ckpt, step)
-    per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    guard = NonFiniteGuard(cfg.on_non_finite)
-    bar = progress(range(step, cfg.max_steps), desc=f"train {cfg.mode}", total=cfg.max_steps - step)
-    model.train()
-    for step in bar:
-        epoch, pos = divmod(step, per_epoch)
-        idx = batches(len(train_set), cfg.batch_size, cfg.seed, epoch)[pos]
-        samples = [train_set[i] for i in idx]
-        losses = train_step(model, samples, encoding, device)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        else:
-            grad_norm = total_grad_norm(model.parameters())
-        # checked before the update: on error the weights in memory and last.pt are the last good ones
-        if not guard.check(step + 1, loss, grad_norm, [s.image_id for s in samples]):
-            log.warning("step %d skipped (non-finite): %s", step + 1, guard.summary())
-            continue
-        optimizer.step()
-        scheduler.step()
-        ema.update(model)
-        history.append({"step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}})
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": step + 1, "history": history, "rng": torch.get_rng_state()}, ckpt)
+    if cfg.deepspeed:
+        engine = _deepspeed_engine(model, optimizer, scheduler, cfg)
+    else:
+        # Every tensor is saved (buffers too): nothing here is frozen and rebuilt on resume.
+        engine = LocalEngine(model, optimizer, scheduler, grad_accum=cfg.grad_accum,
+                             clip_grad_norm=cfg.optim.grad_clip or None)
+    module: GLIP = engine.module
+    module.train()
+    precision = next(module.parameters()).dtype  # a DeepSpeed fp16/bf16 preset's, else fp32
+    peak = _peak_flops(device, precision) if flops is not None else None
+
+    def loss_fn(engine: Any, samples: list[Sample]) -> torch.Tensor:
+        return sum(train_step(module, samples, encoding, device, forward=engine).values())
+
+    def evaluate_ema(desc: str) -> dict[str, Any]:
+        with _eval_mode_and_own_rng(ema.model):
+            return evaluate(GLIPDetector(ema.model, tokenizer), val_set, desc=desc)
+
+    def on_step(step: int) -> None:
+        ema.update(module)
+        # Rank 0 alone evaluates (no collective inside); the others wait at the next step's all-reduce.
+        if val_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps \
+                and rank == 0:
+            metrics = evaluate_ema(f"eval step {step}")
+            with (out / EVAL_LOG_NAME).open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    result: dict[str, Any] = {}
+
+    def export() -> None:
+        if cfg.export and rank == 0:
+            result["model_dir"] = str(export_model(ema.model, tokenizer, train_set, out / EXPORT_NAME, cfg))
+            log.info("exported the EMA weights to %s (mmr-medvlm predict --model %s)", result["model_dir"],
+                     result["model_dir"])
+
+    done = fit_loop(
+        engine, source, loss_fn, total_steps=cfg.max_steps, out_dir=out, save_every=cfg.save_every,
+        keep_last=cfg.keep_last, log_every=cfg.log_every, device=device, desc=f"train {cfg.mode}",
+        guard=NonFiniteGuard(cfg.on_non_finite), flops_per_sample=flops, peak_flops=peak, precision=precision,
+        stateful={"ema": ema},
+        on_step=on_step, export=export, stop_after_steps=cfg.stop_after_steps, tensorboard=cfg.tensorboard)
     # the bad-record and non-finite skip counts travel with the run's result, not only its log
-    result: dict[str, Any] = {"steps": cfg.max_steps, "history": history, "train_data": train_set.stats.summary(),
-                              "skipped_records": dict(train_set.stats.skipped),
-                              "non_finite_skipped_steps": guard.skipped_steps}
-    log.info("train data: %s; %s", train_set.stats.summary(), guard.summary())
-    if cfg.export:
-        result["model_dir"] = str(export_model(ema.model, tokenizer, train_set, out / EXPORT_NAME, cfg))
-        log.info("exported the EMA weights to %s (mmr-medvlm predict --model %s)", result["model_dir"],
-                 result["model_dir"])
-    if val_set is not None:
-        result["metrics"] = evaluate(GLIPDetector(ema.model, tokenizer), val_set, desc=f"eval {cfg.mode}")
-        (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    result.update({"steps": done.step, "start": done.start_step, "losses": done.losses, "rank": rank,
+                   "world_size": world, "stopped_early": done.stopped_early,
+                   "train_data": train_set.stats.summary(), "skipped_records": dict(train_set.stats.skipped),
+                   "non_finite_skipped": done.non_finite_skipped, "metrics_path": str(done.metrics_path)})
+    log.info("train data: %s; %d non-finite micro-batches skipped", train_set.stats.summary(),
+             done.non_finite_skipped)
+    if rank == 0:
+        result["history"] = [{"step": r["step"], "loss": r["loss"]} for r in read_metrics(done.metrics_path)]
+        if val_set is not None and not done.stopped_early:
+            result["metrics"] = evaluate_ema(f"eval {cfg.mode}")
+            (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    if cfg.deepspeed:
+        from mmr_core.distributed import finalize_distributed
+
+        (out / f"result_rank{rank}.json").write_text(json.dumps(result))
+        finalize_distributed()
     return result
 
 
@@ -313,7 +506,7 @@ def check_config(cfg: TrainConfig) -> None:
 
     Zero-shot means GLIP's pretrained weights on a new dataset; without ``init_checkpoint`` the model's
     weights are random and its AP (near 0) says nothing, so that is an error unless ``allow_random_weights``
-    (then the metrics are labelled). Files the mode needs must be named.
+    (then the metrics are labelled). Files the mode needs must be named; counts must be positive.
 
     Raises:
         ConfigError: Naming the setting and what to give.
@@ -337,6 +530,15 @@ def check_config(cfg: TrainConfig) -> None:
                           "(see the README's Prompts section)")
     if cfg.mode == "k_shot" and cfg.k <= 0:
         raise ConfigError(f"mode=k_shot needs k >= 1 images per class, got k={cfg.k}")
+    if cfg.mode != "zero_shot":
+        for name in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+        for name in ("num_workers", "save_every", "eval_every"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
+        if cfg.stop_after_steps is not None and not 1 <= cfg.stop_after_steps <= cfg.max_steps:
+            raise ConfigError(f"stop_after_steps={cfg.stop_after_steps} must lie in 1..max_steps={cfg.max_steps}")
 
 
 def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset, CocoGroundingDataset | None]:
@@ -344,6 +546,8 @@ def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset
     model_cfg = GLIPConfig.from_name(cfg.model, min_size_test=cfg.min_size, max_size_test=cfg.max_size)
     if model_cfg.vocab_size != len(tokenizer):
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
+    # The initial weights are the seed's: every rank builds the same model, every rerun the same start.
+    seed_everything(cfg.seed)
     model = GLIP(model_cfg)
     if cfg.init_checkpoint:
         report = load_official_checkpoint(model, cfg.init_checkpoint, trust_pickle=cfg.trust_pickle)
@@ -361,62 +565,6 @@ def _build(cfg: TrainConfig, tokenizer: Any) -> tuple[GLIP, CocoGroundingDataset
                                      min_size=cfg.min_size, on_bad_record=cfg.on_bad_record)
     log.info("train data: %s", train_set.stats.summary())
     return model, train_set, val
-
-
-def fit_deepspeed(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: TrainConfig) -> dict[str, Any]:
-    """The same loop under DeepSpeed (ZeRO preset from ``mmr_core``), resumable with its checkpoints."""
-    import deepspeed
-
-    from mmr_core.distributed import finalize_distributed, init_distributed, load_checkpoint, preset, save_checkpoint
-
-    env = init_distributed()
-    seed_everything(cfg.seed, rank=env.rank)
-    encoding = train_set.encode_prompt(tokenizer, model.cfg.max_query_len)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.max_steps, cfg.optim))
-    ds_cfg = preset(cfg.deepspeed_preset, micro_batch_size=cfg.batch_size, grad_clip=cfg.optim.grad_clip)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    ckpt_dir = Path(cfg.output_dir) / "ds"
-    resumed = load_checkpoint(engine, ckpt_dir)
-    start = resumed["step"] if resumed else 0
-    per_epoch = math.ceil(len(train_set) / (cfg.batch_size * env.world_size))
-    history = []
-    guard = NonFiniteGuard(cfg.on_non_finite)
-    engine.train()
-    for step in progress(range(start, cfg.max_steps), desc="train (deepspeed)", total=cfg.max_steps - start):
-        epoch, pos = divmod(step, per_epoch)
-        idx = batches(len(train_set), cfg.batch_size, cfg.seed, epoch, env.rank, env.world_size)
-        idx = idx[pos % len(idx)]
-        samples = [train_set[i] for i in idx]
-        losses = train_step(engine.module, samples, encoding, env.device)
-        loss = sum(losses.values())
-        # Checked before backward (DeepSpeed computes the gradient norm inside engine.step), on the loss summed
-        # over ranks, so that every rank stops or skips the same step (a rank alone would hang the others);
-        # each rank's error names its own batch's image ids.
-        total = loss.detach().clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        if not guard.check(step + 1, total, None, [s.image_id for s in samples]):
-            continue
-        engine.backward(loss)
-        engine.step()
-        history.append({"step": step + 1, "loss": float(loss.detach())})
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(engine, ckpt_dir, step + 1, {"epoch": epoch})
-    result = {"steps": cfg.max_steps, "start": start, "history": history, "rank": env.rank,
-              "world_size": env.world_size}
-    # ZeRO stages 1-2 keep every parameter whole on each rank, so rank 0 holds the model to export. Its
-    # parameters are views into DeepSpeed's flat buffers, which safetensors refuses to write: copy them
-    # into a model of their own first.
-    if cfg.export and env.rank == 0 and ds_cfg.get("zero_optimization", {}).get("stage", 0) < 3:
-        with skip_weight_init():
-            plain = GLIP(engine.module.cfg)
-        plain.load_state_dict(engine.module.state_dict())
-        result["model_dir"] = str(export_model(plain.eval(), tokenizer, train_set,
-                                               Path(cfg.output_dir) / EXPORT_NAME, cfg))
-    (Path(cfg.output_dir) / f"result_rank{env.rank}.json").write_text(json.dumps(result))
-    finalize_distributed()
-    return result
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -448,8 +596,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return {"metrics": metrics}
-    if cfg.deepspeed:
-        return fit_deepspeed(model, tokenizer, train_set, cfg)
+    if not cfg.deepspeed and torch.cuda.is_available():
+        model = model.cuda()  # DeepSpeed places the model on its rank's device itself
     result = fit(model, tokenizer, train_set, cfg, val_set)
     log.info("done: %s", result.get("metrics"))
     return result
@@ -479,7 +627,7 @@ def add_train_command(program: CommandLine) -> None:
         config=TrainConfig,
         description="Fine-tune GLIP on a COCO-format dataset with a prompt file, then export the EMA weights "
         "to output_dir/model (config.json, model.safetensors, tokenizer, prompt.json). Resumable from "
-        "output_dir/last.pt. Defaults shown are the dataclass's; --preset replaces them.",
+        "output_dir/checkpoints (preempted runs exit 75). Defaults shown are the dataclass's; --preset replaces them.",
     )
     # The preset changes the defaults the settings are read on top of, so the handler builds the config.
     train.set_defaults(_config_class=None)
