@@ -3,7 +3,9 @@
 See :mod:`mmr_llava.train` for the options.
 """
 
+import sys
+
 from mmr_llava.train import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -209,7 +209,9 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from mmr_llava.train import main as train_main
 
-        train_main(args.rest)
+        status = train_main(args.rest)  # prints its own `error: ...` for a user mistake
+        if status:
+            raise SystemExit(status)
 
 
 if __name__ == "__main__":

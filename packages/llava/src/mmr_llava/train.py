@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ from mmr_core.train import LocalEngine, MapStyleSource
 from mmr_core.utils import seed_everything
 from mmr_llava import checkpoint as ckpt
 from mmr_llava.conversation import add_vision_tokens, prepare_tokenizer
-from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator
+from mmr_llava.data import Collator, LlavaDataset, ModalityLengthGroupedSampler, PackingCollator, load_records
 from mmr_llava.model import IMAGE_SENTINEL, NAMED_CONFIGS, LlavaConfig, LlavaModel
 
 
@@ -93,6 +94,10 @@ class TrainConfig:
         packing: Padding-free batches (a micro-batch's samples concatenated in one row, attention within
             each sample).
         on_mismatch: ``error`` or ``warn`` for tokenization mismatches.
+        on_bad_record: ``error`` (the first bad data record stops the run, naming file, record and field) or
+            ``skip`` (bad records are dropped before training, counted by cause in the run summary).
+        max_bad_records: With ``skip``: stop when more records than this are bad (None: no count limit).
+        max_bad_fraction: With ``skip``: stop when more than this fraction of the records is bad.
         on_non_finite: ``error`` stops at the first non-finite loss or gradient norm (naming the step and the
             batch's record ids; the last checkpoint stays the last good one); ``skip`` leaves such a
             micro-batch out, counted.
@@ -142,6 +147,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     on_mismatch: str = "error"
+    on_bad_record: str = "error"
+    max_bad_records: int | None = None
+    max_bad_fraction: float | None = 0.05
     on_non_finite: str = "error"
     max_non_finite_skips: int = 10
     tokenizer_vocab: int = 256
@@ -455,8 +463,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, rank=rank)
 
-    records = json.loads(Path(cfg.data).read_text())
-    tok = build_tokenizer(cfg, records, out_dir)
+    # Read and validated once, before the tokenizer sees them (errors name file, record and field).
+    records = load_records(cfg.data, cfg.template, cfg.on_bad_record, cfg.max_bad_records, cfg.max_bad_fraction)
+    if rank == 0 and records.skipped.num_skipped:
+        print(records.skipped.summary())
+    tok = build_tokenizer(cfg, records.records, out_dir)
     image_id = prepare_tokenizer(tok, cfg.template)
     wrap = add_vision_tokens(tok, *vision_token_flags(cfg))
     save_run_tokenizer(tok, out_dir, rank, use_ds)  # with the vision tokens, for resume and export
@@ -513,7 +524,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stateful={"truncation": truncation}, export=lambda: export_model(model, cfg, out_dir, rank, tok),
         stop_after_steps=cfg.stop_after_steps,
         log_fields=lambda: {"truncation": {k: v for k, v in truncation.counts.totals(device, use_ds).items()
-                                           if k != "examples"}})
+                                           if k != "examples"}, "skipped_records": ds.skipped.counts()})
     cut = truncation.counts.totals(device, use_ds)
     if rank == 0 and (cut["samples_with_images_cut"] or cut["samples_without_supervision"]):
         warnings.warn(f"max_length={cfg.max_length} cut {cut['images_cut']} image(s) from "
@@ -527,7 +538,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         finalize_distributed()
     return {"losses": result.losses, "step": result.step, "output_dir": str(out_dir), "rank": rank,
             "world": world, "tokens_per_s": result.tokens_per_s or 0.0, "truncation": cut,
-            "non_finite_skipped": result.non_finite_skipped}
+            "non_finite_skipped": result.non_finite_skipped,
+            "skipped_records": {"counts": ds.skipped.counts(), "summary": ds.skipped.summary()}}
 
 
 def export_model(model: LlavaModel, cfg: TrainConfig, out_dir: Path, rank: int, tok) -> None:
@@ -552,11 +564,18 @@ def export_model(model: LlavaModel, cfg: TrainConfig, out_dir: Path, rank: int, 
         tok.save_pretrained(str(out_dir / "model"))
 
 
-def main(argv: list[str] | None = None) -> None:
-    result = train(config_from_args(argv))
-    if result["rank"] == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]}))
+def main(argv: list[str] | None = None) -> int:
+    """``python packages/llava/train.py`` / ``python -m mmr_llava.train``: user mistakes print ``error: ...``, exit 2."""
+    from mmr_core.cli import run_guarded
+
+    def body() -> None:
+        result = train(config_from_args(argv))
+        if result["rank"] == 0:
+            print(json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]}))
+
+    # The same user errors as mmr_llava.cli's (not imported from there: cli imports this module).
+    return run_guarded(body, (ValueError, KeyError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -115,6 +115,16 @@ class _PositionedBatches(torch.utils.data.Dataset):
         return loaded
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: SLURM and ``supervise`` signal the whole process group,
+    and a worker dying of it would fail the rank instead of letting it save at the step boundary (the
+    training process handles the signal and ends its workers itself)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _unchanged(loaded: dict[str, Any]) -> dict[str, Any]:
     """The DataLoader's collate function: ``load`` collates already."""
     return loaded
@@ -164,4 +174,5 @@ class MapStyleSource:
             dataset, batch_size=None, collate_fn=_unchanged, num_workers=self.num_workers,
             # Its own generator: starting workers must not draw from the training process's RNG.
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
             persistent_workers=False)

@@ -18,7 +18,7 @@ what happens between the first step and the exported model is the same for all f
 6. **Preemption** (SIGTERM, SIGUSR1, ``$MMR_PREEMPT_FILE``): every rank stops at the step boundary, saves,
    and leaves with exit status 75 (``SystemExit(75)``), which ``supervise`` and the SLURM scripts turn into
    a requeue; the requeued run resumes bitwise-exactly.
-7. **Export** (``export()``) on every rank once the last step is done, then the final save.
+7. **Final save**, then **export** (``export()``) on every rank (the export may change the model).
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def fit(
         precision: The matrix-product dtype, to pick the peak.
         stateful: Extra objects with ``state_dict`` / ``load_state_dict`` saved with every checkpoint.
         on_step: Called with the step number after every optimizer step (on every rank).
-        export: Called on every rank after the last step of a run that was not preempted or stopped early.
+        export: Called on every rank after the last step (and the final save) of a run that was not preempted
+            or stopped early.
         stop_after_steps: End this process's run at this step (saved if ``save_every``), as a kill would
             between checkpoints; the schedule still spans ``total_steps``. For tests.
         log_fields: Called on every rank at each logged step (it may run collectives); its dict joins the
@@ -315,6 +316,9 @@ def fit(
     if run.preempted:
         run.finish(step, data_state())  # saved already; SystemExit(75) on every rank
     stopped_early = step < total_steps
+    if save_every and run.last_saved_step != step:
+        # Before the export: an export may change the model (merging LoRA adapters removes tensors).
+        run.save(step, data_state())
     if export is not None and not stopped_early:
         export()
     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -322,7 +326,5 @@ def fit(
                        metrics_path=log.path, samples_per_s=run_totals[0] / elapsed,
                        tokens_per_s=run_totals[1] / elapsed if counts_tokens else None,
                        non_finite_skipped=non_finite_skipped)
-    if save_every and run.last_saved_step != step:
-        run.save(step, data_state())
     run.close()  # the process group stays up: the recipe may still evaluate on every rank
     return result
