@@ -86,8 +86,7 @@ def test_llava_cli_user_mistakes(tmp_path, capsys, guarded):
                                  "--answers", str(tmp_path / "a.jsonl")], capsys)
     assert (status, _one_error_line(err)) == (
         2, f"error: {questions}:line 1: encoding: byte 0xe9 at byte offset {latin1.index(0xE9)} is not valid UTF-8, "
-           "expected UTF-8 "
-           "text (a byte-order mark is allowed)")
+           "expected UTF-8 text (a byte-order mark is allowed)")
     assert guarded == [2, 2]
 
 
