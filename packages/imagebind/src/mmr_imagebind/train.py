@@ -381,8 +381,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         ``{"losses": [per-step loss], "steps": total, "resumed_from": step or None, "model_path": path or
         None (stopped early), "stopped_at": step where ``stop_at_step`` ended it (else None), "skips": the
-        data's skip summary, "non_finite_skipped": batches left out, "metrics_path": ...}`` (losses of this
-        invocation only; the global loss as every rank sees it).
+        data's skip summary, "non_finite_skipped": batches left out, "metrics_path": ..., "rank", "world"}``
+        (losses of this invocation only; the global loss as every rank sees it).
 
     Raises:
         ConfigError: A settings mistake (no shards, random towers without ``allow_random_init``, ...).
@@ -471,7 +471,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"losses": result.losses, "steps": plan.total_steps, "resumed_from": result.start_step or None,
             "model_path": str(model_path) if model_path else None,
             "stopped_at": result.step if result.stopped_early else None, "skips": source.skip_summary(),
-            "non_finite_skipped": result.non_finite_skipped, "metrics_path": str(result.metrics_path)}  # fmt: skip
+            "non_finite_skipped": result.non_finite_skipped, "metrics_path": str(result.metrics_path),
+            "rank": rank, "world": world}  # fmt: skip
 
 
 RECIPE_HELP = "the paper's recipe whose settings are the defaults: audioset/AS, sunrgbd/SUN, llvip/LLVIP, ego4d/Ego4D, tiny_audio"
@@ -516,9 +517,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def run(cfg: TrainConfig) -> int:
-    """Train and print the run's summary (steps, resume point, model path, first and last loss) as JSON."""
+    """Train and print the run's summary (steps, resume point, model path, first and last loss) as JSON
+    (rank 0 only)."""
     result = train(cfg)
-    if result["losses"]:
+    if result["losses"] and result["rank"] == 0:
         print(json.dumps({k: result[k] for k in ("steps", "resumed_from", "model_path", "stopped_at")} |
                          {"first_loss": result["losses"][0], "last_loss": result["losses"][-1]}))  # fmt: skip
     return 0
