@@ -118,9 +118,11 @@ def build_demo(model, tok, template: str = "v1", options: GenerationOptions | No
     options = options or GenerationOptions(max_new_tokens=512, temperature=0.2)
 
     def on_send(state, question, image, temperature, top_p, max_new_tokens):
+        busy = gr.update(interactive=False)  # Send stays disabled until the reply is complete
         try:
-            yield from respond(model, tok, template, options, state, question, image, temperature, top_p,
-                               max_new_tokens)
+            for shown in respond(model, tok, template, options, state, question, image, temperature, top_p,
+                                 max_new_tokens):
+                yield *shown, busy
         except ValueError as err:  # e.g. a conversation longer than the model's context: say so in the page
             raise gr.Error(str(err)) from None
 
@@ -140,18 +142,23 @@ def build_demo(model, tok, template: str = "v1", options: GenerationOptions | No
                 max_new_tokens = gr.Slider(1, max(2048, options.max_new_tokens), value=options.max_new_tokens,
                                            step=1, label="Max new tokens", elem_id="max-new-tokens")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="LLaVA", height=480, elem_id="chatbot", feedback_options=None)
+                chatbot = gr.Chatbot(label="LLaVA", height=480, elem_id="chatbot", feedback_options=None,
+                                     buttons=["copy_all"])
                 with gr.Row():
                     question = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
                                           scale=4, elem_id="question")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 clear = gr.Button("Clear history", elem_id="clear")
         inputs = [state, question, image, temperature, top_p, max_new_tokens]
-        outputs = [state, chatbot, question]
-        # One model: one generation at a time, whether started by Enter or by the button.
+        outputs = [state, chatbot, question, send]
+        # One model: one generation at a time, whether started by Enter or by the button. Send is enabled
+        # again when the reply is complete or generation failed.
         for trigger in (question.submit, send.click):
-            trigger(on_send, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+            trigger(on_send, inputs, outputs, concurrency_limit=1, concurrency_id="generate").then(
+                lambda: gr.update(interactive=True), None, send, queue=False)
         clear.click(lambda: (ChatState(), [], "", None), None, [state, chatbot, question, image], queue=False)
+        # The chat's own bin icon empties the display: forget the conversation with it (the image stays).
+        chatbot.clear(lambda image: ChatState(image=image), [image], [state], queue=False)
     return demo
 
 
