@@ -1,13 +1,15 @@
 """``mmr-mmcot``: the package's console command (train, eval, features).
 
     mmr-mmcot train --config run.yaml output_dir=runs/base      # both stages; exports stage{1,2}/final
-    mmr-mmcot eval stage1=runs/base/stage1/final stage2=runs/base/stage2/final tokenizer=... problems=...
+    mmr-mmcot eval stage1=runs/base/stage1/final stage2=runs/base/stage2/final problems=... features=...
     mmr-mmcot features --problems problems.json --images images/ --out vision_features/
 
 ``mmr-mmcot COMMAND --help`` lists every setting with its type, default and meaning (generated from
 ``TrainConfig``, ``EvalConfig`` and ``FeaturesConfig``). Settings come from ``--config FILE.yaml``,
 ``key=value`` words and ``--key value`` options, later ones winning. A user mistake prints
-``error: ...`` and exits 2; a non-finite training loss exits 1. ``python -m mmr_mmcot.cli`` is the same.
+``error: ...`` and exits 2; a non-finite training loss exits 1; a preempted training run (SIGTERM, SIGUSR1,
+``$MMR_PREEMPT_FILE``) saves and exits 75, and the same command resumes it. The exported ``final/`` folders
+carry their tokenizer, so ``eval`` needs no ``tokenizer=``. ``python -m mmr_mmcot.cli`` is the same.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def build_cli() -> CommandLine:
         user_errors=(DataError, TooManySkipsError, ImageReadError),
     )
     cli.command(
-        "train", _train, "train stage 1 (rationale) and stage 2 (answer); exports stage{1,2}/final", config=TrainConfig
+        "train", _train, "train stage 1 (rationale) and stage 2 (answer); exports stage{1,2}/final with the tokenizer", config=TrainConfig
     )
     cli.command(
         "eval",
