@@ -217,7 +217,9 @@ def test_cpu_preset_trains_exports_and_the_export_predicts(blood, tokenizer_dir,
     assert cli.main(["train", "--preset", "cpu", "max_steps=2", "save_every=1", *words]) == 0
     export = tmp_path / "run" / "model"
     assert json.loads(capsys.readouterr().out)["model_dir"] == str(export)
-    assert (tmp_path / "run" / "last.pt").is_file()
+    # the shared loop's run folder: a complete checkpoint of the last step, the metrics log and its plot
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step000000002"
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "metrics.png").is_file()
     assert {"config.json", "model.safetensors", "tokenizer.json", "prompt.json"} <= {p.name for p in export.iterdir()}
     cfg, reserved = read_config_json(export, GLIPConfig)
     # the test-size model at the run's sizes: no GLIP resize, longer side at most 512, as trained

@@ -1,4 +1,4 @@
-"""COCO loading with its documented fix-ups and errors, AP evaluation, pictures, and the training recipe."""
+"""COCO loading with its documented fix-ups and errors, AP evaluation, pictures, and the training recipe's parts."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 
+from mmr_core.config import ConfigError
 from mmr_medvlm.data import CocoGroundingDataset, glip_resize_size, sample_k_shot
 from mmr_medvlm.evaluate import GLIPDetector, coco_ap, draw_detections, evaluate
 from mmr_medvlm.miniature.synthetic import blood_dataset
 from mmr_medvlm.model import GLIP, Detections, GLIPConfig
 from mmr_medvlm.prompts import ClassPrompt, PromptSet, PromptTooLongError
-from mmr_medvlm.train import ModelEMA, OptimConfig, TrainConfig, batches, fit, lr_factor, param_groups
+from mmr_medvlm.train import ModelEMA, OptimConfig, TrainConfig, batches, check_config, lr_factor, param_groups
 
 PROMPT = PromptSet([ClassPrompt("platelet", shape="small", color="colorless"),
                     ClassPrompt("rbc", name="red blood cell", shape="rounded"),
@@ -190,22 +191,17 @@ def test_schedule_groups_ema():
         TrainConfig.from_name("5_shot")
 
 
-def test_fit_resumes(blood, tokenizer, tmp_path):
-    root, ann = blood
-    ds = CocoGroundingDataset(ann, root / "images", PROMPT)
-    cfg = dataclasses.replace(TrainConfig.from_name("1_shot"), max_steps=2, batch_size=2, save_every=1,
-                              output_dir=str(tmp_path / "run"))
-    torch.manual_seed(0)
-    model = GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer)))
-    first = fit(model, tokenizer, ds, cfg)
-    assert len(first["history"]) == 2
-    assert first["skipped_records"] == {} and first["non_finite_skipped_steps"] == []
-    assert first["train_data"] == ds.stats.summary()
-    # Extending the run picks up at step 2 from last.pt instead of starting over.
-    again = fit(GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer))), tokenizer, ds,
-                dataclasses.replace(cfg, max_steps=3), val_set=ds)
-    assert [h["step"] for h in again["history"]] == [1, 2, 3]
-    assert "AP" in again["metrics"]
+def test_training_settings_mistakes_are_errors():
+    """Counts the loop cannot honour are refused before anything is built (resume and exactness are
+    tested in test_train_resume.py, DeepSpeed in test_train_deepspeed.py)."""
+    ok = TrainConfig(train_annotations="a.json", prompt_file="p.json", model="test")
+    check_config(ok)
+    for bad, message in (({"grad_accum": 0}, "grad_accum=0 must be >= 1"),
+                         ({"num_workers": -1}, "num_workers=-1 must be >= 0"),
+                         ({"stop_after_steps": 2001}, r"stop_after_steps=2001 must lie in 1..max_steps=2000"),
+                         ({"model": "huge"}, "is not a model size")):
+        with pytest.raises(ConfigError, match=message):
+            check_config(dataclasses.replace(ok, **bad))
 
 
 def test_hf_grounding_dino_adapter(tokenizer):
