@@ -19,6 +19,7 @@ import nox
 
 ROOT = Path(__file__).parent
 PACKAGES = ("imagebind", "medvlm", "mmcot", "llava")
+BROWSER_TESTS = "packages/llava/tests/browser"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
@@ -53,13 +54,13 @@ def _install(session: nox.Session, *paths: str) -> None:
     )
 
 
-def _pytest(session: nox.Session, *test_dirs: str) -> None:
+def _pytest(session: nox.Session, *test_dirs: str, env: dict[str, str] | None = None) -> None:
     args = session.posargs or ["-m", "not slow"]
     # With a user selection (e.g. `-- -m slow`) a session may hold no matching test: pytest's exit
     # code 5 is then not a failure. The default run must always collect tests.
     session.run(
         "python", "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
-        "-ra", *test_dirs, *args, env=TEST_ENV, success_codes=[0, 5] if session.posargs else [0],
+        "-ra", *test_dirs, *args, env={**TEST_ENV, **(env or {})}, success_codes=[0, 5] if session.posargs else [0],
     )
 
 
@@ -73,7 +74,9 @@ def core(session: nox.Session) -> None:
 def _package_session(name: str):
     def run(session: nox.Session) -> None:
         _install(session, "shared", f"packages/{name}")
-        _pytest(session, f"packages/{name}/tests")
+        # The LLaVA web demo's browser test runs in its own session, `browser`.
+        ignore = ["--ignore", str(ROOT / BROWSER_TESTS)] if name == "llava" else []
+        _pytest(session, f"packages/{name}/tests", *ignore)
 
     run.__doc__ = f"mmr-{name} with mmr-core only (no sibling package importable)."
     run.__name__ = name
@@ -82,6 +85,17 @@ def _package_session(name: str):
 
 for _name in PACKAGES:
     globals()[_name] = _package_session(_name)
+
+
+@nox.session
+def browser(session: nox.Session) -> None:
+    """`mmr-llava demo` in headless Chromium (Debian's chromium + chromium-driver, selenium), mmr-llava only.
+
+    Chromium, its driver, Gradio and selenium come from scripts/setup_env.sh; here their absence fails the
+    test instead of skipping it.
+    """
+    _install(session, "shared", "packages/llava")
+    _pytest(session, BROWSER_TESTS, env={"MMR_REQUIRE_BROWSER": "1"})
 
 
 @nox.session
