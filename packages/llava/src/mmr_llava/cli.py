@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: _run(args), USER_ERRORS)
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
     if args.command == "chat":
         _chat(args)
     elif args.command == "infer":
@@ -209,9 +209,8 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from mmr_llava.train import main as train_main
 
-        status = train_main(args.rest)  # prints its own `error: ...` for a user mistake
-        if status:
-            raise SystemExit(status)
+        return train_main(args.rest)  # prints its own `error: ...` for a user mistake and returns 2
+    return 0
 
 
 if __name__ == "__main__":
