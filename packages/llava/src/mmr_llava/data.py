@@ -334,14 +334,18 @@ def load_records(source: str | Path | list[Any], template: str | None = None, on
         raise DataError(file or "<memory>", "<document>", "records", f"is {_describe(source)}",
                         "expected a JSON list of records (or a .json / .jsonl file)", cause="wrong_type")
     records, names = [], []
+    good = 0  # handed to the policy in batches: its counters are shared memory behind a lock
     for name, raw in items:
         try:
             records.append(check_record(_View(raw, file, name), template))
         except RecordError as err:
+            policy.accept(good)
+            good = 0
             policy.handle(err)
             continue
         names.append(name)
-        policy.accept()
+        good += 1
+    policy.accept(good)
     policy.finish()
     return LoadedRecords(records, names, file, policy)
 
