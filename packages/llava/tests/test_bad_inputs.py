@@ -367,6 +367,11 @@ def test_case_cli_user_mistakes(tok, tmp_path, capsys):
     assert (status, err) == (2, "error: device 'tpu' is not cpu, cuda, cuda:N or auto\n")
     status, err = _cli(["train", "model=tiny", "max_length=many"], capsys)
     assert status == 2 and err.startswith("error: ") and "max_length" in err and "Traceback" not in err, err
+    # a bad training record: named before the tokenizer or the model are built (was KeyError: 'conversations')
+    bad = _write(tmp_path / "train.json", [_good("a"), {"id": "7", "image": "x.jpg"}])
+    status, err = _cli(["train", "model=tiny", f"data={bad}", f"output_dir={tmp_path / 'run'}"], capsys)
+    assert (status, err.strip().splitlines()[-1]) == (
+        2, f"error: {bad}:id 7: conversations: missing, expected a list of turns"), err
 
 
 def test_case_cli_bug_keeps_its_traceback(tmp_path, monkeypatch):
