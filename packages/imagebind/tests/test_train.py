@@ -168,9 +168,9 @@ def test_smoke_run_loss_falls_frozen_unchanged(shards: str, tmp_path: Path) -> N
     losses = result["losses"]
     assert len(losses) == result["steps"] == 28  # 32 samples / batch 8 x 7 epochs
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2
+    from mmr_imagebind.binding import model_config
     from mmr_imagebind.checkpoint import load_safetensors
     from mmr_imagebind.model import ImageBind
-    from mmr_imagebind.train import model_config
 
     after = load_safetensors(ImageBind(model_config(cfg)), result["model_path"]).state_dict()
     for k, v in before.items():
@@ -195,7 +195,7 @@ def test_flops_per_sample_counts_the_trained_path() -> None:
     """3 x forward of the bound encoder, 1 x forward of the frozen image encoder (3 x once it trains), each
     in the mode training runs it in (the frozen encoder in eval mode)."""
     from mmr_core.flops import count_flops
-    from mmr_imagebind.train import example_inputs, set_train_mode, training_flops_per_sample
+    from mmr_imagebind.binding import example_inputs, set_train_mode, training_flops_per_sample
 
     cfg = tiny_config("unused", Path("unused"))
     model = build_model(cfg)
