@@ -15,6 +15,8 @@ Markdown does not render::
 * ``sub="OLD=>NEW"`` (repeatable) is the tiny-data substitution: ``OLD`` must occur in the block (checked),
   and is replaced before running. Substitutions only shrink a run (``max_steps=1``), or name the CPU
   where the README names a GPU (``--device cuda`` -> ``--device cpu``); everything else runs as written.
+  ``{free_port}`` in ``NEW`` becomes a free TCP port (the ``deepspeed`` launcher's default 29500 may be
+  taken by another job on the machine).
 * ``stdin="..."`` is fed to the block (an interactive chat reads it; without it stdin is empty).
 * ``skip`` needs a ``reason``: what the block needs that a test cannot have (a download, a GPU cluster, an
   API key); :func:`test_every_command_block_is_marked` lists them, so none is forgotten.
@@ -65,8 +67,16 @@ class Block:
     def script(self) -> str:
         text = self.text
         for old, new in self.subs:
-            text = text.replace(old, new)
+            text = text.replace(old, new.replace("{free_port}", str(_free_port())))
         return text
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def parse_blocks(readme: Path) -> list[Block]:
