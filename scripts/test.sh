@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's second command: create the environment if needed, then run every nox session
-# (one per distribution in isolation, the cross-package tests, lint). Extra arguments go to nox,
+# (one per distribution in isolation, the LLaVA web demo in headless Chromium (`browser`), the cross-package
+# tests, lint). Extra arguments go to nox,
 # e.g. `bash scripts/test.sh -s llava` or `bash scripts/test.sh -s core -- -m slow`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

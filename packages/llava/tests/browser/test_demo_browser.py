@@ -258,3 +258,36 @@ def test_demo_in_chromium_answers_as_the_chat_command(model_folder, server, driv
     text_only = _ask(driver, TEXT_ONLY, 0)
     assert text_only[0] == expected_text_only and text_only[1].strip() == expected_text_only
     assert "You are using a model of type" not in server.output()  # transformers' llava_llama noise
+
+
+def test_demo_conversation_rules(model_folder, tmp_path):
+    """Without a browser: the page's conversation as ``respond`` keeps it (new image, same image, none)."""
+    from mmr_llava.demo import ChatState, respond
+    from mmr_llava.inference import GenerationOptions, answer_batch, load_for_inference
+
+    model_dir, image = model_folder
+    other = tmp_path / "other.png"
+    Image.fromarray(np.full((30, 40, 3), 200, dtype=np.uint8)).save(other)
+    model, tok = load_for_inference(model_dir, device="cpu")
+    options = GenerationOptions(max_new_tokens=8)
+
+    def ask(state, question, picture):
+        *_, (state, shown, box) = respond(model, tok, "v1", options, state, question, picture, 0.0, 1.0, 8)
+        assert box == ""  # the message box is emptied
+        return state, shown
+
+    state, shown = ask(ChatState(), "What is it?", str(image))
+    assert state.image == str(image) and len(state.turns) == 1
+    assert shown[0] == {"role": "user", "content": {"path": str(image)}} and len(shown) == 3
+    state, _ = ask(state, "And now?", str(image))  # the same image: the conversation goes on
+    assert [q for q, _ in state.turns] == ["What is it?", "And now?"]
+    assert state.conversation("x")[0]["value"] == "<image>\nWhat is it?" and len(state.conversation("x")) == 5
+    # The second reply is the chat reply to the whole conversation.
+    conv = state.conversation("And now?")[:3]
+    assert state.turns[1][1] == answer_batch(model, tok, "v1", [conv], [[str(image)]], options=options)[0]
+    kept, _ = ask(state, "   ", None)  # an empty message generates nothing; no image keeps the conversation
+    assert kept == state
+    fresh, shown = ask(state, "What is it?", str(other))  # another image starts a new conversation
+    assert fresh.image == str(other) and len(fresh.turns) == 1 and len(shown) == 3
+    text_only, shown = ask(ChatState(), "Describe a red circle.", None)
+    assert text_only.conversation("x")[0]["value"] == "Describe a red circle." and len(shown) == 2
