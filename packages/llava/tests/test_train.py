@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -136,7 +137,12 @@ def test_deepspeed_two_gloo_ranks_zero3(scenes, tmp_path):
                max_steps=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", MMR_NO_PROGRESS="1")
     # The runner module, not the `deepspeed` script: nox session venvs have no bin/deepspeed.
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", str(TRAIN_SCRIPT), "--preset", "finetune",
+    # A free port: the launcher's default 29500 collides with any other distributed test running beside this one.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           "--no_local_rank", str(TRAIN_SCRIPT), "--preset", "finetune",
            f"data={scenes['instruct']}", f"image_folder={scenes['instruct'].parent}", f"output_dir={tmp_path / 'ds'}",
            f"tokenizer={s1 / 'tokenizer'}", f"projector_from={s1 / 'mm_projector.bin'}", "micro_batch_size=2",
            "max_steps=2", "save_every=2", "zero_stage=3", "gradient_checkpointing=true", "tokenizer_vocab=200",
