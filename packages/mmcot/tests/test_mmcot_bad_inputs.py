@@ -309,9 +309,7 @@ def test_case_untrusted_pickle(tmp_path):
     record = json.loads((state.parent / "mmr_complete.json").read_text())
     record["files"]["state.pt"] = state.stat().st_size
     (state.parent / "mmr_complete.json").write_text(json.dumps(record))
-    # mmr_core.distributed.load_checkpoint reports it inside a RuntimeError naming the checkpoint (any type passes
-    # here as long as the message says what was refused and the payload did not run).
-    with pytest.raises(Exception, match=r"state.pt: refusing to unpickle type exec"):  # noqa: B017
+    with pytest.raises(UntrustedCheckpointError, match=r"state.pt: refusing to unpickle type exec: "):
         train_stage(MMCoTModel(MMCoTConfig.from_name("tiny", vocab_size=64)), ds, cfg, tmp_path / "run", Collator(0))
     assert not marker.exists()
 

@@ -135,22 +135,6 @@ def flops_per_sample(config: MMCoTConfig, dataset: ScienceQADataset) -> float:
     return training_step_flops(count)
 
 
-def _peak_flops(device: torch.device) -> float | None:
-    """The device's peak FLOP/s for MFU (None for an unknown GPU), without drawing from the training RNG.
-
-    On CPU ``mmr_core.flops`` measures a GEMM on ``torch.randn`` matrices the first time it is asked; drawn
-    from the global stream inside ``fit`` (after the resume restored it) that would shift every later dropout
-    mask of a resumed run, so it is measured here under a forked RNG.
-    """
-    from mmr_core.flops import device_peak_flops
-
-    with torch.random.fork_rng(devices=[]):
-        try:
-            return device_peak_flops(device)
-        except (KeyError, ValueError):  # a GPU without a datasheet figure: TFLOP/s without MFU
-            return None
-
-
 def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -243,7 +227,7 @@ def train_stage(
         result = fit(
             engine, source, stage_loss, total_steps=total, out_dir=stage_dir, save_every=cfg.save_every or None,
             keep_last=cfg.keep_last, log_every=cfg.log_every, device=device, desc=desc, guard=guard,
-            flops_per_sample=flops_per_sample(model.config, dataset), peak_flops=_peak_flops(device),
+            flops_per_sample=flops_per_sample(model.config, dataset),
             export=None if tokenizer is None else partial(_export, model, tokenizer, stage_dir / "final"),
             stop_after_steps=stop_after_steps,
         )
