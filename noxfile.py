@@ -1,4 +1,5 @@
-"""Test sessions: one per distribution (each in isolation), the cross-package tests, and lint.
+"""Test sessions: one per distribution (each in isolation), the LLaVA web demo in headless Chromium (`browser`),
+the cross-package tests, and lint.
 
 Each session gets its own virtual environment that installs *only* its distribution and
 ``mmr-core`` (editable, no dependencies). Third-party dependencies -- torch above all -- come from
