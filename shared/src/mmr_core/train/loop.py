@@ -274,7 +274,8 @@ def fit(
                 state["step_in_epoch"] += 1
                 if state["step_in_epoch"] == source.steps_per_epoch:
                     state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-                step_loss = step_loss / max(finite_parts, 1)
+                # A step whose every micro-batch was left out has no loss (NaN, written "nan" in the log).
+                step_loss = step_loss / finite_parts if finite_parts else float("nan")
                 losses.append(step_loss)
                 if on_step is not None:
                     on_step(step)
