@@ -193,7 +193,37 @@ def medvlm_blood(cwd: Path) -> None:
     BertTokenizerFast(vocab=str(cwd / "vocab.txt"), do_lower_case=True).save_pretrained(str(cwd / "bert-base-uncased"))
 
 
-SETUPS = {f.__name__: f for f in (llava_scenes, llava_bench, imagebind_tiny, medvlm_blood)}
+def mmcot_scienceqa(cwd: Path) -> None:
+    """A generated ScienceQA-format release in ``data/scienceqa`` (8 train, 4 test problems) with a PNG per
+    image problem in ``images/<pid>/image.png``, a SentencePiece ``spiece.model`` trained on it and the
+    ``run.yaml`` the README names (the ``tiny`` model on ViT-shaped features, one epoch)."""
+    import json
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from mmr_mmcot.miniature.synthetic import corpus, write_release
+    from mmr_mmcot.tokenizer import train_sentencepiece
+
+    files = write_release(cwd / "data" / "scienceqa", n_train=8, n_test=4, seed=3)
+    problems = json.loads(files.problems.read_text())
+    rng = np.random.default_rng(0)
+    for pid, problem in problems.items():
+        if problem.get("image"):
+            folder = cwd / "data" / "scienceqa" / "images" / pid
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / problem["image"])
+    train_sentencepiece(corpus(problems), cwd / "spiece.model", 160)
+    run = {"model": "tiny", "vision": "vit", "tokenizer": "spiece.model", "problems": str(files.problems),
+           "pid_splits": str(files.pid_splits), "captions": str(files.captions),
+           "features": "vision_features/vit.npy", "name_map": "vision_features/name_map.json", "epochs": 1,
+           "batch_size": 4, "eval_batch_size": 8, "lr": 1e-3, "source_len": 96, "rationale_len": 24,
+           "answer_len": 8, "num_threads": 1}
+    (cwd / "run.yaml").write_text(yaml.safe_dump(run))
+
+
+SETUPS = {f.__name__: f for f in (llava_scenes, llava_bench, imagebind_tiny, medvlm_blood, mmcot_scienceqa)}
 
 
 # -- running -------------------------------------------------------------------------------------------------
