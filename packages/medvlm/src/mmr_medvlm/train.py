@@ -42,7 +42,7 @@ import torch
 
 from mmr_core.cli import CommandLine, config_from_args
 from mmr_core.config import ConfigError
-from mmr_core.flops import count_flops, device_peak_flops, training_step_flops
+from mmr_core.flops import UncountedOperatorError, count_flops, device_peak_flops, training_step_flops
 from mmr_core.guards import NonFiniteGuard
 from mmr_core.train import LocalEngine, MapStyleSource, epoch_order, read_metrics
 from mmr_core.train import fit as fit_loop
@@ -123,7 +123,7 @@ class TrainConfig:
         keep_last: Complete checkpoints to keep.
         log_every: Write a metrics.jsonl record every this many steps.
         eval_every: Evaluate the EMA weights on val_annotations every this many steps, into eval.jsonl
-            (0: only at the end).
+            (0: only at the end; a resumed run appends the steps after its checkpoint again).
         stop_after_steps: End this run at this step, saved, without the export (a time-boxed job; the
             schedule still spans max_steps; the next run resumes there).
         count_flops: Count one sample's FLOPs once (fvcore, at the first training image's size) for the
@@ -350,6 +350,15 @@ def flops_per_sample(model: GLIP, dataset: CocoGroundingDataset, encoding: Promp
     return training_step_flops(count)
 
 
+def _count_or_warn(model: GLIP, dataset: CocoGroundingDataset, encoding: PromptEncoding) -> float | None:
+    """:func:`flops_per_sample`, or ``None`` with a warning: a metric never stops a training run."""
+    try:
+        return flops_per_sample(model, dataset, encoding)
+    except UncountedOperatorError as err:
+        log.warning("no TFLOP/s or MFU in metrics.jsonl: %s", err)
+        return None
+
+
 def _peak_flops(device: torch.device, precision: torch.dtype) -> float | None:
     """The device's peak FLOP/s for MFU (``None`` for an unknown GPU), measured without touching the run's RNG.
 
@@ -365,7 +374,11 @@ def _peak_flops(device: torch.device, precision: torch.dtype) -> float | None:
 
 
 def _deepspeed_engine(model: GLIP, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> Any:
-    """DeepSpeed's engine under the run's ZeRO-2 preset (stage 3 is refused: see :func:`check_config`)."""
+    """DeepSpeed's engine under the run's ZeRO-2 preset.
+
+    Raises:
+        ConfigError: The preset (or ``$MMR_DS_PRESET``, which overrides it) is ZeRO stage 3.
+    """
     import deepspeed
 
     from mmr_core.distributed import preset
@@ -412,12 +425,13 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
 
         env = init_distributed()
         rank, world, device = env.rank, env.world_size, env.device
+        model.to(device)  # DeepSpeed would move it too; the FLOP count below then runs where training does
     else:
         rank, world, device = 0, 1, model.pixel_mean.device
     out = Path(cfg.output_dir)
     encoding = train_set.encode_prompt(tokenizer, model.cfg.max_query_len)
     source = make_source(train_set, cfg, rank, world)
-    flops = flops_per_sample(model, train_set, encoding) if cfg.count_flops else None
+    flops = _count_or_warn(model, train_set, encoding) if cfg.count_flops else None
     # The training streams (dropout) start from the seed; the model's initialisation came before.
     seed_everything(cfg.seed, rank=rank)
     # The EMA starts from the initial weights, copied before DeepSpeed flattens the model into its buffers.
