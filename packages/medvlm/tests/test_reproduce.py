@@ -205,3 +205,38 @@ def test_pretrain_backbone_trains_only_the_swin():
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert any(k.startswith("backbone.body.") for k in changed)
     assert all(k.startswith("backbone.body.") for k in changed)
+
+
+def test_caching_detector_gives_glip_detectors_detections_bitwise(tmp_path):
+    """The miniature's evaluation reuses visual features, language features and detections across prompts
+    (issue #15); every detection equals the plain detector's exactly, on repeated and interleaved calls."""
+    import dataclasses
+
+    from mmr_medvlm.data import CocoGroundingDataset
+    from mmr_medvlm.evaluate import GLIPDetector, evaluate
+    from mmr_medvlm.miniature.synthetic import blood_dataset
+
+    tok = reproduce.build_tokenizer()
+    torch.manual_seed(0)
+    model = reproduce.GLIP(reproduce.repro_config(tok))
+    model.cfg = dataclasses.replace(model.cfg, score_thresh=0.0)  # random weights: keep every candidate box
+    reproduce.pretrain(model, tok, steps=2, batch_size=2, seed=0, log=[])  # non-trivial offsets and weights
+    ann = blood_dataset(tmp_path, 6, seed=1)
+    prompts = reproduce.prompt_table()
+    data = CocoGroundingDataset(ann, tmp_path / "images", prompts[0])
+    plain, cached = GLIPDetector(model, tok), reproduce.CachingDetector(model, tok)
+    batches = [[data[i].image for i in range(4)], [data[i].image for i in range(4, 6)]]
+    n_boxes, distinct = 0, set()
+    for prompt in (prompts[0], prompts[6], dataclasses.replace(prompts[6], span="name"), prompts[0],
+                   dataclasses.replace(prompts[6], span="phrase")):
+        prompt = prompt.for_categories(data.category_names)
+        distinct.add(str(prompt.caption_and_spans()))
+        for images in batches:
+            for a, b in zip(plain.detect(images, prompt), cached.detect(images, prompt)):
+                assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+                assert torch.equal(a.labels, b.labels)
+                n_boxes += len(a.boxes)
+    assert n_boxes > 0 and len(distinct) == 3  # names, "+ shape + color" with each span
+    assert len(cached._visual) == 2 and len(cached._detections) == 2 * len(distinct)
+    assert evaluate(cached, data, prompt=prompts[6], batch_size=4) == evaluate(plain, data, prompt=prompts[6],
+                                                                                batch_size=4)

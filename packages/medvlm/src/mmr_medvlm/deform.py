@@ -5,10 +5,14 @@ is written with :func:`torch.nn.functional.grid_sample`, so it runs on any devic
 
 Kept by hand although ``torchvision.ops.deform_conv2d(mask=...)`` computes the same thing (the tests check
 forward and gradients against it at many stride / padding / dilation / group settings and at GLIP-T's and
-the miniature's sizes): on CPU this version is the faster one, measured interleaved on the 2-core machine
-(our time / torchvision's, medians): 0.19-0.32 for the miniature's training steps (N=8, C=32, 8x8 and 4x4
-maps), 0.64-0.96 for GLIP-T forwards at 800x1333 (C=256, P3 / P4 maps) and 0.36 for a GLIP-T P4 forward
-and backward. Not measured on a GPU (none was available).
+the miniature's sizes; it stays the test reference): on CPU this version is the faster one where it matters,
+measured by ``bench/bench_deform.py`` (interleaved, one thread, our time / torchvision's, medians; table in
+``docs/benchmarks.md``): 0.15-0.36 for the miniature's training steps (batch 32, 32 channels, one DyConv
+block's 13 calls forward and backward), 0.72-0.94 for its evaluation forwards, 0.6-1.1 for GLIP-T forwards
+at 800x1333 (256 channels; torchvision is ahead only on the stride-2 P3 -> P4 call) and below 1 for GLIP-T
+forward and backward. Not measured on a GPU (none was available). The weights have the layout of
+maskrcnn-benchmark's ``ModulatedDeformConv`` (``(C_out, C_in / groups, kh, kw)`` and a ``(C_out,)`` bias),
+which is also torchvision's, so official GLIP weights load into either.
 
 Semantics follow DCNv2 (Zhu et al., 2019) as in mmcv / maskrcnn-benchmark:
 
