@@ -15,7 +15,16 @@ from mmr_medvlm.evaluate import GLIPDetector, coco_ap, draw_detections, evaluate
 from mmr_medvlm.miniature.synthetic import blood_dataset
 from mmr_medvlm.model import GLIP, Detections, GLIPConfig
 from mmr_medvlm.prompts import ClassPrompt, PromptSet, PromptTooLongError
-from mmr_medvlm.train import ModelEMA, OptimConfig, TrainConfig, batches, check_config, lr_factor, param_groups
+from mmr_medvlm.train import (
+    ModelEMA,
+    OptimConfig,
+    TrainConfig,
+    batches,
+    check_config,
+    fit,
+    lr_factor,
+    param_groups,
+)
 
 PROMPT = PromptSet([ClassPrompt("platelet", shape="small", color="colorless"),
                     ClassPrompt("rbc", name="red blood cell", shape="rounded"),
@@ -202,6 +211,15 @@ def test_training_settings_mistakes_are_errors():
                          ({"model": "huge"}, "is not a model size")):
         with pytest.raises(ConfigError, match=message):
             check_config(dataclasses.replace(ok, **bad))
+
+
+def test_a_checkpoint_of_the_earlier_loop_is_not_silently_restarted(blood, tokenizer, tmp_path):
+    root, ann = blood
+    (tmp_path / "last.pt").write_bytes(b"")
+    cfg = TrainConfig(model="test", output_dir=str(tmp_path), max_steps=1, batch_size=2, count_flops=False)
+    with pytest.raises(ConfigError, match=r"last\.pt is a checkpoint of the training loop before mmr_core\.train"):
+        fit(GLIP(GLIPConfig.from_name("test", vocab_size=len(tokenizer))), tokenizer,
+            CocoGroundingDataset(ann, root / "images", PROMPT), cfg)
 
 
 def test_hf_grounding_dino_adapter(tokenizer):

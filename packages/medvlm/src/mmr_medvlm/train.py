@@ -429,6 +429,11 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
     else:
         rank, world, device = 0, 1, model.pixel_mean.device
     out = Path(cfg.output_dir)
+    if (out / "last.pt").is_file() and not (out / CHECKPOINTS_NAME).exists():
+        # Starting over silently would throw that run away (and overwrite its export).
+        raise ConfigError(f"{out / 'last.pt'} is a checkpoint of the training loop before mmr_core.train, which "
+                          "cannot be resumed; finish that run with the earlier version, or move the file away to "
+                          "start afresh in this output_dir")
     encoding = train_set.encode_prompt(tokenizer, model.cfg.max_query_len)
     source = make_source(train_set, cfg, rank, world)
     flops = _count_or_warn(model, train_set, encoding) if cfg.count_flops else None
