@@ -177,8 +177,10 @@ _BERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] . , ? the of is a and small color
 
 
 def medvlm_blood(cwd: Path) -> None:
-    """Blood-smear scenes as COCO (``data/instances.json``, ``data/images``), ``prompt.json`` and a BERT
-    tokenizer folder named ``bert-base-uncased`` (a tiny vocabulary; the README downloads the real one)."""
+    """Blood-smear scenes as COCO (``data/instances.json``, ``data/images``), ``prompt.json``, a BERT
+    tokenizer folder named ``bert-base-uncased`` (a tiny vocabulary; the README downloads the real one) and
+    ``run.yaml``."""
+    import yaml
     from transformers import BertTokenizerFast
 
     from mmr_medvlm.miniature.synthetic import blood_dataset
@@ -191,6 +193,13 @@ def medvlm_blood(cwd: Path) -> None:
               ).save(cwd / "prompt.json")
     (cwd / "vocab.txt").write_text("\n".join(_BERT_VOCAB) + "\n")
     BertTokenizerFast(vocab=str(cwd / "vocab.txt"), do_lower_case=True).save_pretrained(str(cwd / "bert-base-uncased"))
+    # The run.yaml the README's recipe lines read: these files, and the test-size model for 2 steps at the
+    # images' own size instead of GLIP-T at 800x1333 for 1000 (the tiny stand-in's part).
+    run = {"tokenizer": "bert-base-uncased", "train_annotations": "data/instances.json", "train_images": "data/images",
+           "val_annotations": "data/instances.json", "val_images": "data/images", "prompt_file": "prompt.json",
+           "model": "test", "max_steps": 2, "save_every": 2, "batch_size": 2, "min_size": None, "max_size": 128,
+           "count_flops": False, "output_dir": "runs/recipe"}
+    (cwd / "run.yaml").write_text(yaml.safe_dump(run))
 
 
 def mmcot_scienceqa(cwd: Path) -> None:
