@@ -136,10 +136,11 @@ def test_bad_offset_shape_is_named():
 
 # -- torchvision's deform_conv2d as an independent reference (issue #15) ------------------------------------------
 #
-# Measured on the 2-core CPU (interleaved, 1 thread, median ratio of our time to torchvision's): miniature
-# shapes (N=8, C=32, 8x8 / 4x4) train fwd+bwd 0.19-0.32, eval fwd 0.46; GLIP-T at 800x1333 (C=256) P3 fwd
-# 0.88, P4 fwd 0.64, P4 fwd+bwd 0.36. grid_sample is the faster on CPU at both sizes, so it stays the
-# implementation and torchvision.ops.deform_conv2d (same DCNv2 semantics, its own C++ kernels) is the check.
+# bench/bench_deform.py times both (interleaved, 1 thread, our time / torchvision's; docs/benchmarks.md): on the
+# 2-core CPU the miniature's training calls (N=32, C=32, 8x8 ... 1x1) take 0.12-0.36 of torchvision's time,
+# its evaluation forwards 0.72-0.94, GLIP-T's 800x1333 forwards 0.6-1.1. grid_sample is the faster where the
+# time goes, so it stays the implementation and torchvision.ops.deform_conv2d (same DCNv2 semantics and weight
+# layout, its own C++ kernels) is the independent check.
 DCN_SETTINGS = [  # (stride, padding, dilation, groups, deform_groups)
     (1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 0, 1, 1, 1), (1, 2, 2, 1, 1), (2, 2, 2, 2, 2), (1, 1, 1, 2, 1),
     (1, 1, 1, 1, 2), (3, 1, 2, 1, 2),
@@ -213,3 +214,20 @@ def test_equals_torchvision_at_glip_and_miniature_sizes(stride):
     800x1333 (13x21), and at the miniature's 32 channels and batch of 8 on its P3 map (8x8)."""
     _compare_with_torchvision(_random_dcn_inputs(1, 256, 256, 13, 21, stride, 1, 1, 1, 1), stride, 1, 1, 1, 1)
     _compare_with_torchvision(_random_dcn_inputs(8, 32, 32, 8, 8, stride, 1, 1, 1, 1), stride, 1, 1, 1, 1)
+
+
+def test_layer_weights_have_maskrcnn_benchmark_and_torchvision_layout():
+    """Official GLIP's ModulatedDeformConv (maskrcnn-benchmark) stores ``weight`` (C_out, C_in / groups, kh, kw)
+    and ``bias`` (C_out,), the layout torchvision's deform_conv2d takes: the same tensors give the same output."""
+    from torchvision.ops import deform_conv2d
+
+    torch.manual_seed(0)
+    layer = ModulatedDeformConv(4, 6, 3, stride=1, padding=1, groups=2).double()
+    assert [(n, tuple(p.shape)) for n, p in layer.named_parameters()] == [("weight", (6, 2, 3, 3)), ("bias", (6,))]
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    offset = torch.randn(2, 18, 5, 6, dtype=torch.float64)
+    mask = torch.rand(2, 9, 5, 6, dtype=torch.float64)
+    theirs = deform_conv2d(x, offset, layer.weight, layer.bias, padding=1, mask=mask)
+    # float64, each output a sum of 2 x 9 bilinear samples (4 terms each) times weights of size ~0.2 on inputs
+    # of size ~3: any summation order is within ~40 * 2**-53 * 40 ~ 2e-13 of exact; 1e-12 leaves 5x room.
+    torch.testing.assert_close(layer(x, offset, mask), theirs, rtol=0, atol=1e-12)
