@@ -142,3 +142,16 @@ def test_measuring_the_cpu_peak_draws_from_no_global_stream() -> None:
     before = torch.get_rng_state()
     _time_gemm(64, 1, torch.float32)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_a_single_process_checkpoint_is_refused_by_name_under_deepspeed(tmp_path) -> None:
+    from mmr_core.distributed.checkpoint import load_checkpoint
+
+    _run(tmp_path, stop_after=2)
+
+    class _DeepSpeedLike:  # no STATE_FILE: what a DeepSpeed engine looks like to the check
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError  # DeepSpeed's own reaction, never reached
+
+    with pytest.raises(RuntimeError, match="written by a single-process run"):
+        load_checkpoint(_DeepSpeedLike(), tmp_path / "checkpoints")

@@ -418,6 +418,22 @@ def _choose_tag(directory: str | Path, tag: str | None) -> str | None:
     return tag
 
 
+def _check_layout(engine: Any, where: Path) -> None:
+    """Refuse, by name, a checkpoint written by the other kind of run (one process vs DeepSpeed).
+
+    Without this, DeepSpeed meets a single-process ``state.pt`` folder with a bare ``AssertionError``.
+    """
+    single_file = getattr(engine, "STATE_FILE", None)  # mmr_core.train.LocalEngine
+    has_single = any(where.glob("state.pt"))
+    has_deepspeed = any(where.glob("*model_states.pt"))
+    if single_file is not None and not (where / single_file).is_file() and has_deepspeed:
+        raise RuntimeError(f"checkpoint {where} was written by a DeepSpeed run: resume it under the deepspeed "
+                           "launcher, or start this single-process run in another output folder")
+    if single_file is None and has_single and not has_deepspeed:
+        raise RuntimeError(f"checkpoint {where} was written by a single-process run: resume it without the "
+                           "deepspeed launcher, or start this DeepSpeed run in another output folder")
+
+
 def load_checkpoint(engine: Any, directory: str | Path, tag: str | None = None) -> dict[str, Any] | None:
     """Resume engine, optimizer, scheduler, RNG states; return the saved state, or ``None`` if none exists.
 
@@ -441,6 +457,7 @@ def load_checkpoint(engine: Any, directory: str | Path, tag: str | None = None) 
     if tag is None:
         return None
     where = Path(directory) / tag
+    _check_layout(engine, where)
     try:
         load_path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     except UntrustedCheckpointError:  # a user's file, not our bug: its own error (the CLIs print it, exit 2)
