@@ -1,5 +1,8 @@
 """LLaVA training data: the JSON format, image preprocessing, truncation, collation, WebDataset shards.
 
+Hand-written because exact: the image path is the original's ``expand2square`` + ``CLIPImageProcessor``
+arithmetic (pad colour, resize, centre crop, normalisation), kept here so the pixels are the original's.
+
 A record of the LLaVA JSON format::
 
     {"id": "000001", "image": "coco/000001.jpg",            # or "images": [...], or neither (text only)
@@ -43,6 +46,7 @@ from torch.utils.data import Dataset, Sampler
 
 from mmr_core.io import BadRecordPolicy, ImageReadError, RecordError, RecordView, check_text, read_image, to_rgb
 from mmr_core.io.records import read_json_list, read_jsonl
+from mmr_llava.config import CLIP_MEAN, CLIP_STD, check_image_aspect_ratio
 from mmr_llava.conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -50,10 +54,6 @@ from mmr_llava.conversation import (
     get_template,
     tokenize_with_labels,
 )
-from mmr_llava.model import check_image_aspect_ratio
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DataError(RecordError):
