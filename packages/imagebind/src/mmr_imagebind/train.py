@@ -314,7 +314,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             from .checkpoint import save_safetensors
 
             save_safetensors(merge_lora(net) if has_lora(net) else net, model_path)
-            (out / "losses.json").write_text(json.dumps(result.losses))
+            # Standard JSON: a step whose every batch was skipped (non-finite) has no loss (null).
+            (out / "losses.json").write_text(json.dumps([v if math.isfinite(v) else None for v in result.losses]))
     if cfg.deepspeed:
         from mmr_core.distributed import finalize_distributed
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -313,7 +314,8 @@ def run_stage(
             data, data.split(cfg.train_split), tokenizer, prompt_format, rationales=train_rationales, **common
         )
         result = train_stage(model, train_ds, cfg, stage_dir, collator, tokenizer, f"train {stage_dir.name}", guard)
-        _write_json(stage_dir / "losses.json", result.losses)  # this call's steps (from the resume point on)
+        # This call's steps (from the resume point on); a step whose every batch was skipped has no loss (null).
+        _write_json(stage_dir / "losses.json", [v if math.isfinite(v) else None for v in result.losses])
     generated = {}
     for split in (cfg.eval_split, *extra_generate_splits):
         cache = stage_dir / f"generated_{split}.json"
