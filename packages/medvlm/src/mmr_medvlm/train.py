@@ -42,7 +42,7 @@ import torch
 
 from mmr_core.cli import CommandLine, config_from_args
 from mmr_core.config import ConfigError
-from mmr_core.flops import UncountedOperatorError, count_flops, device_peak_flops, training_step_flops
+from mmr_core.flops import UncountedOperatorError, count_flops, training_step_flops
 from mmr_core.guards import NonFiniteGuard
 from mmr_core.train import LocalEngine, MapStyleSource, epoch_order, read_metrics
 from mmr_core.train import fit as fit_loop
@@ -359,20 +359,6 @@ def _count_or_warn(model: GLIP, dataset: CocoGroundingDataset, encoding: PromptE
         return None
 
 
-def _peak_flops(device: torch.device, precision: torch.dtype) -> float | None:
-    """The device's peak FLOP/s for MFU (``None`` for an unknown GPU), measured without touching the run's RNG.
-
-    On a CPU the peak is a timed GEMM of random matrices drawn from torch's global generator; drawn in the
-    loop, after the resume restored that generator, it would shift every later dropout mask of a resumed
-    run against the uninterrupted one (found by the exact-resume test). Measured here, on forked streams.
-    """
-    with torch.random.fork_rng(devices=[]):
-        try:
-            return device_peak_flops(device, precision)
-        except ValueError:  # a card without a datasheet entry: TFLOP/s without MFU
-            return None
-
-
 def _deepspeed_engine(model: GLIP, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> Any:
     """DeepSpeed's engine under the run's ZeRO-2 preset.
 
@@ -452,7 +438,6 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
     module: GLIP = engine.module
     module.train()
     precision = next(module.parameters()).dtype  # a DeepSpeed fp16/bf16 preset's, else fp32
-    peak = _peak_flops(device, precision) if flops is not None else None
 
     def loss_fn(engine: Any, samples: list[Sample]) -> torch.Tensor:
         return sum(train_step(module, samples, encoding, device, forward=engine).values())
@@ -481,7 +466,7 @@ def fit(model: GLIP, tokenizer: Any, train_set: CocoGroundingDataset, cfg: Train
     done = fit_loop(
         engine, source, loss_fn, total_steps=cfg.max_steps, out_dir=out, save_every=cfg.save_every,
         keep_last=cfg.keep_last, log_every=cfg.log_every, device=device, desc=f"train {cfg.mode}",
-        guard=NonFiniteGuard(cfg.on_non_finite), flops_per_sample=flops, peak_flops=peak, precision=precision,
+        guard=NonFiniteGuard(cfg.on_non_finite), flops_per_sample=flops, precision=precision,
         stateful={"ema": ema},
         on_step=on_step, export=export, stop_after_steps=cfg.stop_after_steps, tensorboard=cfg.tensorboard)
     # the bad-record and non-finite skip counts travel with the run's result, not only its log
