@@ -155,3 +155,14 @@ def test_a_single_process_checkpoint_is_refused_by_name_under_deepspeed(tmp_path
 
     with pytest.raises(RuntimeError, match="written by a single-process run"):
         load_checkpoint(_DeepSpeedLike(), tmp_path / "checkpoints")
+
+
+def test_counting_flops_in_training_mode_draws_from_no_global_stream() -> None:
+    # A recipe counts its FLOPs per sample with dropout active, at a run's start or after a resume.
+    from mmr_core.flops import count_flops
+
+    net, x = _Net().train(), torch.randn(2, FEATURES)
+    before = torch.get_rng_state()
+    count = count_flops(net, (x,), forward=lambda m, t: m.head(t))  # dropout inside
+    assert count.flops > 0
+    assert torch.equal(before, torch.get_rng_state())

@@ -275,7 +275,9 @@ def count_flops(
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with torch.no_grad():
+        # Forked streams: a counted forward in training mode draws dropout / stochastic-depth masks, and a
+        # training run counts once at its start (or after a resume): its own streams must not move.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             by_operator = dict(analysis.by_operator())
     finally:
         for p in trainable:

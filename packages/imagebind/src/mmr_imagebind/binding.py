@@ -152,15 +152,14 @@ def training_flops_per_sample(model: ImageBind, modality: str, vision_trains: bo
     encoder forward only while it is frozen (3 x with LoRA / fine-tuning in it).
 
     Counted once with fvcore (:func:`mmr_core.flops.count_flops`) on a batch of one, in the modes training
-    uses (:func:`set_train_mode` first: a frozen encoder in eval mode takes the cheaper pooled path), with
-    the RNG streams left as they were (stochastic depth draws while counting).
+    uses (:func:`set_train_mode` first: a frozen encoder in eval mode takes the cheaper pooled path), which leaves
+    the RNG streams as they were (stochastic depth draws while counting).
     """
     from mmr_core.flops import count_flops, training_step_flops
 
     image, x = example_inputs(model.config, modality)
-    with torch.random.fork_rng(devices=[]):
-        vision = count_flops(model, (image,), forward=lambda m, t: m.encode("vision", t, postprocess=False))
-        bound = count_flops(model, (x,), forward=lambda m, t: m.encode(modality, t, postprocess=False))
+    vision = count_flops(model, (image,), forward=lambda m, t: m.encode("vision", t, postprocess=False))
+    bound = count_flops(model, (x,), forward=lambda m, t: m.encode(modality, t, postprocess=False))
     return training_step_flops(bound) + (training_step_flops(vision) if vision_trains else float(vision.flops))
 
 

@@ -395,25 +395,6 @@ def replicated_order(num_samples: int, positions: int, seed: int, epoch: int) ->
     return order[:positions]
 
 
-_SHIELDED_WORKER: int | None = None
-
-
-def _ignore_preemption_signals_in_worker() -> None:
-    """In a DataLoader worker, ignore SIGTERM and SIGUSR1 (once per worker process).
-
-    SLURM, and :mod:`mmr_core.distributed.supervise` after it, signal the whole process group: a worker's
-    default action would be to die, and the training process would fail on the lost worker instead of
-    saving at the step boundary. The training process handles the signal; it ends its workers itself.
-    """
-    global _SHIELDED_WORKER
-    if _SHIELDED_WORKER != os.getpid() and torch.utils.data.get_worker_info() is not None:
-        import signal
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
-        _SHIELDED_WORKER = os.getpid()
-
-
 class _LoadPairs:
     """``load(indices)`` of :class:`mmr_core.train.MapStyleSource`: read, decode, transform, collate.
 
@@ -450,7 +431,6 @@ class _LoadPairs:
             return None
 
     def __call__(self, indices: list[int]) -> dict[str, Any]:
-        _ignore_preemption_signals_in_worker()
         seeds = torch.randint(0, 2**62, (len(indices),)).tolist()  # position-seeded: one draw per position
         images, xs, keys, failed = [], [], [], []
         for index, seed in zip(indices, seeds, strict=True):
