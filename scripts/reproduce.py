@@ -4,8 +4,11 @@ Usage (from the repository root, inside .venv; scripts/reproduce.sh sets that up
     python scripts/reproduce.py                 # everything, report in outputs/report/REPORT.md
     python scripts/reproduce.py --only llava    # one step (core, imagebind, medvlm, mmcot, llava)
     python scripts/reproduce.py --list
+    python scripts/reproduce.py --jobs 1        # one step after the other (default: as many as CPU cores)
 
-Each step runs in its own process so that one failure is reported without losing the others. A
+Each step runs in its own process so that one failure is reported without losing the others, several at
+once (``step_scheduler.py``: each step's output goes to ``<out>/<step>/log.txt``, the terminal shows a
+compact status and each step's result with its wall and CPU seconds). A
 package takes part once it ships ``mmr_<name>.miniature.reproduce`` (or ``mmr_<name>.reproduce``) with
 ``run(out_dir: Path) -> str``, which writes its plots into ``out_dir`` and returns a markdown section
 whose image links are relative to it.
@@ -20,10 +23,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_scheduler.py beside this file, also when imported
+from step_scheduler import StatusDisplay, Step, StepResult, _last_redraw, run_steps  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("imagebind", "medvlm", "mmcot", "llava")
@@ -35,6 +40,9 @@ TITLES = {
     "mmcot": "Multimodal-CoT: two stages and vision features",
     "llava": "LLaVA: the instruction-tuning ablation",
 }
+# CPU seconds (user + sys of the step's process tree) measured on 2 AMD EPYC cores: only the order matters (the
+# longest first), so rough figures do.
+CPU_SECONDS = {"medvlm": 600, "mmcot": 110, "llava": 85, "core": 60, "imagebind": 50}
 
 
 def _find_module(name: str) -> bool:
@@ -74,60 +82,59 @@ def _relink(markdown: str, subdir: str) -> str:
     return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", fix, markdown)
 
 
-def _last_redraw(line: bytes) -> bytes:
-    """Return what a terminal would finally show for ``line`` (the text after its last carriage return)."""
-    segments = [segment for segment in line.rstrip(b"\r").split(b"\r") if segment.strip()]
-    return segments[-1] if segments else b""
+def _step_env() -> dict[str, str]:
+    # One OpenMP/MKL thread per process: steps run side by side, and oversubscribed OpenMP threads spin (many
+    # times slower), while single-threaded processes time-slice fine. Every step's heavy part already ran on
+    # one thread per process (its own torch.set_num_threads(1) or DeepSpeed's OMP_NUM_THREADS=1 per rank).
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def run_step(name: str, out_root: Path) -> dict:
-    out_dir = out_root / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = _core_command(out_dir) if name == "core" else _package_command(name, out_dir)
-    if command is None:
-        return {"name": name, "status": "pending", "seconds": 0.0,
-                "section": f"`mmr_{name}.reproduce` does not exist yet: this package's miniature "
-                           "reproduction has not landed (see the open issue)."}
-    print(f"\n=== [{name}] {TITLES[name]} ===", flush=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
-    start = time.perf_counter()
-    log_path = out_dir / "log.txt"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        pending = b""
-        # Stream raw bytes so progress bars redraw live on the terminal, but keep only the final state of
-        # each carriage-return-redrawn line in the log (otherwise every tqdm refresh becomes a log line).
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                log.write(_last_redraw(line) + b"\n")
-        if pending:
-            log.write(_last_redraw(pending) + b"\n")
-        returncode = proc.wait()
-    seconds = time.perf_counter() - start
+def _section(name: str, out_dir: Path, result: StepResult) -> dict:
+    entry = {"name": name, "status": "ok", "seconds": result.wall, "cpu_seconds": result.cpu}
     section_path = out_dir / "section.md"
-    if returncode == 0 and section_path.is_file():
-        return {"name": name, "status": "ok", "seconds": seconds, "section": _relink(section_path.read_text(), name)}
-    tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-    return {"name": name, "status": f"failed (exit {returncode})", "seconds": seconds,
-            "section": f"The step failed; the end of its log (`{name}/log.txt`):\n\n```\n{tail}\n```"}
+    if result.ok and section_path.is_file():
+        return {**entry, "section": _relink(section_path.read_text(), name)}
+    status = f"failed (exit {result.returncode})" if not result.ok else "failed (no section.md)"
+    return {**entry, "status": status,
+            "section": f"The step failed; the end of its log (`{name}/log.txt`):\n\n```\n{result.tail()}\n```"}
 
 
-def write_report(results: list[dict], out_root: Path, total_seconds: float) -> Path:
+def run_all(names: list[str], out_root: Path, jobs: int, display: StatusDisplay | None = None) -> list[dict]:
+    """Run the named steps (``jobs`` at a time, the longest first) and return their results in ``names`` order."""
+    results: dict[str, dict] = {}
+    steps = []
+    for name in names:
+        out_dir = out_root / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        command = _core_command(out_dir) if name == "core" else _package_command(name, out_dir)
+        if command is None:
+            results[name] = {"name": name, "status": "pending", "seconds": 0.0, "cpu_seconds": 0.0,
+                             "section": f"`mmr_{name}.reproduce` does not exist yet: this package's miniature "
+                                        "reproduction has not landed (see the open issue)."}
+            continue
+        steps.append(Step(name, command, out_dir / "log.txt", env=_step_env(), cwd=ROOT))
+    if jobs > 1:  # the longest first, so that the short steps fill the cores beside it and nothing runs alone last
+        steps.sort(key=lambda step: -CPU_SECONDS.get(step.name, 0))
+    for result in run_steps(steps, jobs, display):
+        results[result.name] = _section(result.name, out_root / result.name, result)
+    return [results[name] for name in names]
+
+
+def write_report(results: list[dict], out_root: Path, total_seconds: float, jobs: int = 1) -> Path:
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
     lines = [
         "# mmr: miniature reproductions",
         "",
         f"Generated {dt.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
         f"({platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}), "
-        f"in {total_seconds / 60:.1f} minutes.",
+        f"in {total_seconds / 60:.1f} minutes ({jobs} step{'s' if jobs > 1 else ''} at a time; "
+        f"{cpu:.0f} CPU seconds in all).",
         "",
-        "| step | status | minutes |",
-        "|---|---|---|",
-        *[f"| [{r['name']}](#{r['name']}) | {r['status']} | {r['seconds'] / 60:.1f} |" for r in results],
+        "| step | status | wall (min) | CPU (s) |",
+        "|---|---|---|---|",
+        *[f"| [{r['name']}](#{r['name']}) | {r['status']} | {r['seconds'] / 60:.1f} | {r.get('cpu_seconds', 0.0):.0f} |"
+          for r in results],
         "",
     ]
     for r in results:
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=STEPS, action="append", help="run only this step (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "report", help="report folder")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="steps run at once (default: the number of CPU cores; 1: one after the other)")
     parser.add_argument("--list", action="store_true", help="list the steps and whether each is available")
     args = parser.parse_args(argv)
     if args.list:
@@ -150,14 +159,21 @@ def main(argv: list[str] | None = None) -> int:
             ready = name == "core" or _package_command(name, args.out) is not None
             print(f"{name:10s} {'ready' if ready else 'pending'}  {TITLES[name]}")
         return 0
-    steps = args.only or list(STEPS)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    steps = list(dict.fromkeys(args.only or STEPS))
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = [run_step(name, args.out) for name in steps]
-    report = write_report(results, args.out, time.perf_counter() - start)
-    print(f"\nReport: {report}")
+    try:
+        results = run_all(steps, args.out, args.jobs)
+    except KeyboardInterrupt:
+        print("stopped: no report written", file=sys.stderr)
+        return 130
+    total = time.perf_counter() - start
+    report = write_report(results, args.out, total, args.jobs)
+    print(f"\nReport: {report} ({total / 60:.1f} min)")
     for r in results:
-        print(f"  {r['name']:10s} {r['status']:20s} {r['seconds'] / 60:5.1f} min")
+        print(f"  {r['name']:10s} {r['status']:20s} {r['seconds'] / 60:5.1f} min  {r['cpu_seconds']:6.0f} CPU-s")
     return 0 if all(r["status"] in ("ok", "pending") for r in results) else 1
 
 
