@@ -1,8 +1,8 @@
 """Run the main job's steps as child processes, several at a time, with one compact status on the terminal.
 
 Each step is a command line. Up to ``jobs`` steps run at once, in the order given (the caller puts the
-longest first, so the short ones fill the cores around it). Every step runs in its own process group
-(``start_new_session``), so that Ctrl-C or SIGTERM can stop it with everything it started; its raw output
+longest first, so the short ones fill the cores around it). Every step runs in its own process group, so
+that Ctrl-C, SIGTERM or SIGHUP can stop it with everything it started; its raw output
 goes to its log file only, with each progress-bar line reduced to its final redraw. The terminal shows, on a
 TTY, one live line per running step (its latest progress text), and otherwise one status line per
 ``interval`` seconds, so that CI logs stay small; each step's result (ok/failed, wall and CPU seconds) is
@@ -165,8 +165,11 @@ class StatusDisplay:
 def _start(step: Step) -> _Running:
     step.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(step.log_path, "wb")  # noqa: SIM115 - closed when the step ends
+    # Its own process group (to stop it with all it started) but the scheduler's session: the kernel's
+    # autogroup then shares the CPU per thread across the whole job, as for one process tree, rather than
+    # per step (a new session per step would give the 3-worker step as much as a 1-thread one).
     proc = subprocess.Popen(list(step.command), cwd=step.cwd, env=step.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
     return _Running(step, proc, time.perf_counter(), LogWriter(log), log, pipe=proc.stdout)
@@ -194,7 +197,7 @@ def _signal_group(run: _Running, sig: signal.Signals) -> None:
 
 
 class _Stop(Exception):
-    """SIGTERM arrived: stop every step."""
+    """SIGTERM or SIGHUP arrived: stop every step."""
 
 
 def run_steps(
@@ -214,7 +217,7 @@ def run_steps(
         grace: Seconds between SIGTERM and SIGKILL when the run is stopped.
 
     Raises:
-        KeyboardInterrupt: On Ctrl-C or SIGTERM, after every running step's process group was stopped
+        KeyboardInterrupt: On Ctrl-C, SIGTERM or SIGHUP, after every running step's process group was stopped
             (SIGTERM, then SIGKILL after ``grace`` seconds).
     """
     if jobs < 1:
@@ -225,10 +228,12 @@ def run_steps(
     results: dict[str, StepResult] = {}
     selector = selectors.DefaultSelector()
 
-    def on_sigterm(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
         raise _Stop
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    # SIGHUP too: a closed terminal reaches only the scheduler's process group, never the steps' groups.
+    stop_signals = (signal.SIGTERM, signal.SIGHUP) if _main_thread() else ()
+    previous = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -263,19 +268,19 @@ def run_steps(
                         on_result(result)
             display.update([(r.step.name, now - r.start, r.writer.latest) for r in running])
     except (KeyboardInterrupt, _Stop):
-        # A second Ctrl-C while stopping must not skip the SIGKILL of what is left.
-        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        # A second Ctrl-C (or SIGTERM) while stopping must not skip the SIGKILL of what is left.
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *stop_signals)} if _main_thread() else {}
         try:
             display.message(f"stopping {len(running)} running step(s): " + ", ".join(r.step.name for r in running))
             _stop_all(running, grace)
         finally:
-            if sigint is not None:
-                signal.signal(signal.SIGINT, sigint)
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
         raise KeyboardInterrupt from None
     finally:
         selector.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return [results[s.name] for s in steps]
 
 

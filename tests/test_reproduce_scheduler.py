@@ -165,8 +165,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; reaping it is its new parent's business
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_and_sigterm_stop_every_step_and_its_children(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"])
+def test_ctrl_c_sigterm_and_sighup_stop_every_step_and_its_children(tmp_path: Path, sig: signal.Signals) -> None:
     runner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_RUNNER), str(ROOT / "scripts"), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pid_files = [tmp_path / "pids0", tmp_path / "pids1"]
