@@ -86,8 +86,10 @@ def _step_env() -> dict[str, str]:
     # One OpenMP/MKL thread per process: steps run side by side, and oversubscribed OpenMP threads spin (many
     # times slower), while single-threaded processes time-slice fine. Every step's heavy part already ran on
     # one thread per process (its own torch.set_num_threads(1) or DeepSpeed's OMP_NUM_THREADS=1 per rank).
+    # Progress bars on (unless the caller turned them off): they go to the step's log only, as their final
+    # redraws, and feed the live status; unbuffered output keeps that status current.
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1",
-                MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MMR_NO_PROGRESS=os.environ.get("MMR_NO_PROGRESS", "0"))
 
 
 def _section(name: str, out_dir: Path, result: StepResult) -> dict:

@@ -133,6 +133,20 @@ def test_the_status_shows_each_running_steps_latest_progress_text(tmp_path: Path
     assert "\r" not in out.getvalue()  # no progress-bar redraws on a non-terminal
 
 
+def test_a_terminal_gets_one_redrawn_line_per_running_step_never_wider_than_the_terminal(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "50")
+    out = io.StringIO()
+    display = StatusDisplay(out, tty=True)
+    display.update([("medvlm", 12.0, "seeds: 1/3 " + "#" * 80), ("core", 3.0, "step 20")], force=True)
+    display.update([("medvlm", 13.0, "seeds: 2/3")], force=True)
+    display.message("[core] ok: wall 3 s, CPU 4 s")
+    lines = out.getvalue().split("\n")
+    assert max(len(line.split("\x1b[J")[-1]) for line in lines) <= 49  # a wrapped line would break the redraw
+    # The second update first moves up over the two live lines and erases them; the message erases the third.
+    assert "\x1b[2F\x1b[J  medvlm        13s  seeds: 2/3" in out.getvalue()
+    assert out.getvalue().endswith("\x1b[1F\x1b[J[core] ok: wall 3 s, CPU 4 s\n")
+
+
 _RUNNER = """
     import signal, sys
     sys.path.insert(0, sys.argv[1])
