@@ -40,9 +40,13 @@ TITLES = {
     "mmcot": "Multimodal-CoT: two stages and vision features",
     "llava": "LLaVA: the instruction-tuning ablation",
 }
-# CPU seconds (user + sys of the step's process tree) measured on 2 AMD EPYC cores: only the order matters (the
-# longest first), so rough figures do.
-CPU_SECONDS = {"medvlm": 600, "mmcot": 110, "llava": 85, "core": 60, "imagebind": 50}
+# Each step's wall seconds alone on 2 idle AMD EPYC cores (2026-12-03): the length of its longest chain of
+# work, however many cores it gets. Steps start in this order, the longest first: a step started last that is
+# short per thread finishes with the others, while a long single-threaded one (LLaVA: 83 s on one thread)
+# started last would run on alone with a core idle. Ordering by total CPU instead (mmcot 112 s on 2 workers
+# before llava 84 s on one thread) ends on one core: 178 s instead of 155 s for the four non-MedVLM steps in a
+# processor-sharing model of 2 cores (the floor, total CPU / 2, is 155 s). Only the order matters.
+WALL_SECONDS = {"medvlm": 600, "llava": 83, "mmcot": 58, "imagebind": 49, "core": 48}
 
 
 def _find_module(name: str) -> bool:
@@ -117,7 +121,7 @@ def run_all(names: list[str], out_root: Path, jobs: int, display: StatusDisplay 
             continue
         steps.append(Step(name, command, out_dir / "log.txt", env=_step_env(), cwd=ROOT))
     if jobs > 1:  # the longest first, so that the short steps fill the cores beside it and nothing runs alone last
-        steps.sort(key=lambda step: -CPU_SECONDS.get(step.name, 0))
+        steps.sort(key=lambda step: -WALL_SECONDS.get(step.name, 0))
     for result in run_steps(steps, jobs, display):
         results[result.name] = _section(result.name, out_root / result.name, result)
     return [results[name] for name in names]
