@@ -18,6 +18,7 @@ from mmr_medvlm.model import (
     Targets,
     _official_offset_layout,
     atss_assign,
+    atss_assign_batch,
     convert_official_key,
     load_official_checkpoint,
 )
@@ -140,6 +141,28 @@ def test_atss_assigns_near_centre_inside_box():
         c = (centres[:, :2] + centres[:, 2:]) / 2
         assert ((c > gt[g, :2]) & (c < gt[g, 2:])).all()
     assert (atss_assign([level0], torch.zeros(0, 4)) == -1).all()
+
+
+def test_batched_atss_equals_the_per_image_assignment():
+    """The loss assigns a whole batch at once; each image's row must be exactly the per-image ATSS (an integer
+    result, so no tolerance), with differing box counts (padding), images without boxes, boxes larger than
+    every anchor, single-anchor levels and top-k above a level's size."""
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n: int, scale: float) -> torch.Tensor:
+        xy = torch.rand(n, 2, generator=g) * scale
+        return torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g) * scale], dim=1)
+
+    for case in range(60):
+        levels = [boxes(int(torch.randint(1, 50, (1,), generator=g)), 60.0) for _ in range(int(case % 4) + 1)]
+        gts = [boxes(int(torch.randint(0, 6, (1,), generator=g)), 80.0) for _ in range(5)]
+        topk = int(torch.randint(1, 12, (1,), generator=g))
+        batched = atss_assign_batch(levels, gts, topk=topk)
+        assert batched.shape == (5, sum(level.shape[0] for level in levels))
+        for i, gt in enumerate(gts):
+            assert torch.equal(batched[i], atss_assign(levels, gt, topk=topk)), (case, i)
+    empty = atss_assign_batch([boxes(7, 30.0)], [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert empty.shape == (2, 7) and (empty == -1).all()
 
 
 def test_offset_layout_matches_cuda_indexing():

@@ -62,6 +62,9 @@ class GLIPConfig:
     text_heads: int = 12
     text_intermediate: int = 3072
     text_max_positions: int = 512
+    # BERT's dropout (hidden and attention probabilities, 0.1 in bert-base-uncased and in the tower's BERT
+    # layers). A run on freshly generated data every step cannot overfit, so the miniature turns it off.
+    text_dropout: float = 0.1
     max_query_len: int = 256
     # Anchors (one per location, ATSS)
     anchor_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)

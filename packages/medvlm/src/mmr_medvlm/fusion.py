@@ -114,9 +114,9 @@ class VLFuse(nn.Module):
 
 
 class _BertSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,7 @@ class _BertSelfAttention(nn.Module):
         q, k, v = (m(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
                    for m in (self.query, self.key, self.value))
         bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        p = 0.1 if self.training else 0.0
+        p = self.dropout if self.training else 0.0
         if x.dtype != torch.float16:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         else:
@@ -136,21 +136,21 @@ class _BertSelfAttention(nn.Module):
 
 
 class _DenseNorm(nn.Module):
-    def __init__(self, d_in: int, d_out: int) -> None:
+    def __init__(self, d_in: int, d_out: int, dropout: float) -> None:
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=1e-12)
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class _BertAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.self = _BertSelfAttention(dim, heads)
-        self.output = _DenseNorm(dim, dim)
+        self.self = _BertSelfAttention(dim, heads, dropout)
+        self.output = _DenseNorm(dim, dim, dropout)
 
 
 class _Dense(nn.Module):
@@ -164,9 +164,9 @@ class BertEncoderLayer(nn.Module):
 
     def __init__(self, cfg: GLIPConfig) -> None:
         super().__init__()
-        self.attention = _BertAttention(cfg.text_dim, cfg.text_heads)
+        self.attention = _BertAttention(cfg.text_dim, cfg.text_heads, cfg.text_dropout)
         self.intermediate = _Dense(cfg.text_dim, cfg.text_intermediate)
-        self.output = _DenseNorm(cfg.text_intermediate, cfg.text_dim)
+        self.output = _DenseNorm(cfg.text_intermediate, cfg.text_dim, cfg.text_dropout)
 
     def forward(self, x: dict[str, Any]) -> dict[str, Any]:
         h, mask = x["lang"]["hidden"], x["lang"]["masks"]

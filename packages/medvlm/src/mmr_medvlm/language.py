@@ -20,7 +20,8 @@ def bert_config(cfg: GLIPConfig) -> Any:
     return BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.text_dim, num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
-        max_position_embeddings=cfg.text_max_positions,
+        max_position_embeddings=cfg.text_max_positions, hidden_dropout_prob=cfg.text_dropout,
+        attention_probs_dropout_prob=cfg.text_dropout,
     )
 
 

@@ -66,6 +66,60 @@ def atss_assign(anchors_per_level: list[torch.Tensor], gt_boxes: torch.Tensor, t
     return torch.where(best > -1, best_g, torch.full_like(best_g, -1))
 
 
+def atss_assign_batch(anchors_per_level: list[torch.Tensor], gt_boxes: Sequence[torch.Tensor],
+                      topk: int = 9) -> torch.Tensor:
+    """:func:`atss_assign` for a batch of images at once (one anchor set, ground truth per image).
+
+    The images' boxes are padded to the largest count; a padded column takes part in nothing (it is never a
+    candidate's box), and every statistic is per (image, box) column, so each image's assignment is exactly
+    :func:`atss_assign`'s (tested). A training step's per-image loop was a tenth of its forward time.
+
+    Returns:
+        ``(B, num_anchors)`` index of the assigned ground truth per image, ``-1`` for background.
+    """
+    anchors = torch.cat(anchors_per_level)
+    n_img, n_anchors, device = len(gt_boxes), anchors.shape[0], anchors.device
+    n_gt = max((int(g.shape[0]) for g in gt_boxes), default=0)
+    if n_gt == 0:
+        return torch.full((n_img, n_anchors), -1, dtype=torch.long, device=device)
+    gt = anchors.new_zeros(n_img, n_gt, 4)
+    valid = torch.zeros(n_img, n_gt, dtype=torch.bool, device=device)
+    for i, g in enumerate(gt_boxes):
+        gt[i, : g.shape[0]] = g
+        valid[i, : g.shape[0]] = True
+    # box_iou's arithmetic, batched: (B, A, G).
+    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    area_g = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
+    lt = torch.max(anchors[None, :, None, :2], gt[:, None, :, :2])
+    rb = torch.min(anchors[None, :, None, 2:], gt[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    ious = inter / (area_a[None, :, None] + area_g[:, None, :] - inter)
+    a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    g_ctr = (gt[..., :2] + gt[..., 2:]) / 2
+    dist = torch.cdist(a_ctr.expand(n_img, -1, -1), g_ctr)  # (B, A, G)
+    candidates, start = [], 0
+    for level in anchors_per_level:
+        end = start + level.shape[0]
+        k = min(topk, level.shape[0])
+        candidates.append(dist[:, start:end].topk(k, dim=1, largest=False).indices + start)
+        start = end
+    cand = torch.cat(candidates, dim=1)  # (B, K, G)
+    cand_ious = ious.gather(1, cand)
+    thresh = cand_ious.mean(1) + cand_ious.std(1, unbiased=True).nan_to_num(0.0)  # (B, G)
+    is_pos = cand_ious >= thresh[:, None]
+    cx, cy = a_ctr[cand, 0], a_ctr[cand, 1]  # (B, K, G)
+    inside = torch.stack([cx - gt[:, None, :, 0], cy - gt[:, None, :, 1], gt[:, None, :, 2] - cx,
+                          gt[:, None, :, 3] - cy], dim=-1).min(dim=-1).values > 0.01
+    is_pos &= inside & valid[:, None, :]
+    overlap = torch.full_like(ious, -1.0)
+    b_idx = torch.arange(n_img, device=device)[:, None, None].expand_as(cand)
+    g_idx = torch.arange(n_gt, device=device).expand_as(cand)
+    overlap[b_idx[is_pos], cand[is_pos], g_idx[is_pos]] = ious[b_idx[is_pos], cand[is_pos], g_idx[is_pos]]
+    best, best_g = overlap.max(dim=2)
+    return torch.where(best > -1, best_g, torch.full_like(best_g, -1))
+
+
 def centerness_target(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     lr = torch.stack([cx - gt[:, 0], gt[:, 2] - cx], dim=1)
@@ -130,10 +184,13 @@ def glip_losses(cfg: GLIPConfig, box_coder: BoxCoder, out: dict[str, list[torch.
     token_targets = torch.zeros_like(logits)
     pos_anchor, pos_box, pos_img = [], [], []
     for i, t in enumerate(targets):
+        n_classes = positive_maps[i].shape[0]
+        if t.labels.numel() and int(t.labels.max()) >= n_classes:
+            raise ValueError(f"image {i}: label {int(t.labels.max())} but the prompt has {n_classes} classes")
+    assigned_all = atss_assign_batch(anchors, [t.boxes.to(logits.device).float() for t in targets], cfg.atss_topk)
+    for i, t in enumerate(targets):
         pm = positive_maps[i].to(logits.device).float()
-        if t.labels.numel() and int(t.labels.max()) >= pm.shape[0]:
-            raise ValueError(f"image {i}: label {int(t.labels.max())} but the prompt has {pm.shape[0]} classes")
-        assigned = atss_assign(anchors, t.boxes.to(logits.device).float(), cfg.atss_topk)
+        assigned = assigned_all[i]
         pos = (assigned >= 0).nonzero().flatten()
         token_targets[i, pos] = pm[t.labels.to(logits.device)[assigned[pos]]]
         pos_anchor.append(pos)

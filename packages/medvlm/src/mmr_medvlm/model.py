@@ -55,7 +55,14 @@ from mmr_medvlm.dyhead import (
 )
 from mmr_medvlm.fusion import BertEncoderLayer, BiAttentionBlock, BiMultiHeadAttention, VLFuse, clamp_half
 from mmr_medvlm.language import LanguageBackbone, bert_config
-from mmr_medvlm.loss import Targets, atss_assign, centerness_target, glip_losses, token_sigmoid_focal_loss
+from mmr_medvlm.loss import (
+    Targets,
+    atss_assign,
+    atss_assign_batch,
+    centerness_target,
+    glip_losses,
+    token_sigmoid_focal_loss,
+)
 from mmr_medvlm.postprocess import Detections, postprocess_detections
 from mmr_medvlm.swin import SwinBlock, SwinBody, SwinStage, shifted_window_mask
 
@@ -64,7 +71,7 @@ __all__ = [
     "BoxCoder", "Conv3x3Norm", "DYReLU", "Detections", "DropBlock2d", "DyConv", "GLIPConfig", "HSigmoid",
     "LanguageBackbone", "LastLevelP6P7", "LoadReport", "Placeholder", "Scale", "SwinBlock", "SwinBody",
     "SwinStage", "Targets", "VLDyHead", "VLDyHeadModule", "VLFuse", "_NAMED", "_official_offset_layout",
-    "atss_assign", "bert_config", "centerness_target", "clamp_half", "convert_official_key",
+    "atss_assign", "atss_assign_batch", "bert_config", "centerness_target", "clamp_half", "convert_official_key",
     "load_tokenizer",
     "convert_official_state_dict", "load_official_checkpoint", "load_official_glip_yaml", "shifted_window_mask",
     "token_sigmoid_focal_loss",
