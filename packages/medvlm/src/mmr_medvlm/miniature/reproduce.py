@@ -715,7 +715,8 @@ def report(runs: dict[int, dict[str, Any]], summary: dict[str, Any], pretrain_st
         "## MedVLM: attributes beat names (miniature BCCD)",
         "",
         f"A tiny GLIP ({first['parameters'] / 1e6:.2f} M parameters, Swin + FPN + BERT + VL-DyHead with deformable "
-        f"convs) was pretrained from random weights for {pretrain_steps} steps x {batch_size} generated \"natural\" "
+        f"convs) was pretrained from random weights, without dropout (new scenes every step), for {pretrain_steps} "
+        f"steps x {batch_size} generated \"natural\" "
         f"scenes of coloured shapes ({min(pre):.0f}-{max(pre):.0f} s per seed on CPU, one thread per seed) "
         f"for each of {len(seeds)} seeds ({', '.join(map(str, seeds))}; each seed: new weights, scenes and "
         "validation images). As GLIP mixes Objects365 category prompts with GoldG captions, half the captions "
