@@ -89,13 +89,30 @@ def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
     return {t for t in targets if t in known}
 
 
+def _with_parent_packages(module: str, targets: set[str], known: set[str]) -> set[str]:
+    """Add the packages Python initialises to import each target: importing ``a.b.c`` runs ``a/__init__`` and
+    ``a/b/__init__`` first, except the importing module's own packages (already initialised or under way)."""
+    own = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+    out = set(targets)
+    for target in targets:
+        parts = target.split(".")
+        out |= {p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in known and p not in own}
+    return out
+
+
 def import_graph(package_dirs: Iterable[Path]) -> dict[str, set[str]]:
-    """Module -> the first-party modules it imports, over all modules of ``package_dirs``."""
+    """Module -> the first-party modules whose code runs when it imports, over all modules of ``package_dirs``.
+
+    An import of ``pkg.sub.mod`` counts as importing the packages ``pkg`` and ``pkg.sub`` too (their
+    ``__init__`` runs first), unless the importer lives inside them: a circle through a package's
+    ``__init__`` re-exports is still a circle.
+    """
     files: dict[str, Path] = {}
     for package_dir in package_dirs:
         files |= module_files(package_dir)
     known = set(files)
-    return {module: imported_modules(module, path, known) - {module} for module, path in files.items()}
+    return {module: _with_parent_packages(module, imported_modules(module, path, known), known) - {module}
+            for module, path in files.items()}
 
 
 def import_circles(graph: Mapping[str, set[str]]) -> list[list[str]]:
@@ -195,7 +212,7 @@ def test_checker_finds_circles_through_relative_and_function_level_imports(tmp_p
                              "if TYPE_CHECKING:\n    from mmr_x.model import Model\n",
     })
     graph = import_graph([pkg])
-    assert graph["mmr_x.model"] == {"mmr_x.config", "mmr_x.sub.leaf"}
+    assert graph["mmr_x.model"] == {"mmr_x.config", "mmr_x.sub", "mmr_x.sub.leaf"}  # sub/__init__ runs too
     assert graph["mmr_x.sub.leaf"] == {"mmr_x.config"}  # the TYPE_CHECKING import never runs
     assert graph["mmr_x"] == {"mmr_x.model"}
     assert import_circles(graph) == [["mmr_x.config", "mmr_x.yaml_io"]]
@@ -214,6 +231,26 @@ def test_checker_finds_library_imports_of_the_miniature(tmp_path: Path) -> None:
     })
     graph = import_graph([pkg])
     assert library_imports_of_miniature(graph) == [
-        "mmr_x.cli -> mmr_x.miniature", "mmr_x.data -> mmr_x.scenes", "mmr_x.train -> mmr_x.miniature.synthetic",
+        "mmr_x.cli -> mmr_x.miniature", "mmr_x.data -> mmr_x.scenes", "mmr_x.train -> mmr_x.miniature",
+        "mmr_x.train -> mmr_x.miniature.synthetic",
     ]
     assert import_circles(graph) == []
+
+
+def test_checker_finds_circles_through_a_package_init(tmp_path: Path) -> None:
+    """``a.records`` imports ``b.skips``, which runs ``b/__init__``, whose ``b.decoders`` imports ``a.images``,
+    which runs ``a/__init__``, which imports ``a.records``: no module imports another module of the circle
+    directly, yet importing ``a`` first or ``b`` first gives a partly initialised module."""
+    pkg = _write_package(tmp_path, {
+        "mmr_x/__init__.py": "",
+        "mmr_x/a/__init__.py": "from mmr_x.a.records import read\n",
+        "mmr_x/a/records.py": "from mmr_x.b.skips import Counter\n",
+        "mmr_x/a/images.py": "",
+        "mmr_x/b/__init__.py": "from .decoders import decode\n",
+        "mmr_x/b/skips.py": "",
+        "mmr_x/b/decoders.py": "def decode():\n    from mmr_x.a.images import to_rgb\n",
+    })
+    graph = import_graph([pkg])
+    assert graph["mmr_x.a.records"] == {"mmr_x.b", "mmr_x.b.skips"}
+    assert graph["mmr_x.b.decoders"] == {"mmr_x.a", "mmr_x.a.images"}  # not mmr_x: its own package
+    assert import_circles(graph) == [["mmr_x.a", "mmr_x.a.records", "mmr_x.b", "mmr_x.b.decoders"]]

@@ -36,10 +36,10 @@ _FIELD_DEST_PREFIX = "config_field:"
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """The core's user-mistake exceptions (imported lazily: the io package pulls in PIL)."""
-    from mmr_core.data.skips import TooManySkipsError
     from mmr_core.io.images import ImageReadError
     from mmr_core.io.records import RecordError
     from mmr_core.io.safe_load import UntrustedCheckpointError
+    from mmr_core.io.skips import TooManySkipsError
 
     return (
         ConfigError,

@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass
 
 from mmr_core.cli import CommandLine
-from mmr_core.data.skips import TooManySkipsError
 from mmr_core.guards import NonFiniteLossError
 from mmr_core.io import ImageReadError
+from mmr_core.io.skips import TooManySkipsError
 
 from .data import DataError
 

@@ -39,10 +39,10 @@ import torch
 
 from mmr_core.cli import add_config_arguments
 from mmr_core.config import ConfigError
-from mmr_core.data.skips import TooManySkipsError
 from mmr_core.guards import NonFiniteGuard, NonFiniteLossError
 from mmr_core.hub import CONFIG_NAME
 from mmr_core.io import BadRecordPolicy, RecordError, UntrustedCheckpointError, safe_torch_load
+from mmr_core.io.skips import TooManySkipsError
 from mmr_core.schedules import linear_with_warmup, warmup_steps_for
 from mmr_core.train import FitResult, LocalEngine, MapStyleSource, fit, plan_steps
 from mmr_core.utils import get_logger, is_main_process, seed_everything

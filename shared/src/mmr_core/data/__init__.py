@@ -39,8 +39,8 @@ one, see :class:`SkipCounter`).
 from mmr_core.data.decoders import DecodeError, DecodeOptions, collate, decode_sample, to_rgb
 from mmr_core.data.manifest import FIELD_EXTENSIONS, MissingFileError, encode_sample, read_manifest
 from mmr_core.data.pipeline import MultimodalPipeline, build_pipeline, derive_seed, expand_shards, make_loader
-from mmr_core.data.skips import SKIP_REASONS, SkipCounter, TooManySkipsError
 from mmr_core.data.writer import WrittenShards, write_shards
+from mmr_core.io.skips import SKIP_REASONS, SkipCounter, TooManySkipsError
 
 __all__ = [
     "FIELD_EXTENSIONS",

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmr_core.io.images import to_rgb
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 AUDIO_EXTS = ("flac", "wav", "ogg")
 DEPTH_EXTS = ("depth.png", "depth.npy")
@@ -40,18 +42,11 @@ IMU_EXTS = ("imu.npy",)
 
 
 class DecodeError(ValueError):
-    """A member could not be decoded; ``reason`` is the :data:`~mmr_core.data.skips.SKIP_REASONS` entry."""
+    """A member could not be decoded; ``reason`` is the :data:`~mmr_core.io.skips.SKIP_REASONS` entry."""
 
     def __init__(self, reason: str, ext: str, exn: BaseException):
         super().__init__(f".{ext}: {type(exn).__name__}: {exn}")
         self.reason, self.ext = reason, ext
-
-
-def to_rgb(img):
-    """Convert a PIL image of any mode to RGB (the rules of :func:`mmr_core.io.images.to_rgb`)."""
-    from mmr_core.io.images import to_rgb as convert  # imported here: mmr_core.io imports this package
-
-    return convert(img)
 
 
 def decode_image(data: bytes, output: str = "tensor"):

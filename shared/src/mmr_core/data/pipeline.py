@@ -37,7 +37,7 @@ from webdataset.tariterators import base_plus_ext
 
 from mmr_core.data.decoders import DecodeError, DecodeOptions, collate, decode_sample
 from mmr_core.data.shard_index import ShardInfo, find_shard_infos
-from mmr_core.data.skips import SkipCounter, TooManySkipsError
+from mmr_core.io.skips import SkipCounter, TooManySkipsError
 from mmr_core.utils import get_logger, get_rank, get_world_size
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")

@@ -4,6 +4,9 @@
 * :mod:`mmr_core.io.records`: UTF-8 JSON / JSONL reading, :class:`RecordError` in the repository's one
   message shape ``<file>:<record>: <field>: <what is wrong>, <what was expected>``, and the opt-in counted
   skip (:class:`BadRecordPolicy`).
+* :mod:`mmr_core.io.skips`: counted, logged skipping of bad shards, samples and records
+  (:class:`SkipCounter`, shared by DataLoader workers; :class:`TooManySkipsError` past a limit). It lives here,
+  not in :mod:`mmr_core.data`, so that the import direction is one way: ``mmr_core.data`` -> ``mmr_core.io``.
 * :mod:`mmr_core.io.safe_load`: ``weights_only`` checkpoint loading with an allow-list and an explicit
   ``trust_pickle`` opt-in.
 """
@@ -22,8 +25,12 @@ from mmr_core.io.records import (
     read_text,
 )
 from mmr_core.io.safe_load import UntrustedCheckpointError, safe_torch_load
+from mmr_core.io.skips import SKIP_REASONS, SkipCounter, TooManySkipsError
 
 __all__ = [
+    "SKIP_REASONS",
+    "SkipCounter",
+    "TooManySkipsError",
     "BadRecordPolicy",
     "ImageReadError",
     "RecordError",

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from mmr_core.data.skips import SkipCounter, TooManySkipsError
+from mmr_core.io.skips import SkipCounter, TooManySkipsError
 
 __all__ = [
     "BadRecordPolicy",
