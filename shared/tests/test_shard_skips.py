@@ -199,3 +199,21 @@ def test_an_unknown_loss_is_re_estimated_as_complete_shards_arrive(written, tmp_
     # the 10-sample shard completes it is re-estimated as 10, and 10 of 20 trips the 30% limit
     with pytest.raises(TooManySkipsError, match=r"~10 of ~20 samples skipped \(~50\.0%\).*re-estimated"):
         _read(shards, max_fraction=0.3, min_samples=5)
+
+
+def test_skip_counts_round_trip_through_a_state_dict():
+    """A resumed run restores the counts (ImageBind saves them with its checkpoint): the summary and the
+    limit check continue from the saved values, and a state of another layout is refused by name."""
+    saved = SkipCounter(max_skips=3)
+    saved.delivered(10)
+    saved.skip("decode_image", "s0.tar", "k1", "bad jpeg")
+    saved.skip("corrupt_shard", "s1.tar", None, "truncated", lost=1)
+    state = saved.state_dict()
+    restored = SkipCounter(max_skips=3)
+    restored.load_state_dict(state)
+    assert restored.summary() == saved.summary() and restored.num_skipped == 2
+    restored.skip("decode_image", "s0.tar", "k2", "bad jpeg")  # 3 skipped: at the limit, not past it
+    with pytest.raises(TooManySkipsError, match="4 skipped samples exceed max_skips=3"):
+        restored.skip("decode_image", "s0.tar", "k3", "bad jpeg")
+    with pytest.raises(ValueError, match="another layout"):
+        restored.load_state_dict({"counts": [0, 1]})

@@ -518,13 +518,11 @@ class PairBatches:
 
     def state_dict(self) -> dict[str, Any]:
         """The read-skip counts, so that a resumed run's counts and limits continue from the saved ones."""
-        return {"counts": torch.tensor(self.skips._shared.values(), dtype=torch.int64)}
+        return {"counts": torch.tensor(self.skips.state_dict()["counts"], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s counts."""
-        self.skips._shared.reset()
-        for i, value in enumerate(state["counts"].tolist()):
-            self.skips._shared.add(i, int(value))
+        self.skips.load_state_dict(state)
 
 
 __all__ = [

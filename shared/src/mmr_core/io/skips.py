@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 from multiprocessing import context as mp_context
+from typing import Any
 
 from mmr_core.utils import get_logger
 
@@ -281,3 +282,21 @@ class SkipCounter:
     def reset(self) -> None:
         """Zero every counter (e.g. at the start of an evaluation pass)."""
         self._shared.reset()
+
+    def state_dict(self) -> dict[str, list[int]]:
+        """Every counter, for a checkpoint: a resumed run's counts and limits continue from the saved ones."""
+        return {"counts": self._shared.values()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s counters (a list or a 1-D integer tensor).
+
+        Raises:
+            ValueError: The saved counters are of another layout (another number of counters).
+        """
+        counts = state["counts"]
+        counts = counts.tolist() if hasattr(counts, "tolist") else list(counts)
+        if len(counts) != self._SIZE:
+            raise ValueError(f"skip counts of another layout: {len(counts)} counters saved, {self._SIZE} expected")
+        self._shared.reset()
+        for i, value in enumerate(counts):
+            self._shared.add(i, int(value))
