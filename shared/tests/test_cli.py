@@ -61,6 +61,35 @@ def test_attribute_docs_join_continuations_and_stop_at_the_next_section() -> Non
     assert attribute_docs(Optim)["lr"].startswith("Peak learning rate")
 
 
+@dataclass
+class LongRecipe(Recipe):
+    """A recipe with more fields (its docstring lists only its own).
+
+    Attributes:
+        epochs: Passes, redefined here.
+        warmup: Warm-up steps.
+    """
+
+    warmup: int = 0
+
+
+@dataclass
+class Undocumented(Recipe):
+    pass
+
+
+def test_attribute_docs_read_base_classes_and_the_subclass_wins() -> None:
+    """A field documented once in a shared base keeps its meaning in every subclass (MM-CoT's train and eval
+    settings share one data section this way); a subclass's own line replaces the base's."""
+    docs = attribute_docs(LongRecipe)
+    assert docs["data"] == "ScienceQA-format folder with problems.json and pid_splits.json."
+    assert docs["epochs"] == "Passes, redefined here." and docs["warmup"] == "Warm-up steps."
+    assert len(docs) == 6 and undocumented_fields(LongRecipe) == []
+    # A subclass without a docstring: inspect.getdoc would hand back the base's text; the base's
+    # meanings still apply, read once.
+    assert attribute_docs(Undocumented) == attribute_docs(Recipe)
+
+
 def test_fields_flatten_nested_sections_with_types_and_defaults() -> None:
     fields = {doc.name: doc for doc in config_fields(Recipe)}
     assert list(fields) == ["data", "epochs", "output", "tags", "optim.lr", "optim.schedule"]

@@ -57,12 +57,23 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """Field meanings from the class docstring's ``Attributes:`` section, each joined into one line.
+    """Field meanings from the ``Attributes:`` sections of ``cls`` and its base classes, each in one line.
 
     Google style: ``name: text`` lines indented under ``Attributes:``, continuation lines indented
-    further. The section ends at the next unindented line or the next section header.
+    further. The section ends at the next unindented line or the next section header. A field documented
+    by a base class (a shared settings dataclass) keeps that meaning in every subclass unless the subclass
+    documents it again.
     """
-    doc = inspect.getdoc(cls) or ""
+    meanings: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is not object:
+            meanings.update(_own_attribute_docs(klass))
+    return meanings
+
+
+def _own_attribute_docs(cls: type) -> dict[str, str]:
+    """The meanings of one class's own docstring (not inherited: ``inspect.getdoc`` would return a base's)."""
+    doc = inspect.cleandoc(cls.__doc__) if cls.__doc__ else ""
     meanings: dict[str, str] = {}
     in_section = False
     section_indent = None

@@ -6,13 +6,12 @@ tokenizer, the prompt formats and lengths, the scoring and the bad-record policy
 ``key=value`` overrides use the flat field names (``problems=...``, not ``data.problems=...``), as before.
 
 ``--help`` reads each field's meaning from its class's ``Attributes:`` docstring section
-(``mmr_core.cli.attribute_docs``); :func:`_inherit_attribute_docs` appends the base's lines to a subclass's
-section so that the shared fields are documented in one place and still listed by every command.
+(``mmr_core.cli.attribute_docs``, which reads the base classes' sections too), so that the shared fields are
+documented in one place and still listed by every command.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from mmr_core.config import ConfigError
@@ -20,27 +19,6 @@ from mmr_core.config import ConfigError
 from .metrics import SIMILARITY_MODEL
 
 __all__ = ["DataConfig", "EvalConfig", "TrainConfig"]
-
-
-def _attributes_block(cls: type) -> str:
-    """The ``Attributes:`` items of ``cls``'s own docstring, as written (without the header line)."""
-    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
-    if "Attributes:" not in lines:
-        return ""
-    block = []
-    for line in lines[lines.index("Attributes:") + 1 :]:
-        if line and not line.startswith(" "):
-            break
-        block.append(line)
-    return "\n".join(block).rstrip()
-
-
-def _inherit_attribute_docs(cls: type) -> type:
-    """Append the ``Attributes:`` items of every dataclass base to ``cls``'s own (its docstring ends with them)."""
-    extra = [_attributes_block(base) for base in cls.__mro__[1:] if base is not object]
-    own = inspect.cleandoc(cls.__doc__ or "")
-    cls.__doc__ = "\n".join([own, *(block for block in extra if block)]) + "\n"
-    return cls
 
 
 @dataclass
@@ -101,7 +79,6 @@ class DataConfig:
             raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
 
 
-@_inherit_attribute_docs
 @dataclass
 class TrainConfig(DataConfig):
     """Everything a two-stage run needs beyond the shared data settings.
@@ -199,7 +176,6 @@ class TrainConfig(DataConfig):
             raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
 
 
-@_inherit_attribute_docs
 @dataclass
 class EvalConfig(DataConfig):
     """``mmr-mmcot eval``: both stages from saved models over one split of a ScienceQA-format folder.
