@@ -168,8 +168,16 @@ def launch(model, tok, template: str = "v1", options: GenerationOptions | None =
     import gradio as gr
 
     theme = gr.themes.Default(font=_SANS, font_mono=_MONO)
-    build_demo(model, tok, template, options).queue().launch(server_name=host, server_port=port, theme=theme,
-                                                            share=False, show_error=True)
+    # quiet: Gradio's own start-up lines suggest share=True (a public tunnel, never wanted for a local model
+    # demo); our one line says where the demo is.
+    app = build_demo(model, tok, template, options).queue()
+    app.launch(server_name=host, server_port=port, theme=theme, share=False, show_error=True, quiet=True,
+               prevent_thread_lock=True)
+    print(f"LLaVA demo on http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
 
 
 def require_gradio() -> None:

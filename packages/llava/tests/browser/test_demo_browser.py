@@ -220,6 +220,13 @@ def test_demo_in_chromium_answers_as_the_chat_command(model_folder, server, driv
     assert expected[0] != expected[1]  # the second turn's reply depends on the conversation
 
     server.wait_until_serving()
+    # One start-up line with the address (printed once launch returns, so it may trail the first answer by
+    # moments), and no Gradio suggestion of a public share link.
+    line, waited = f"LLaVA demo on {server.url.rstrip('/')}", time.monotonic() + 10
+    while line not in server.output() and time.monotonic() < waited:
+        time.sleep(0.1)
+    assert line in server.output(), server.output()
+    assert "share=True" not in server.output(), server.output()
     driver.get(server.url)
     deadline = time.monotonic() + 30
     while not driver.find_elements(By.CSS_SELECTOR, "#question textarea"):
