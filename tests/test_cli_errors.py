@@ -87,7 +87,25 @@ def test_llava_cli_user_mistakes(tmp_path, capsys, guarded):
     assert (status, _one_error_line(err)) == (
         2, f"error: {questions}:line 1: encoding: byte 0xe9 at byte offset {latin1.index(0xE9)} is not valid UTF-8, "
            "expected UTF-8 text (a byte-order mark is allowed)")
-    assert guarded == [2, 2]
+    # eval-sqa: the problems and split files are read and checked before any model is loaded ("m" is none).
+    problems, splits = tmp_path / "problems.json", tmp_path / "pid_splits.json"
+    problems.write_text('{"1": {"question": "q"}, "2": {"question": "q"}')
+    status, err = _run("llava", ["eval-sqa", "--model", "m", "--problems", str(problems), "--image-folder", "."],
+                       capsys)
+    assert (status, _one_error_line(err)) == (
+        2, f"error: {problems}:line 1: json: Expecting ',' delimiter (column 48), expected a valid JSON document")
+    problems.write_text('{"1": {"question": "q"}, "2": {"question": "q"}}')
+    splits.write_text('{"train": ["1"], "val": ["2", "7"]}')
+    sqa = ["eval-sqa", "--model", "m", "--problems", str(problems), "--image-folder", ".", "--split-file", str(splits)]
+    status, err = _run("llava", [*sqa, "--split", "test"], capsys)
+    assert (status, _one_error_line(err)) == (
+        2, f"error: {splits}:document: test: no such split, expected one of ['train', 'val'] (ScienceQA's "
+           "pid_splits.json)")
+    status, err = _run("llava", [*sqa, "--split", "val"], capsys)
+    assert (status, _one_error_line(err)) == (
+        2, f"error: {splits}:val: ids: 1 ids not in {problems} (first: ['7']), expected the split and the "
+           "problems of one release")
+    assert guarded == [2, 2, 2, 2, 2]
 
 
 # A function each command's handler calls after its arguments are read, replaced by one that fails as a bug would.

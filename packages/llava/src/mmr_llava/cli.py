@@ -17,9 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def _generation_options(args: argparse.Namespace):
@@ -79,13 +77,25 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _eval_sqa(args: argparse.Namespace) -> None:
+    from mmr_core.io import RecordError, read_json
     from mmr_llava.inference import answer_batch
     from mmr_llava.scienceqa import evaluate, format_table
 
-    problems = json.loads(Path(args.problems).read_text())
+    problems = read_json(args.problems)
+    if not isinstance(problems, dict):
+        raise RecordError(args.problems, "document", "problems", f"a {type(problems).__name__}",
+                          "expected ScienceQA's problems.json: an object of problems by id")
     if args.split_file:
-        ids = json.loads(Path(args.split_file).read_text())[args.split]
-        problems = {pid: problems[pid] for pid in ids}
+        splits = read_json(args.split_file)
+        if not isinstance(splits, dict) or args.split not in splits:
+            have = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+            raise RecordError(args.split_file, "document", args.split, "no such split",
+                              f"expected one of {have} (ScienceQA's pid_splits.json)")
+        missing = [pid for pid in splits[args.split] if pid not in problems]
+        if missing:
+            raise RecordError(args.split_file, args.split, "ids", f"{len(missing)} ids not in {args.problems} "
+                              f"(first: {missing[:3]})", "expected the split and the problems of one release")
+        problems = {pid: problems[pid] for pid in splits[args.split]}
     if args.limit:
         problems = dict(list(problems.items())[: args.limit])
     model, tok = _load(args)
