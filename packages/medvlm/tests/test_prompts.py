@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmr_medvlm.prompts import (
-    ClassPrompt,
-    PromptSet,
-    PromptTooLongError,
-    hybrid_prompt_set,
-    load_prompt_sets,
-    mlm_prompt_set,
-    save_prompt_sets,
-    vqa_prompt_set,
-)
+from mmr_medvlm.autoprompt import hybrid_prompt_set, mlm_prompt_set, vqa_prompt_set
+from mmr_medvlm.prompts import ClassPrompt, PromptSet, PromptTooLongError, load_prompt_sets, save_prompt_sets
 
 
 def _paper_combination() -> PromptSet:
@@ -137,7 +129,7 @@ def test_mlm_assembly_with_deterministic_fake():
 def test_mlm_with_tiny_random_bert(tokenizer):
     from transformers import BertConfig, BertForMaskedLM
 
-    from mmr_medvlm.prompts import hf_masked_lm_predictor
+    from mmr_medvlm.autoprompt import hf_masked_lm_predictor
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -193,7 +185,7 @@ def test_vqa_prompts_with_a_tiny_random_vilt(tokenizer):
     from PIL import Image
     from transformers import ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
 
-    from mmr_medvlm.prompts import hf_vqa_model
+    from mmr_medvlm.autoprompt import hf_vqa_model
 
     answers = ["purple", "round", "blue or purple", "irregular"]
     torch.manual_seed(0)

@@ -46,25 +46,21 @@ import json
 import pytest
 import torch
 
-from mmr_medvlm.prompts import (
+from mmr_medvlm.autoprompt import (
     HYBRID_CAPTION,
     HYBRID_MLM_TEMPLATES,
     MLM_CAPTION,
     RELEASED_HYBRID_CAPTION,
     CaptionTemplate,
     ClassNames,
-    ClassPrompt,
-    PromptSet,
     hybrid_prompt_set,
     hybrid_prompt_sets,
-    load_released_prompts,
     mlm_knowledge,
     mlm_prompt_set,
     mlm_prompt_sets,
-    released_entry,
-    save_released_prompts,
     vqa_prompt_set,
 )
+from mmr_medvlm.prompts import ClassPrompt, PromptSet, load_released_prompts, released_entry, save_released_prompts
 
 # Class names per dataset: category -> names (caption / masked LM / VQA), from the run scripts and inference code.
 KVASIR_MLM = {"polyp": ClassNames("bump", mlm="polyp", vqa="wound")}
@@ -203,7 +199,7 @@ def test_mlm_questions_tokenize_like_the_official_cls_sep_text(tmp_path):
     ours adds them: the ids agree, so the masked LM sees the same input, and the raw top-k is ``torch.topk``."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from mmr_medvlm.prompts import MLM_TEMPLATES, hf_masked_lm_predictor
+    from mmr_medvlm.autoprompt import MLM_TEMPLATES, hf_masked_lm_predictor
 
     words = ("[PAD] [UNK] [CLS] [SEP] [MASK] . , the typical color shape location of is at only cells have a "
              "polyp bump wound skin lesion melanoma ulcer platelet red white blood cell pink round ##s").split()

@@ -91,7 +91,7 @@ def test_mlm_learns_the_knowledge_corpus():
     torch.manual_seed(0)
     model, loss = reproduce.train_mlm(tok, steps=120, seed=0)
     assert loss < 1.0
-    from mmr_medvlm.prompts import hf_masked_lm_predictor
+    from mmr_medvlm.autoprompt import hf_masked_lm_predictor
 
     pred = hf_masked_lm_predictor(model, tok, stopwords={"the", "of", "is", "in", "or"})
     assert pred("the color of platelet is [MASK].", 1) == ["colorless"]

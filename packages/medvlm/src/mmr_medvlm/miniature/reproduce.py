@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from mmr_core.utils import mean_std
+from mmr_medvlm.autoprompt import hf_masked_lm_predictor, mlm_prompt_set
 from mmr_medvlm.data import CocoGroundingDataset
 from mmr_medvlm.evaluate import GLIPDetector, draw_detections, evaluate
 from mmr_medvlm.miniature.synthetic import COLORS, NONCE, SIZES, blood_dataset, natural_dataset, natural_scene
 from mmr_medvlm.model import GLIP, GLIPConfig
-from mmr_medvlm.prompts import ClassPrompt, PromptSet, hf_masked_lm_predictor, mlm_prompt_set, save_prompt_sets
+from mmr_medvlm.prompts import ClassPrompt, PromptSet, save_prompt_sets
 from mmr_medvlm.train import OptimConfig, lr_factor, param_groups
 
 IMAGE_SIZE = 64
