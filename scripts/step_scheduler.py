@@ -168,8 +168,12 @@ def _start(step: Step) -> _Running:
     # Its own process group (to stop it with all it started) but the scheduler's session: the kernel's
     # autogroup then shares the CPU per thread across the whole job, as for one process tree, rather than
     # per step (a new session per step would give the 3-worker step as much as a 1-thread one).
-    proc = subprocess.Popen(list(step.command), cwd=step.cwd, env=step.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        proc = subprocess.Popen(list(step.command), cwd=step.cwd, env=step.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    except OSError:
+        log.close()
+        raise
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
     return _Running(step, proc, time.perf_counter(), LogWriter(log), log, pipe=proc.stdout)
@@ -237,7 +241,14 @@ def run_steps(
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                run = _start(pending.pop(0))
+                step = pending.pop(0)
+                try:
+                    run = _start(step)
+                except OSError as error:  # e.g. the command does not exist: a failed step, the others go on
+                    step.log_path.write_text(f"could not start {list(step.command)}: {error}\n")
+                    results[step.name] = StepResult(step.name, 127, log_path=step.log_path)
+                    _show_result(display, results[step.name])
+                    continue
                 running.append(run)
                 selector.register(run.pipe, selectors.EVENT_READ, run)
                 display.message(f"[{run.step.name}] started (log: {run.step.log_path})")

@@ -97,6 +97,14 @@ def test_a_failing_step_is_reported_with_its_log_tail_while_the_others_finish(tm
     assert bad.tail().splitlines()[0] == "line 6"
 
 
+def test_a_step_that_cannot_start_fails_alone(tmp_path: Path) -> None:
+    steps = [Step("missing", [str(tmp_path / "no-such-program")], tmp_path / "missing" / "log.txt"),
+             Step("fine", _py("print('hello')"), tmp_path / "fine" / "log.txt")]
+    missing, fine = run_steps(steps, jobs=1, display=_quiet())
+    assert missing.returncode == 127 and "no-such-program" in missing.tail()
+    assert fine.ok and fine.tail() == "hello\n"
+
+
 def test_the_log_keeps_the_final_redraw_of_each_progress_line() -> None:
     raw = (b"start\n"
            b"outer:   0%|  | 0/2\r\n"  # a bar, then its nested bar below, which moves the cursor up after each redraw
@@ -206,17 +214,20 @@ def test_the_report_keeps_the_requested_order_while_the_longest_step_starts_firs
         import sys, time
         from pathlib import Path
         out = Path(sys.argv[1])
-        (out.parent / "starts.txt").open("a").write(out.name + "\\n")
-        time.sleep(0.3)
+        time.sleep(0.2)
         (out / "section.md").write_text(f"{out.name} section ![plot](plot.png)")
     """
     monkeypatch.setattr(reproduce, "_core_command", lambda out_dir: _py(code, str(out_dir)))
     monkeypatch.setattr(reproduce, "_package_command", lambda name, out_dir: _py(code, str(out_dir)))
-    results = reproduce.run_all(["core", "llava", "medvlm"], tmp_path, jobs=1, display=_quiet())
-    assert (tmp_path / "starts.txt").read_text().split() == ["core", "llava", "medvlm"]  # --jobs 1: as asked
-    (tmp_path / "starts.txt").unlink()
-    results = reproduce.run_all(["core", "llava", "medvlm"], tmp_path, jobs=2, display=_quiet())
-    assert (tmp_path / "starts.txt").read_text().split()[0] == "medvlm"  # the longest first
+
+    def start_order(jobs: int) -> tuple[list[str], list[dict]]:
+        out = io.StringIO()
+        results = reproduce.run_all(["core", "llava", "medvlm"], tmp_path, jobs=jobs, display=StatusDisplay(out, tty=False))
+        return [line.split("]")[0][1:] for line in out.getvalue().splitlines() if "] started" in line], results
+
+    assert start_order(1)[0] == ["core", "llava", "medvlm"]  # --jobs 1: one after the other, as asked
+    order, results = start_order(2)
+    assert order == ["medvlm", "llava", "core"]  # the longest first (reproduce.WALL_SECONDS)
     assert [r["name"] for r in results] == ["core", "llava", "medvlm"]
     assert all(r["status"] == "ok" and r["cpu_seconds"] > 0 for r in results)
     assert results[1]["section"] == "llava section ![plot](llava/plot.png)"
