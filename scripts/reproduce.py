@@ -40,13 +40,17 @@ TITLES = {
     "mmcot": "Multimodal-CoT: two stages and vision features",
     "llava": "LLaVA: the instruction-tuning ablation",
 }
-# Each step's wall seconds alone on 2 idle AMD EPYC cores (2026-12-03): the length of its longest chain of
-# work, however many cores it gets. Steps start in this order, the longest first: a step started last that is
-# short per thread finishes with the others, while a long single-threaded one (LLaVA: 83 s on one thread)
-# started last would run on alone with a core idle. Ordering by total CPU instead (mmcot 112 s on 2 workers
-# before llava 84 s on one thread) ends on one core: 178 s instead of 155 s for the four non-MedVLM steps in a
-# processor-sharing model of 2 cores (the floor, total CPU / 2, is 155 s). Only the order matters.
-WALL_SECONDS = {"medvlm": 600, "llava": 83, "mmcot": 58, "imagebind": 49, "core": 48}
+# Each step's wall seconds on 2 idle AMD EPYC cores (2026-12-03; MM-CoT on the one worker it gets when steps
+# share the cores): the length of its longest chain of work, however many cores it gets. Steps start in this
+# order, the longest first: a step started last that is short per thread finishes with the others, while a long
+# single-threaded one started last runs on alone with a core idle. Only the order matters.
+WALL_SECONDS = {"medvlm": 600, "mmcot": 86, "llava": 83, "imagebind": 49, "core": 48}
+# Options of a package's run() when steps share the cores (--jobs > 1). MM-CoT runs its 12 (seed, row) trainings
+# on one worker process instead of two: the rows are independent and single-threaded, so its results are
+# bitwise the same, and it no longer adds a third busy process beside LLaVA on 2 cores nor a second worker's
+# imports. The four non-MedVLM steps, --jobs 2, 2 idle cores: 136 s wall and 259 CPU-s with one worker, 165 s
+# and 313 CPU-s with two (MM-CoT itself 86 vs 114 CPU-s); one after the other (--jobs 1) 221 s and 284 CPU-s.
+SHARED_OPTIONS = {"mmcot": {"workers": 1}}
 
 
 def _find_module(name: str) -> bool:
@@ -56,18 +60,19 @@ def _find_module(name: str) -> bool:
         return False
 
 
-def _package_command(name: str, out_dir: Path) -> list[str] | None:
+def _package_command(name: str, out_dir: Path, options: dict | None = None) -> list[str] | None:
+    """The step's command: ``run(out_dir, **options)`` of the package's miniature; None if it has none."""
     # The miniature in its own subpackage (mmr_<name>.miniature), or beside the library before that split.
     module = next((m for m in (f"mmr_{name}.miniature.reproduce", f"mmr_{name}.reproduce") if _find_module(m)), None)
     if module is None:
         return None
     code = (
-        "import sys; from pathlib import Path; "
+        "import json, sys; from pathlib import Path; "
         f"from {module} import run; "
         "out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True); "
-        "section = run(out); (out / 'section.md').write_text(section)"
+        "section = run(out, **json.loads(sys.argv[2])); (out / 'section.md').write_text(section)"
     )
-    return [sys.executable, "-c", code, str(out_dir)]
+    return [sys.executable, "-c", code, str(out_dir), json.dumps(options or {})]
 
 
 def _core_command(out_dir: Path) -> list[str]:
@@ -113,7 +118,8 @@ def run_all(names: list[str], out_root: Path, jobs: int, display: StatusDisplay 
     for name in names:
         out_dir = out_root / name
         out_dir.mkdir(parents=True, exist_ok=True)
-        command = _core_command(out_dir) if name == "core" else _package_command(name, out_dir)
+        options = SHARED_OPTIONS.get(name, {}) if jobs > 1 else {}
+        command = _core_command(out_dir) if name == "core" else _package_command(name, out_dir, options)
         if command is None:
             results[name] = {"name": name, "status": "pending", "seconds": 0.0, "cpu_seconds": 0.0,
                              "section": f"`mmr_{name}.reproduce` does not exist yet: this package's miniature "

@@ -218,16 +218,26 @@ def test_the_report_keeps_the_requested_order_while_the_longest_step_starts_firs
         (out / "section.md").write_text(f"{out.name} section ![plot](plot.png)")
     """
     monkeypatch.setattr(reproduce, "_core_command", lambda out_dir: _py(code, str(out_dir)))
-    monkeypatch.setattr(reproduce, "_package_command", lambda name, out_dir: _py(code, str(out_dir)))
+    options: dict[str, dict] = {}
+
+    def package_command(name: str, out_dir: Path, opts: dict | None = None) -> list[str]:
+        options[name] = opts
+        return _py(code, str(out_dir))
+
+    monkeypatch.setattr(reproduce, "_package_command", package_command)
 
     def start_order(jobs: int) -> tuple[list[str], list[dict]]:
         out = io.StringIO()
-        results = reproduce.run_all(["core", "llava", "medvlm"], tmp_path, jobs=jobs, display=StatusDisplay(out, tty=False))
+        results = reproduce.run_all(["core", "llava", "mmcot", "medvlm"], tmp_path, jobs=jobs,
+                                    display=StatusDisplay(out, tty=False))
         return [line.split("]")[0][1:] for line in out.getvalue().splitlines() if "] started" in line], results
 
-    assert start_order(1)[0] == ["core", "llava", "medvlm"]  # --jobs 1: one after the other, as asked
+    assert start_order(1)[0] == ["core", "llava", "mmcot", "medvlm"]  # --jobs 1: one after the other, as asked
+    assert options["mmcot"] == {}  # alone, MM-CoT keeps its two workers
     order, results = start_order(2)
-    assert order == ["medvlm", "llava", "core"]  # the longest first (reproduce.WALL_SECONDS)
+    assert order == ["medvlm", "mmcot", "llava", "core"]  # the longest first (reproduce.WALL_SECONDS)
+    assert options["mmcot"] == {"workers": 1}
+    results = [r for r in results if r["name"] != "mmcot"]
     assert [r["name"] for r in results] == ["core", "llava", "medvlm"]
     assert all(r["status"] == "ok" and r["cpu_seconds"] > 0 for r in results)
     assert results[1]["section"] == "llava section ![plot](llava/plot.png)"
@@ -237,3 +247,8 @@ def test_the_report_keeps_the_requested_order_while_the_longest_step_starts_firs
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["name"] for s in summary] == ["core", "llava", "medvlm"] and "cpu_seconds" in summary[0]
     assert os.path.isfile(tmp_path / "core" / "log.txt")
+
+
+def test_a_package_step_passes_its_options_to_run() -> None:
+    command = reproduce._package_command("mmcot", Path("/tmp/x"), {"workers": 1})
+    assert command is not None and json.loads(command[-1]) == {"workers": 1} and command[-2] == "/tmp/x"
