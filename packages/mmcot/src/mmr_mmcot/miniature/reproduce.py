@@ -427,7 +427,8 @@ def run(
         "ScienceQA with pretrained backbones (UnifiedQA-T5 and DETR/CLIP features); this miniature trains a tiny "
         "model from scratch on generated problems, so only the direction of each effect is comparable.",
         "",
-        f"Wall time {minutes:.1f} min with {workers} worker processes (one thread each); mean seconds per row: "
+        f"Wall time {minutes:.1f} min with {workers} worker process{'es' if workers != 1 else ''} (one thread each); "
+        "mean seconds per row: "
         + ", ".join(f"{n} {sum(runs[s][n]['seconds'] for s in seeds) / len(seeds):.0f}" for n in VARIANTS)
         + ".",
     ]
