@@ -20,7 +20,7 @@ alignment, post-processing (anchors, box decoding, NMS). The fvcore count of eac
 ``docs/models.md``, without post-processing; Grounding DINO up to its logits) gives a floor at the machine's
 GEMM rate and the MFU (``bench/ceilings.py``).
 
-    python bench/bench_medvlm.py [--device cuda] [--height 800 --width 1333] [--iters 3] [--small]
+    python bench/bench_medvlm.py [--device cuda] [--height 800 --width 1333] [--iters 3] [--rounds 3] [--small]
 
 ``--small`` uses the test-size GLIP and a shrunken Grounding DINO (seconds on a CPU; not a fair pair).
 """
@@ -200,6 +200,26 @@ def bench_deform(device: str, iters: int) -> dict:
     return out
 
 
+def interleaved(args: argparse.Namespace) -> list[dict]:
+    """Each model once per round, in an order rotated every round; per model the median round's result, with
+    every round's images/s kept (``images_per_s_rounds``) and the spread printed."""
+    runs: dict[str, list[dict]] = {m: [] for m in args.models}
+    for r in range(max(args.rounds, 1)):
+        shift = r % len(args.models)
+        for name in args.models[shift:] + args.models[:shift]:
+            runs[name].append(bench_model(name, args))
+    out = []
+    for results in runs.values():
+        good = sorted((x for x in results if "error" not in x), key=lambda x: x["images_per_s"])
+        if not good:
+            out.append(results[-1])
+            continue
+        median = dict(good[len(good) // 2])
+        median["images_per_s_rounds"] = [x["images_per_s"] for x in results if "error" not in x]
+        out.append(median)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -210,6 +230,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--small", action="store_true", help="test-size GLIP and a shrunken Grounding DINO (not fair)")
     p.add_argument("--models", nargs="+", default=["glip", "glip_tv", "grounding_dino"])
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of one run per model, the order rotated each round (load drifts hit all alike)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
@@ -218,7 +240,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
-    models = [bench_model(m, args) for m in args.models]
+    models = interleaved(args)
     deform = bench_deform(args.device, args.iters)
     rates = machine_rates(args.device)
     load1 = os.getloadavg()
@@ -238,7 +260,16 @@ def main() -> None:
             r |= {"gflop_per_image": flops / 1e9, "floor_ms": 1e3 * floor, "mfu": flops * r["images_per_s"] / rates.gemm}
             flop_cells = f"{flops / 1e9:.1f} | {1e3 * floor:.1f} | {100 * r['mfu']:.0f} %"
         print(f"| {r['model']} | {r['params_m']:.1f} M | {r['images_per_s']:.3f} | {r['peak_mib']:.0f} | {flop_cells} |")
-    print(f"(floor: GEMM + attention FLOPs from fvcore at {rates.describe()})")
+    print(f"(images/s: median of {args.rounds} interleaved rounds; floor: GEMM + attention FLOPs from fvcore at "
+          f"{rates.describe()})")
+    for r in models:
+        if "images_per_s_rounds" in r:
+            spread = r["images_per_s_rounds"]
+            print(f"  {r['model']}: rounds {', '.join(f'{v:.3f}' for v in spread)} images/s")
+    timed = {r["model"]: r for r in models if "images_per_s" in r}
+    if "glip" in timed and "grounding_dino" in timed:
+        print(f"ratio GLIP / Grounding DINO images/s: {timed['glip']['images_per_s'] / timed['grounding_dino']['images_per_s']:.2f}"
+              + (" (--small: not a matched pair)" if args.small else ""))
     staged = [r for r in models if r.get("stages_ms")]
     if staged:
         names = list(staged[0]["stages_ms"])
