@@ -143,10 +143,39 @@ def test_atss_assigns_near_centre_inside_box():
     assert (atss_assign([level0], torch.zeros(0, 4)) == -1).all()
 
 
+def _reference_atss(anchors_per_level, gt_boxes, topk):
+    """ATSS for one image as the paper states it, one box column at a time (torchvision's box_iou)."""
+    from torchvision.ops import box_iou
+
+    anchors = torch.cat(anchors_per_level)
+    out = torch.full((anchors.shape[0],), -1, dtype=torch.long)
+    if gt_boxes.numel() == 0:
+        return out
+    ious = box_iou(anchors, gt_boxes)
+    a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    best = torch.full((anchors.shape[0],), -1.0)
+    for g, box in enumerate(gt_boxes):
+        dist = ((a_ctr - (box[:2] + box[2:]) / 2) ** 2).sum(-1).sqrt()
+        cand, start = [], 0
+        for level in anchors_per_level:
+            k = min(topk, level.shape[0])
+            cand.append(dist[start:start + level.shape[0]].topk(k, largest=False).indices + start)
+            start += level.shape[0]
+        cand = torch.cat(cand)
+        thresh = ious[cand, g].mean() + ious[cand, g].std().nan_to_num(0.0)
+        for a in cand.tolist():
+            cx, cy = a_ctr[a].tolist()
+            inside = min(cx - box[0], cy - box[1], box[2] - cx, box[3] - cy) > 0.01
+            if ious[a, g] >= thresh and inside and ious[a, g] > best[a]:  # ties: the first box keeps it
+                best[a], out[a] = ious[a, g], g
+    return out
+
+
 def test_batched_atss_equals_the_per_image_assignment():
-    """The loss assigns a whole batch at once; each image's row must be exactly the per-image ATSS (an integer
-    result, so no tolerance), with differing box counts (padding), images without boxes, boxes larger than
-    every anchor, single-anchor levels and top-k above a level's size."""
+    """The loss assigns a whole batch at once; each image's row must be exactly what the image gets alone and
+    what a per-box statement of the algorithm gives (integer results: no tolerance; the distances are
+    elementwise, so no BLAS rounding enters), with differing box counts (padding), images without boxes,
+    boxes larger than every anchor, single-anchor levels and top-k above a level's size."""
     g = torch.Generator().manual_seed(0)
 
     def boxes(n: int, scale: float) -> torch.Tensor:
@@ -161,6 +190,7 @@ def test_batched_atss_equals_the_per_image_assignment():
         assert batched.shape == (5, sum(level.shape[0] for level in levels))
         for i, gt in enumerate(gts):
             assert torch.equal(batched[i], atss_assign(levels, gt, topk=topk)), (case, i)
+            assert torch.equal(batched[i], _reference_atss(levels, gt, topk)), (case, i)
     empty = atss_assign_batch([boxes(7, 30.0)], [torch.zeros(0, 4), torch.zeros(0, 4)])
     assert empty.shape == (2, 7) and (empty == -1).all()
 
