@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_scheduler.py beside this file, also when imported
-from step_scheduler import StatusDisplay, Step, StepResult, _last_redraw, run_steps  # noqa: E402, F401
+from step_scheduler import StatusDisplay, Step, StepResult, run_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("imagebind", "medvlm", "mmcot", "llava")
@@ -41,10 +41,11 @@ TITLES = {
     "llava": "LLaVA: the instruction-tuning ablation",
 }
 # Each step's wall seconds on 2 idle AMD EPYC cores (2026-12-03; MM-CoT on the one worker it gets when steps
-# share the cores): the length of its longest chain of work, however many cores it gets. Steps start in this
+# share the cores; MedVLM with its 500-step recipe, 3 seeds on 3 workers, ~290 s beside the others, 600 s
+# before): the length of its longest chain of work, however many cores it gets. Steps start in this
 # order, the longest first: a step started last that is short per thread finishes with the others, while a long
 # single-threaded one started last runs on alone with a core idle. Only the order matters.
-WALL_SECONDS = {"medvlm": 600, "mmcot": 86, "llava": 83, "imagebind": 49, "core": 48}
+WALL_SECONDS = {"medvlm": 290, "mmcot": 86, "llava": 83, "imagebind": 49, "core": 48}
 # Options of a package's run() when steps share the cores (--jobs > 1). MM-CoT runs its 12 (seed, row) trainings
 # on one worker process instead of two: the rows are independent and single-threaded, so its results are
 # bitwise the same, and it no longer adds a third busy process beside LLaVA on 2 cores nor a second worker's

@@ -45,7 +45,7 @@ def test_report_links_point_into_each_step_folder() -> None:
 def test_step_log_keeps_only_the_final_state_of_redrawn_progress_bars() -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from reproduce import _last_redraw
+        from step_scheduler import _last_redraw
     finally:
         sys.path.pop(0)
     assert _last_redraw(b"train:  10%|#   | 1/10\rtrain:  50%|#####| 5/10\rtrain: 100%|##########| 10/10") == (
